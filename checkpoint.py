@@ -1,0 +1,95 @@
+"""Checkpoints that survive crashes and never run code when loaded.
+
+Saving writes a temporary file in the same folder, fsyncs it, then renames it over the old one:
+a rename is atomic, so a crash at any instant leaves either the old checkpoint or the new one,
+never half of one. Loading uses torch.load(weights_only=True), which unpickles only tensors and
+plain containers and refuses anything that would construct arbitrary objects or call code.
+"""
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, unsafe or does not fit; printed as one line."""
+
+
+def fsync_dir(folder: Path):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(state: dict, path: Path):
+    """Write state to path atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); "
+                              "the previous checkpoint is untouched; free space or choose another out_dir") from None
+    fsync_dir(path.parent)
+
+
+def load(path: Path) -> dict:
+    """Load a checkpoint on the CPU, refusing anything but tensors and plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train first (init_from=scratch) or fix out_dir")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        if "Weights only load failed" in first or "Unsupported" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain "
+                                  "data, which could run code; only load checkpoints you trust") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({first}); use an earlier checkpoint") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({msg}); use an earlier checkpoint") from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py")
+    return state
+
+
+def rng_state() -> dict:
+    """Every random generator that can influence training."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict):
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

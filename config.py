@@ -1,0 +1,219 @@
+"""One typed config for training, and the parser every entry point shares.
+
+`python train.py configs/small.py --n_layer=6 --learning_rate=1e-3`: a config file is plain Python of
+`key = value` lines (your own file, so it is run as Python); flags on the command line are parsed as
+literals and never evaluated. Every key is a field below; the comment on each field is its --help
+line. An unknown key, a value of the wrong type or an impossible value fails at once with one line
+that names the key.
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from model import GPTConfig
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration; entry points print it as one line and exit 2."""
+
+
+@dataclass
+class TrainConfig(GPTConfig):
+    # -- run
+    out_dir: str = "out"  # where checkpoints, config.json and metrics.jsonl go
+    init_from: str = "scratch"  # "scratch" starts a new model; "resume" continues from out_dir/ckpt.pt
+    dataset: str = "shakespeare_char"  # a folder of data/ with a prepare.py; prepared on first use
+    data_dir: str = ""  # folder holding train.bin, val.bin, meta.json (default: data/<dataset>)
+    seed: int = 1337  # seeds weights, data order and dropout
+    # -- batch and schedule
+    batch_size: int = 12  # sequences per micro-batch (per process)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (per process)
+    max_iters: int = 2000  # optimizer steps in the whole run
+    learning_rate: float = 6e-4  # peak learning rate, reached after warmup
+    min_lr: float = 6e-5  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # steps of linear warmup from 0 to learning_rate
+    lr_decay_iters: int = 0  # step at which the cosine reaches min_lr (0: max_iters)
+    decay_lr: bool = True  # cosine decay after warmup; False keeps learning_rate constant
+    weight_decay: float = 0.1  # AdamW weight decay on 2-D weights
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    # -- evaluation, logging, checkpoints
+    eval_interval: int = 250  # steps between estimates of train and val loss (and at the end)
+    eval_iters: int = 20  # batches per loss estimate
+    log_interval: int = 10  # steps between log lines
+    checkpoint_interval: int = 250  # steps between checkpoints (and one at the end; 0: only at the end)
+    wandb_log: bool = False  # also send metrics to Weights & Biases (rank 0)
+    wandb_project: str = "gpt"  # wandb project name
+    wandb_run_name: str = ""  # wandb run name (default: out_dir's name)
+    # -- system
+    device: str = "auto"  # "auto" (cuda, else mps, else cpu) | "cpu" | "cuda" | "cuda:1" | "mps"
+    dtype: str = "auto"  # "auto" (CUDA: bf16 if supported, else fp16; else float32) | float32 | bfloat16 | float16
+    compile: bool | str = "auto"  # torch.compile the model: True | False | "auto" (on for CUDA)
+    peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: looked up from the GPU's name)
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive = ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
+            raise ConfigError("need 0 <= min_lr <= learning_rate and learning_rate > 0")
+        check_choice("init_from", self.init_from, ("scratch", "resume"))
+        check_choice("device", self.device.split(":")[0], DEVICES)
+        check_choice("dtype", self.dtype, DTYPES)
+        if isinstance(self.compile, str):
+            check_choice("compile", self.compile, ("auto",))
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.dataset):
+            raise ConfigError(f"dataset must be a folder name under data/, got {self.dataset!r}")
+
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})
+
+
+def check_choice(key: str, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def field_help(cls) -> dict[str, str]:
+    """The trailing comment of each field's line in the class source: its one-line description."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+                if m:
+                    helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def _allowed_types(annotation) -> tuple:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def coerce(key: str, value, annotation, from_cli: bool):
+    """Check value against the field's type; on the command line, parse the text as a literal."""
+    allowed = _allowed_types(annotation)
+    if from_cli:
+        if allowed == (str,):
+            return value  # text as typed: --out_dir=123 is the folder "123"
+        if bool in allowed and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a bare word stays a string
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is not bool and t is not type(None) and isinstance(value, t) and not isinstance(value, bool):
+            return value
+    want = " or ".join(t.__name__ for t in allowed)
+    raise ConfigError(f"config key '{key}' expects {want}, got {value!r} ({type(value).__name__})")
+
+
+def unknown_key(key: str, valid) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; --help lists every key")
+
+
+def read_config_file(path: str) -> dict:
+    """Run a config file of `key = value` lines and return its keys (names that are not private,
+    modules, functions or classes)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass a path like configs/small.py")
+    try:
+        source = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file '{path}': {e}") from None
+    namespace: dict = {"__file__": str(p)}  # lets a config build on another: exec(open(...).read())
+    try:
+        exec(compile(source, str(p), "exec"), namespace)
+    except Exception as e:
+        line = getattr(e, "lineno", None) or _error_line(e, str(p))
+        raise ConfigError(f"config file '{path}' line {line}: {type(e).__name__}: {e}") from None
+    return {
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))
+    }
+
+
+def _error_line(e: Exception, filename: str):
+    tb = e.__traceback__
+    line = "?"
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def parse_args(cls, argv: list[str], allow_file: bool = True, overrides: dict | None = None):
+    """Build cls from optional config files (positional *.py) then --key=value flags, in order."""
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    values: dict = {}
+
+    def put(key, value, from_cli):
+        if key not in valid:
+            raise unknown_key(key, valid)
+        values[key] = coerce(key, value, hints[key], from_cli)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"flag '{arg}' needs a value: write --{key}=VALUE")
+            put(key.replace("-", "_"), text, from_cli=True)
+        elif allow_file:
+            for key, value in read_config_file(arg).items():
+                put(key, value, from_cli=False)
+        else:
+            raise ConfigError(f"unexpected argument '{arg}'; flags look like --key=value")
+    for key, value in (overrides or {}).items():
+        put(key, value, from_cli=False)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as e:  # GPTConfig's checks
+        raise ConfigError(str(e)) from None
+
+
+def help_text(cls, usage: str) -> str:
+    helps = field_help(cls)
+    lines = [usage, "", "keys (--key=value; a config file sets them as key = value):"]
+    for f in dataclasses.fields(cls):
+        lines.append(f"  --{f.name:<28} {f.default!r:<14} {helps.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,33 @@
+"""TinyShakespeare with the GPT-2 BPE (tiktoken): train.bin, val.bin (90/10 split) and meta.json.
+
+    python data/shakespeare/prepare.py [--input PATH] [--out_dir DIR]
+
+Reads --input, else data/shakespeare/input.txt, else downloads the canonical char-rnn file.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for dataset.py
+import dataset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def prepare(out_dir: Path = HERE, input_path: str | None = None, val_fraction: float = 0.1):
+    text = dataset.read_text(Path(out_dir), input_path)
+    n = int(len(text) * (1 - val_fraction))
+    tok = dataset.Tokenizer(dataset.gpt2_meta())
+    dataset.write_dataset(out_dir, tok.encode(text[:n]), tok.encode(text[n:]), dataset.gpt2_meta())
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="text file to use instead of input.txt / the download")
+    parser.add_argument("--out_dir", default=str(HERE), help="where to write train.bin, val.bin, meta.json")
+    args = parser.parse_args()
+    try:
+        prepare(Path(args.out_dir), args.input)
+    except dataset.DataError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,35 @@
+"""TinyShakespeare, one token per character: train.bin, val.bin (90/10 split) and meta.json.
+
+    python data/shakespeare_char/prepare.py [--input PATH] [--out_dir DIR]
+
+Reads --input, else data/shakespeare_char/input.txt, else downloads the canonical char-rnn file.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for dataset.py
+import dataset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def prepare(out_dir: Path = HERE, input_path: str | None = None, val_fraction: float = 0.1):
+    text = dataset.read_text(Path(out_dir), input_path)
+    meta = dataset.char_meta(text)
+    stoi = {ch: i for i, ch in enumerate(meta["itos"])}
+    ids = [stoi[c] for c in text]
+    n = int(len(ids) * (1 - val_fraction))
+    dataset.write_dataset(out_dir, ids[:n], ids[n:], meta)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="text file to use instead of input.txt / the download")
+    parser.add_argument("--out_dir", default=str(HERE), help="where to write train.bin, val.bin, meta.json")
+    args = parser.parse_args()
+    try:
+        prepare(Path(args.out_dir), args.input)
+    except dataset.DataError as e:
+        sys.exit(f"error: {e}")

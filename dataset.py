@@ -1,0 +1,239 @@
+"""Token data shared by the prepare scripts, train.py and sample.py.
+
+A prepared dataset is a folder with three files:
+    train.bin, val.bin   flat arrays of token ids (numpy memmaps), dtype given in meta.json
+    meta.json            {"tokenizer": "char" | "gpt2", "vocab_size": ..., "dtype": "uint16", ...}
+The tokenizer is described in JSON (a char vocabulary is its list of characters), never pickled.
+"""
+
+import codecs
+import importlib.util
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+DATA_ROOT = Path(__file__).resolve().parent / "data"
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class DataError(ValueError):
+    """A dataset problem the user can fix; printed as one line."""
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer:
+    """Encode and decode text as described by a dataset's meta.json."""
+
+    def __init__(self, meta: dict):
+        self.kind = meta.get("tokenizer")
+        self.vocab_size = int(meta["vocab_size"])
+        if self.kind == "char":
+            self.itos = list(meta["itos"])
+            self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+        elif self.kind == "gpt2":
+            import tiktoken
+
+            self.enc = tiktoken.get_encoding("gpt2")
+        else:
+            raise DataError(f"unknown tokenizer {self.kind!r} in meta.json; expected 'char' or 'gpt2'")
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "gpt2":
+            return self.enc.encode_ordinary(text)
+        missing = sorted(set(text) - self.stoi.keys())
+        if missing:
+            shown = "".join(missing[:20])
+            raise DataError(f"text has {len(missing)} character(s) outside this model's vocabulary: {shown!r}; "
+                            "use only characters from the training text")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids) -> str:
+        if self.kind == "gpt2":
+            return self.enc.decode(list(ids))
+        return "".join(self.itos[i] for i in ids)
+
+    def stream_decoder(self):
+        """A function of one token id -> the text it completes (BPE tokens can split a UTF-8 char)."""
+        if self.kind == "char":
+            return lambda i: self.itos[i]
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda i: utf8.decode(self.enc.decode_single_token_bytes(i))
+
+
+def char_meta(text: str) -> dict:
+    chars = sorted(set(text))
+    return {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
+
+
+def gpt2_meta() -> dict:
+    return {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def read_text(folder: Path, input_path: str | None = None, url: str = SHAKESPEARE_URL) -> str:
+    """The input text: --input PATH, else folder/input.txt, else downloaded from url into it."""
+    path = Path(input_path) if input_path else Path(folder) / "input.txt"
+    if input_path is None and not path.exists():
+        download(url, path)
+    if not path.is_file():
+        raise DataError(f"input text '{path}' not found; pass --input PATH to a text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read input text '{path}': {e}") from None
+    if not text.strip():
+        raise DataError(f"input text '{path}' is empty; give a file with some text in it")
+    return text
+
+
+def download(url: str, path: Path):
+    """Download url to path with a progress bar; the file appears only when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
+                while chunk := r.read(1 << 16):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} ({e}); put the file at {path} yourself or pass --input") from None
+
+
+def write_tokens(path: Path, chunks, total: int, dtype: str, desc: str = "writing"):
+    """Write an iterable of int arrays (total tokens in all) as one flat memmap, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
+    pos = 0
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=desc) as bar:
+        for chunk in chunks:
+            arr[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+            bar.update(len(chunk))
+    assert pos == total, f"wrote {pos} tokens, expected {total}"
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+
+
+def write_dataset(folder: Path, train_ids, val_ids, meta: dict):
+    """Write train.bin, val.bin and meta.json (last, so a folder with meta.json is complete)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "dtype": token_dtype(meta["vocab_size"])}
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        ids = np.asarray(ids, dtype=meta["dtype"])
+        write_tokens(folder / f"{split}.bin", [ids], len(ids), meta["dtype"], desc=f"writing {split}.bin")
+        meta[f"{split}_tokens"] = len(ids)
+    write_meta(folder, meta)
+    n_train, n_val = meta['train_tokens'], meta['val_tokens']
+    print(f"{folder}: {n_train:,} train and {n_val:,} val tokens, vocab {meta['vocab_size']:,}")
+
+
+def write_meta(folder: Path, meta: dict):
+    tmp = Path(folder) / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, Path(folder) / "meta.json")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def dataset_dir(dataset: str, data_dir: str = "") -> Path:
+    return Path(data_dir) if data_dir else DATA_ROOT / dataset
+
+
+def is_prepared(folder: Path) -> bool:
+    return all((folder / f).exists() for f in ("meta.json", "train.bin", "val.bin"))
+
+
+def ensure_prepared(dataset: str, data_dir: str = "") -> Path:
+    """The dataset's folder, running data/<dataset>/prepare.py first if it has not been prepared."""
+    folder = dataset_dir(dataset, data_dir)
+    if is_prepared(folder):
+        return folder
+    script = DATA_ROOT / dataset / "prepare.py"
+    if not script.is_file():
+        known = sorted(p.parent.name for p in DATA_ROOT.glob("*/prepare.py"))
+        where = f"'{folder}' has no train.bin/val.bin/meta.json and " if data_dir else ""
+        raise DataError(f"{where}unknown dataset '{dataset}'; choose one of {', '.join(known)} "
+                        "or point data_dir at a prepared folder")
+    print(f"dataset '{dataset}' is not prepared yet: running {script.relative_to(DATA_ROOT.parent)}")
+    spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.prepare(out_dir=folder)
+    return folder
+
+
+def read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {folder}/meta.json ({e}); prepare the dataset again") from None
+    for key in ("tokenizer", "vocab_size", "dtype"):
+        if key not in meta:
+            raise DataError(f"{folder}/meta.json lacks '{key}'; prepare the dataset again")
+    return meta
+
+
+def load_tokens(folder: Path, split: str, meta: dict) -> np.ndarray:
+    return np.memmap(Path(folder) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+
+
+class BatchSampler:
+    """Deterministic batches of (x, y) windows of one split, a pure function of (seed, index).
+
+    Epoch e cuts the tokens into windows of block_size + 1 starting at a random offset and visits
+    each window once, in an order fixed by (seed, e): sampling without replacement. Sample k of the
+    endless sequence is window k % n of epoch k // n. Micro-batch g holds samples [g*B, (g+1)*B).
+    Rank r of W processes reads micro-batches g*W + r, so ranks never read the same sample and
+    together read what one process with W times the micro-batches would. Nothing here is random
+    state that needs saving: a resumed run asks for the same indices and gets the same batches.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, name: str = "data"):
+        self.tokens, self.T, self.B, self.seed = tokens, block_size, batch_size, seed
+        self.n = (len(tokens) - block_size) // block_size  # windows per epoch (for any offset)
+        if self.n < 1:
+            raise DataError(f"{name} has {len(tokens)} tokens, too few for block_size {block_size}; "
+                            "lower block_size or give more text")
+        self._epochs: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _epoch(self, e: int):
+        if e not in self._epochs:
+            rng = np.random.default_rng([self.seed, e])
+            self._epochs = {e: (int(rng.integers(self.T)), rng.permutation(self.n))}  # keep one epoch
+        return self._epochs[e]
+
+    def starts(self, g: int) -> np.ndarray:
+        """Start offsets of the B windows of micro-batch g."""
+        out = np.empty(self.B, dtype=np.int64)
+        for i, k in enumerate(range(g * self.B, (g + 1) * self.B)):
+            shift, perm = self._epoch(k // self.n)
+            out[i] = shift + perm[k % self.n] * self.T
+        return out
+
+    def get(self, g: int, device: str = "cpu"):
+        idx = self.starts(g)[:, None] + np.arange(self.T + 1)
+        data = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        x, y = data[:, :-1], data[:, 1:]
+        if device.startswith("cuda"):
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.contiguous().to(device), y.contiguous().to(device)

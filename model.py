@@ -1,0 +1,280 @@
+"""A GPT language model, read top-down like the paper.
+
+GPTConfig -> norms -> CausalSelfAttention -> MLP -> Block -> GPT.
+
+The residual stream is the `x` that flows through every Block. Each sub-layer f (attention, MLP)
+reads it and adds to it; where the norm sits is a switch:
+
+    pre-LN  (GPT-2, default):  x = x + f(norm(x))      ... and one final norm before the head
+    post-LN (original paper):  x = norm(x + f(x))      ... the stream is renormalised after every add
+
+Layer names mirror GPT-2's (transformer.wte, h.N.attn.c_attn, ...) so its weights map one to one.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length: the longest sequence the model sees
+    vocab_size: int = 50304  # tokens in the vocabulary (set from the dataset's meta.json when training)
+    n_layer: int = 12  # number of transformer blocks
+    n_head: int = 12  # attention heads per block (n_embd must divide by it)
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # dropout probability (0 for pretraining, 0.1+ for small data)
+    bias: bool = True  # bias in Linear and LayerNorm layers (GPT-2: True)
+    norm: str = "layernorm"  # normalization type: "layernorm" | "rmsnorm"
+    norm_position: str = "pre"  # where the norm sits: "pre" (x + f(norm(x))) | "post" (norm(x + f(x)))
+
+    def __post_init__(self):
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {', '.join(NORM_POSITIONS)}; got {self.norm_position!r}")
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, allocated to block_size."""
+
+    def __init__(self, config: GPTConfig):
+        self.block_size = config.block_size
+        self.k = [None] * config.n_layer  # per layer: (B, nh, block_size, hs), made on first use
+        self.v = [None] * config.n_layer
+        self.pos = 0  # number of positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
+        if self.k[layer] is None:  # allocate with the dtype autocast gives k and v
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
+        t0, t1 = self.pos, self.pos + k.size(2)
+        self.k[layer][:, :, t0:t1] = k
+        self.v[layer][:, :, t0:t1] = v
+        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer = layer
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            if cache.pos > 0 and T > 1:
+                raise ValueError("the KV cache takes a prompt at position 0, then one token at a time")
+            k, v = cache.update(self.layer, k, v)  # (B, nh, pos + T, hs)
+        # a single new token may attend to everything before it; otherwise mask the future
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.pre = config.norm_position == "pre"
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if self.pre:
+            x = x + self.attn(self.ln_1(x), cache)
+            x = x + self.mlp(self.ln_2(x))
+        else:
+            x = self.ln_1(x + self.attn(x, cache))
+            x = self.ln_2(x + self.mlp(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                # post-LN blocks already end in a norm, so only pre-LN needs a final one
+                ln_f=make_norm(config) if config.norm_position == "pre" else nn.Identity(),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per sub-layer add
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embeddings (the token embedding is
+        tied to the head, so it counts as a real weight)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.pos += T
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, vocab)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to generate
+
+    # ---------------------------------------------------------------- training helpers
+
+    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas, device_type: str):
+        """AdamW; weight decay on 2-D weights (matmuls, embeddings) only, not on biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the weights plus attention (PaLM paper, appendix B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
+        return self.flops_per_token() * tokens_per_second / peak_flops
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """idx (B, T) followed by max_new_tokens generated tokens; see generate_stream."""
+        return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+    ):
+        """Continue each row of idx (B, T) by max_new_tokens tokens; yields each new (B, 1) column.
+
+        temperature=0 is greedy decoding. With use_cache, keys and values are kept so each step runs
+        one token through the model. When the text outgrows block_size, the context is cut to its
+        last block_size // 2 tokens (one forward pass to refill the cache) and fills up again; the
+        uncached path uses exactly the same contexts, so both give the same tokens.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise ValueError(f"top_k must be between 1 and the vocabulary size {self.config.vocab_size}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        bs = self.config.block_size
+        start = max(0, idx.size(1) - bs)  # where the current context begins
+        cache, fed = None, 0  # fed: tokens of the context already in the cache
+        for _ in range(max_new_tokens):
+            if idx.size(1) - start > bs:
+                start = idx.size(1) - max(1, bs // 2)  # slide: keep the last half of the window
+                cache = None
+            if not use_cache:
+                logits, _ = self(idx[:, start:])
+            else:
+                if cache is None:
+                    cache, fed = KVCache(self.config), 0
+                logits, _ = self(idx[:, start + fed :], cache=cache)
+                fed = idx.size(1) - start
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                nxt = torch.multinomial(F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1), 1)
+            idx = torch.cat((idx, nxt), dim=1)
+            yield nxt
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p."""
+    if top_k is not None:
+        v, _ = torch.topk(logits, top_k)
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p  # tokens after the nucleus is full
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return logits

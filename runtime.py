@@ -1,0 +1,133 @@
+"""Where am I running: rank, world size, device and dtype, with or without torchrun.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; when they are present we join the process group
+(nccl on CUDA, gloo on CPU) and each process drives the GPU of its *local* rank. Only the global
+rank 0 prints, logs and writes files.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16/fp16 tensor-core peak FLOP/s by GPU name (vendor datasheets, without sparsity).
+# Matched as substrings of torch.cuda.get_device_name(), most specific first.
+PEAK_FLOPS = [
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+@dataclass
+class Runtime:
+    rank: int  # global rank, 0..world_size-1
+    local_rank: int  # rank within this node: which GPU to use
+    world_size: int
+    device: str  # e.g. "cuda:0", "cpu"
+    dtype: torch.dtype  # compute dtype under autocast (float32: no autocast)
+    ddp: bool  # launched by torchrun with more than one process group member
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def print(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+
+class DeviceError(ValueError):
+    """A device or dtype request this machine cannot satisfy (printed as one line)."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device={device} but no CUDA GPU is visible; use --device=cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device=mps but MPS is not available; use --device=cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device_type: str) -> torch.dtype:
+    if dtype == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype == "float16" and device_type != "cuda":
+        raise DeviceError(f"dtype=float16 needs a CUDA GPU (it trains with a GradScaler); on {device_type} "
+                            "use dtype=float32 or bfloat16")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """Set up this process: distributed group (under torchrun), device, dtype, TF32."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+        world_size = int(os.environ["WORLD_SIZE"])
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    device = resolve_device(device)
+    if device == "cuda" or (ddp and device.startswith("cuda")):
+        device = f"cuda:{local_rank}"
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Runtime(rank, local_rank, world_size, device, resolve_dtype(dtype, device_type), ddp)
+
+
+def shutdown(rt: Runtime):
+    if rt.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def peak_flops(rt: Runtime, override: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device for MFU: the override, else the GPU's dense bf16 figure
+    (halved for float32, which runs on TF32 tensor cores); None when unknown (e.g. CPU)."""
+    if override > 0:
+        return override
+    if rt.device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(rt.device)
+    for key, flops in PEAK_FLOPS:
+        if key in name:
+            return flops / 2 if rt.dtype == torch.float32 else flops
+    return None

@@ -1,0 +1,352 @@
+"""Train a GPT.
+
+    python train.py configs/small.py                      # one process: CPU, a GPU or Apple MPS
+    python train.py configs/small.py --n_layer=6          # flags override the file
+    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2.py   # DDP on 8 GPUs
+    python train.py --help                                 # every key, its default and meaning
+
+The loop is nanoGPT's: estimate the loss now and then, take gradient_accumulation_steps
+micro-batches, clip, step, log, checkpoint. Everything is a function so tests can drive it.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+import config
+import dataset
+import runtime
+from model import GPT
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); printed as one line."""
+
+
+def get_lr(step: int, cfg: config.TrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def padded_vocab(meta: dict) -> int:
+    """A char vocabulary is used as is; a BPE one is padded to a multiple of 64 (50257 -> 50304),
+    which makes the head's matmul faster on GPUs. The extra logits are never targets."""
+    v = meta["vocab_size"]
+    return v if meta["tokenizer"] == "char" else (v + 63) // 64 * 64
+
+
+@torch.no_grad()
+def estimate_loss(model, samplers: dict, cfg, rt: runtime.Runtime) -> dict:
+    """Mean loss over the same eval_iters batches of each split every time; ranks share the work."""
+    model.eval()
+    out = {}
+    for split, sampler in samplers.items():
+        total = torch.zeros(2, device=rt.device)  # (sum of losses, count)
+        for g in range(rt.rank, cfg.eval_iters, rt.world_size):
+            x, y = sampler.get(g, rt.device)
+            with rt.autocast():
+                _, loss = model(x, y)
+            total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+        if rt.ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+class Logger:
+    """Appends every logged dict to out_dir/metrics.jsonl and, optionally, sends it to wandb."""
+
+    def __init__(self, cfg, rt: runtime.Runtime, resolved: dict):
+        self.active = rt.master
+        self.wandb = None
+        if self.active:
+            self.file = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
+            if cfg.wandb_log:
+                import wandb
+
+                name = cfg.wandb_run_name or Path(cfg.out_dir).name
+                self.wandb = wandb.init(project=cfg.wandb_project, name=name, config=resolved)
+
+    def log(self, record: dict):
+        if self.active:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self):
+        if self.active:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def check_resume(cfg, saved: dict):
+    """The model shape must match the checkpoint; other changes (max_iters, lr, ...) are allowed."""
+    for key, old in saved["model_config"].items():
+        new = getattr(cfg, key)
+        if key not in ("dropout", "vocab_size") and new != old:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint's model has {key}={old!r} but the config says {new!r}; "
+                f"use --{key}={old!r} to resume, or a new out_dir to start over")
+
+
+def format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(cfg: config.TrainConfig) -> dict:
+    """Run training as configured; returns the final losses and timings."""
+    rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    out_dir = Path(cfg.out_dir)
+    if rt.master:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / ".write_test").touch()
+            (out_dir / ".write_test").unlink()
+        except OSError as e:
+            msg = f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir"
+            raise config.ConfigError(msg) from None
+
+    # data: prepared by one process per node, then read by all
+    if rt.local_rank == 0:
+        data_dir = dataset.ensure_prepared(cfg.dataset, cfg.data_dir)
+    if rt.ddp:
+        dist.barrier()
+    data_dir = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
+    meta = dataset.read_meta(data_dir)
+
+    saved = None
+    if cfg.init_from == "resume":
+        saved = checkpoint.load(out_dir / "ckpt.pt")
+        check_resume(cfg, saved)
+        cfg.vocab_size = saved["model_config"]["vocab_size"]
+    else:
+        cfg.vocab_size = padded_vocab(meta)
+    if cfg.vocab_size < meta["vocab_size"]:
+        raise dataset.DataError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the dataset's")
+
+    # model, optimizer, scaler; identical initial weights on every rank, different dropout after
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model_config()).to(rt.device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+    torch.manual_seed(cfg.seed + rt.rank)
+    step, best_val = 0, float("inf")
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        step, best_val = saved["step"], saved["best_val_loss"]
+        rngs = saved["rng"]
+        if len(rngs) == rt.world_size:
+            checkpoint.set_rng_state(rngs[rt.rank])
+        rt.print(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
+        changed = {k: (v, getattr(cfg, k)) for k, v in saved["config"].items()
+                   if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("init_from",)}
+        for k, (old, new) in changed.items():
+            rt.print(f"  config change on resume: {k} = {new!r} (was {old!r})")
+    raw_model = model  # checkpoints are saved from this unwrapped, uncompiled module
+    use_compile = cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
+    if use_compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    # data order: a deterministic function of the step, so resuming reads the same batches
+    train_tokens = dataset.load_tokens(data_dir, "train", meta)
+    val_tokens = dataset.load_tokens(data_dir, "val", meta)
+    sampler = dataset.BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, "train split")
+    eval_samplers = {
+        "train": dataset.BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1, "train split"),
+        "val": dataset.BatchSampler(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 2, "val split"),
+    }
+    accum, world = cfg.gradient_accumulation_steps, rt.world_size
+    tokens_per_step = cfg.batch_size * cfg.block_size * accum * world
+
+    resolved = {**config.to_dict(cfg), "git_commit": git_commit(), "world_size": world,
+                "device": rt.device, "compute_dtype": str(rt.dtype).removeprefix("torch."),
+                "compile": use_compile, "tokens_per_step": tokens_per_step, "num_params": raw_model.num_params()}
+    if rt.master:
+        rt.print(json.dumps(resolved, indent=1))
+        (out_dir / "config.json").write_text(json.dumps(resolved, indent=1))
+    rt.print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M "
+             f"with position embeddings); {tokens_per_step:,} tokens per step on {world} process(es), {rt.device}")
+    logger = Logger(cfg, rt, resolved)
+    peak = runtime.peak_flops(rt, cfg.peak_flops)
+
+    def save_checkpoint():
+        rngs = [None] * world
+        if rt.ddp:
+            dist.all_gather_object(rngs, checkpoint.rng_state())
+        else:
+            rngs = [checkpoint.rng_state()]
+        if rt.master:
+            state = {
+                "version": checkpoint.FORMAT_VERSION,
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "step": step,
+                "best_val_loss": best_val,
+                "config": config.to_dict(cfg),
+                "model_config": config.to_dict(cfg.model_config()),
+                "tokenizer": json.dumps(meta),
+                "data": {"dataset": cfg.dataset, "samples_seen": step * accum * world * cfg.batch_size},
+                "rng": rngs,
+            }
+            checkpoint.save(state, out_dir / "ckpt.pt")
+
+    # Ctrl-C or SIGTERM (preemption): finish the step, save, and exit cleanly
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        rt.print(f"\n{stop['signal']} received: finishing this step and saving a checkpoint")
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    t_start = time.perf_counter()
+    eval_time, last = 0.0, {}
+    t0, ms_avg, losses = time.perf_counter(), None, []
+    x, y = sampler.get((step * accum) * world + rt.rank, rt.device)
+    try:
+        while True:
+            if step % cfg.eval_interval == 0 or step >= cfg.max_iters:
+                te = time.perf_counter()
+                last = estimate_loss(model, eval_samplers, cfg, rt)
+                eval_time += time.perf_counter() - te
+                best_val = min(best_val, last["val"])
+                elapsed = time.perf_counter() - t_start
+                rt.print(f"step {step}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
+                         f"({elapsed:.1f}s, {eval_time:.1f}s of it in eval)")
+                logger.log({"step": step, "train_loss": last["train"], "val_loss": last["val"],
+                            "time": elapsed, "eval_time": eval_time})
+                t0 = time.perf_counter()  # do not count eval in the step time
+            if step >= cfg.max_iters:
+                break
+
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(accum):
+                sync = not rt.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
+                with (nullcontext() if sync else model.no_sync()), rt.autocast():
+                    _, loss = model(x, y)
+                    loss = loss / accum
+                g = ((step * accum) + micro + 1) * world + rt.rank  # prefetch the next micro-batch
+                x, y = sampler.get(g, rt.device)
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            if not scaler.is_enabled() and not (torch.isfinite(grad_norm) and torch.isfinite(loss_sum)):
+                raise TrainingError(f"step {step}: loss {loss_sum.item():.4g}, gradient norm {grad_norm.item():.4g} "
+                                    "is not finite; the last checkpoint is kept; lower learning_rate or use "
+                                    "float32/bfloat16, then resume")
+            scaler.step(optimizer)  # under fp16, skips the step if the gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss_sum)
+
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                t1 = time.perf_counter()
+                ms = (t1 - t0) * 1000 / len(losses)
+                ms_avg = ms if ms_avg is None else 0.9 * ms_avg + 0.1 * ms
+                loss_val = torch.stack(losses).mean().item()
+                tok_s = tokens_per_step / (ms / 1000)
+                mfu = raw_model.estimate_mfu(tok_s / world, peak) if peak else None
+                eta = format_eta((cfg.max_iters - step) * ms_avg / 1000)
+                mfu_txt = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
+                rt.print(f"step {step}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {ms:.1f} ms | "
+                         f"{tok_s / 1000:.1f}k tok/s{mfu_txt} | eta {eta}")
+                logger.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(),
+                            "ms_per_step": ms, "tokens_per_sec": tok_s, "mfu": mfu,
+                            "time": time.perf_counter() - t_start})
+                t0, losses = time.perf_counter(), []
+
+            if rt.ddp:  # a signal may reach one rank only: stop together
+                flag = torch.tensor(float(stop["signal"] is not None), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
+            if stop["signal"] or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
+                ts = time.perf_counter()
+                save_checkpoint()
+                t0 += time.perf_counter() - ts  # saving is not step time
+            if stop["signal"]:
+                rt.print(f"saved {out_dir / 'ckpt.pt'} at step {step}; continue with: python train.py ... "
+                         f"--out_dir={cfg.out_dir} --init_from=resume")
+                break
+        if not stop["signal"]:
+            save_checkpoint()
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        logger.close()
+        runtime.shutdown(rt)
+    total = time.perf_counter() - t_start
+    rt.print(f"done: step {step}, val loss {last.get('val', float('nan')):.4f}, {total:.1f}s "
+             f"({eval_time:.1f}s in eval)")
+    return {"step": step, "train_loss": last.get("train"), "val_loss": last.get("val"), "best_val_loss": best_val,
+            "time": total, "eval_time": eval_time, "interrupted": stop["signal"]}
+
+
+USER_ERRORS = (config.ConfigError, dataset.DataError, runtime.DeviceError, checkpoint.CheckpointError, TrainingError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config.help_text(config.TrainConfig, __doc__.strip()))
+        return 0
+    try:
+        cfg = config.parse_args(config.TrainConfig, argv)
+        train(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    sys.exit(main())
