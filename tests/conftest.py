@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny char-level dataset and a tiny CPU training config."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import config  # noqa: E402
+
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n"
+)
+
+
+def tiny_text(repeat: int = 40) -> str:
+    """A few KB of text in the shape of TinyShakespeare (no network, no shared files)."""
+    return TEXT * repeat
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """A prepared char-level dataset folder: train.bin, val.bin, meta.json."""
+    folder = tmp_path_factory.mktemp("char_data")
+    (folder / "input.txt").write_text(tiny_text())
+    spec = importlib.util.spec_from_file_location("prep_char", ROOT / "data/shakespeare_char/prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.prepare(out_dir=folder)
+    return folder
+
+
+TINY = dict(
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=16,
+    batch_size=4,
+    max_iters=20,
+    eval_interval=10,
+    eval_iters=2,
+    log_interval=5,
+    checkpoint_interval=10,
+    learning_rate=3e-3,
+    min_lr=3e-4,
+    warmup_iters=2,
+    dropout=0.0,
+    device="cpu",
+    compile=False,
+    dtype="float32",
+)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, char_data):
+    """make(**overrides) -> a TrainConfig for a model that trains in a second or two on a CPU."""
+
+    def make(**overrides):
+        values = {**TINY, "data_dir": str(char_data), "out_dir": str(tmp_path / "out"), **overrides}
+        return config.parse_args(config.TrainConfig, [], overrides=values)
+
+    return make
+
+
+def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a repo script as a user would: python <args>, from the repo root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
