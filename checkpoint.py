@@ -9,6 +9,7 @@ plain containers and refuses anything that would construct arbitrary objects or 
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -93,3 +94,34 @@ def set_rng_state(state: dict):
 
 def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _link(src: Path, dst: Path):
+    """Make dst another name for src, atomically (hard link; a copy where links are not supported)."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_run(state: dict, out_dir: Path, keep: int, is_best: bool) -> Path:
+    """Save state as out_dir/ckpt-<step>.pt, point ckpt.pt (the latest) and, if is_best,
+    ckpt-best.pt at it, then delete all but the newest `keep` step files. The names are hard
+    links, so the latest and the best cost no extra disk space."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"ckpt-{state['step']:07d}.pt"
+    save(state, path)
+    try:
+        _link(path, out_dir / "ckpt.pt")
+        if is_best:
+            _link(path, out_dir / "ckpt-best.pt")
+    except OSError as e:
+        raise CheckpointError(f"could not update {out_dir}/ckpt.pt ({e.strerror or e}); "
+                              f"the new checkpoint is {path}") from None
+    fsync_dir(out_dir)
+    for old in sorted(out_dir.glob("ckpt-[0-9]*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path

@@ -53,6 +53,7 @@ class TrainConfig(GPTConfig):
     eval_iters: int = 20  # batches per loss estimate
     log_interval: int = 10  # steps between log lines
     checkpoint_interval: int = 250  # steps between checkpoints (and one at the end; 0: only at the end)
+    keep_checkpoints: int = 2  # newest ckpt-<step>.pt files to keep; ckpt.pt and ckpt-best.pt link to them
     wandb_log: bool = False  # also send metrics to Weights & Biases (rank 0)
     wandb_project: str = "gpt"  # wandb project name
     wandb_run_name: str = ""  # wandb run name (default: out_dir's name)
@@ -65,6 +66,7 @@ class TrainConfig(GPTConfig):
     def __post_init__(self):
         super().__post_init__()
         positive = ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval")
+        positive += ("keep_checkpoints",)
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")

@@ -207,7 +207,7 @@ def train(cfg: config.TrainConfig) -> dict:
     logger = Logger(cfg, rt, resolved)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
 
-    def save_checkpoint():
+    def save_checkpoint(is_best: bool):
         rngs = [None] * world
         if rt.ddp:
             dist.all_gather_object(rngs, checkpoint.rng_state())
@@ -227,7 +227,7 @@ def train(cfg: config.TrainConfig) -> dict:
                 "data": {"dataset": cfg.dataset, "samples_seen": step * accum * world * cfg.batch_size},
                 "rng": rngs,
             }
-            checkpoint.save(state, out_dir / "ckpt.pt")
+            checkpoint.save_run(state, out_dir, cfg.keep_checkpoints, is_best)
 
     # Ctrl-C or SIGTERM (preemption): finish the step, save, and exit cleanly
     stop = {"signal": None}
@@ -242,23 +242,30 @@ def train(cfg: config.TrainConfig) -> dict:
 
     t_start = time.perf_counter()
     eval_time, last = 0.0, {}
-    t0, ms_avg, losses = time.perf_counter(), None, []
+    step_time, ms_avg, losses = 0.0, None, []  # step_time: seconds in training steps since the last log
     x, y = sampler.get((step * accum) * world + rt.rank, rt.device)
+    first_step = step
     try:
         while True:
+            done = step >= cfg.max_iters or stop["signal"] is not None
+            is_best = False
             if step % cfg.eval_interval == 0 or step >= cfg.max_iters:
                 te = time.perf_counter()
                 last = estimate_loss(model, eval_samplers, cfg, rt)
                 eval_time += time.perf_counter() - te
-                best_val = min(best_val, last["val"])
+                is_best, best_val = last["val"] < best_val, min(best_val, last["val"])
                 elapsed = time.perf_counter() - t_start
                 rt.print(f"step {step}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
                          f"({elapsed:.1f}s, {eval_time:.1f}s of it in eval)")
                 logger.log({"step": step, "train_loss": last["train"], "val_loss": last["val"],
                             "time": elapsed, "eval_time": eval_time})
-                t0 = time.perf_counter()  # do not count eval in the step time
-            if step >= cfg.max_iters:
+            periodic = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
+            if step > first_step and (periodic or is_best or done):
+                save_checkpoint(is_best)
+            if done:
                 break
+
+            t0 = time.perf_counter()
 
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
@@ -284,10 +291,10 @@ def train(cfg: config.TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(loss_sum)
+            step_time += time.perf_counter() - t0  # the isfinite check above synced with the device
 
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                t1 = time.perf_counter()
-                ms = (t1 - t0) * 1000 / len(losses)
+                ms = step_time * 1000 / len(losses)
                 ms_avg = ms if ms_avg is None else 0.9 * ms_avg + 0.1 * ms
                 loss_val = torch.stack(losses).mean().item()
                 tok_s = tokens_per_step / (ms / 1000)
@@ -299,22 +306,15 @@ def train(cfg: config.TrainConfig) -> dict:
                 logger.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(),
                             "ms_per_step": ms, "tokens_per_sec": tok_s, "mfu": mfu,
                             "time": time.perf_counter() - t_start})
-                t0, losses = time.perf_counter(), []
+                step_time, losses = 0.0, []
 
             if rt.ddp:  # a signal may reach one rank only: stop together
                 flag = torch.tensor(float(stop["signal"] is not None), device=rt.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
-            if stop["signal"] or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-                ts = time.perf_counter()
-                save_checkpoint()
-                t0 += time.perf_counter() - ts  # saving is not step time
-            if stop["signal"]:
-                rt.print(f"saved {out_dir / 'ckpt.pt'} at step {step}; continue with: python train.py ... "
-                         f"--out_dir={cfg.out_dir} --init_from=resume")
-                break
-        if not stop["signal"]:
-            save_checkpoint()
+        if stop["signal"]:
+            rt.print(f"saved {out_dir / 'ckpt.pt'} at step {step}; continue with the same command and "
+                     f"--init_from=resume (out_dir={cfg.out_dir})")
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
