@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+EARLIER = "resume from an earlier ckpt-<step>.pt (copy it to ckpt.pt) or start a new out_dir"
 
 
 class CheckpointError(ValueError):
@@ -46,8 +47,10 @@ def save(state: dict, path: Path):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); "
-                              "the previous checkpoint is untouched; free space or choose another out_dir") from None
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({e.strerror or e}); "
+            "the previous checkpoint is untouched; free space or choose another out_dir"
+        ) from None
     fsync_dir(path.parent)
 
 
@@ -59,14 +62,15 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        if "Weights only load failed" in first or "Unsupported" in str(e):
-            raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain "
-                                  "data, which could run code; only load checkpoints you trust") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt ({first}); use an earlier checkpoint") from None
+        if "unsupported global" in str(e).lower():  # a class or function to call: code would run
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects other than tensors and plain "
+                "data, which could run code; only load checkpoints you trust"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (unreadable pickle); {EARLIER}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({msg}); use an earlier checkpoint") from None
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0][:100]
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); {EARLIER}") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py")
     return state
@@ -107,6 +111,12 @@ def _link(src: Path, dst: Path):
     os.replace(tmp, dst)
 
 
+def remove_stale_temps(out_dir: Path):
+    """Delete temporary files left by a process killed while saving (never a complete checkpoint)."""
+    for tmp in Path(out_dir).glob(".ckpt*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
 def save_run(state: dict, out_dir: Path, keep: int, is_best: bool) -> Path:
     """Save state as out_dir/ckpt-<step>.pt, point ckpt.pt (the latest) and, if is_best,
     ckpt-best.pt at it, then delete all but the newest `keep` step files. The names are hard
@@ -119,8 +129,9 @@ def save_run(state: dict, out_dir: Path, keep: int, is_best: bool) -> Path:
         if is_best:
             _link(path, out_dir / "ckpt-best.pt")
     except OSError as e:
-        raise CheckpointError(f"could not update {out_dir}/ckpt.pt ({e.strerror or e}); "
-                              f"the new checkpoint is {path}") from None
+        raise CheckpointError(
+            f"could not update {out_dir}/ckpt.pt ({e.strerror or e}); the new checkpoint is {path}"
+        ) from None
     fsync_dir(out_dir)
     for old in sorted(out_dir.glob("ckpt-[0-9]*.pt"))[:-keep]:
         old.unlink(missing_ok=True)

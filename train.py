@@ -135,6 +135,7 @@ def train(cfg: config.TrainConfig) -> dict:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / ".write_test").touch()
             (out_dir / ".write_test").unlink()
+            checkpoint.remove_stale_temps(out_dir)
         except OSError as e:
             msg = f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir"
             raise config.ConfigError(msg) from None

@@ -1,0 +1,197 @@
+"""Exact resume and crash safety, through real processes killed with real signals.
+
+The guarantee (CPU, float32): N steps straight == N steps with SIGKILLs at any moment after the
+first checkpoint, each followed by --init_from=resume; the final weights are bit-identical.
+"""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run
+
+import checkpoint
+import train
+
+# dropout > 0 so the test fails if the RNG state were not restored exactly
+ARGS = [
+    "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.1",
+    "--eval_interval=50", "--eval_iters=2", "--log_interval=10", "--device=cpu", "--dtype=float32",
+    "--compile=False", "--learning_rate=3e-3", "--warmup_iters=5",
+]  # fmt: skip
+MAX_ITERS = 240
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train.py", f"--data_dir={data}", f"--out_dir={out}", f"--max_iters={MAX_ITERS}", *ARGS, *extra]
+
+
+def final_state(out: Path) -> dict:
+    state = checkpoint.load(out / "ckpt.pt")
+    assert state["step"] == MAX_ITERS
+    return state
+
+
+def assert_identical(a: dict, b: dict):
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), f"weights differ in {key}"
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for i in opt_a:
+        for name in opt_a[i]:
+            assert torch.equal(opt_a[i][name], opt_b[i][name]), f"optimizer state {i}.{name} differs"
+
+
+@pytest.fixture(scope="module")
+def straight(char_data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("straight")
+    r = run(train_args(char_data, out))
+    assert r.returncode == 0, r.stderr
+    return final_state(out)
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, out: Path, delay: float) -> bool:
+    """SIGKILL proc `delay` seconds after a checkpoint newer than the current one appears."""
+    before = (out / "ckpt.pt").stat().st_mtime_ns if (out / "ckpt.pt").exists() else 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "ckpt.pt").exists() and (out / "ckpt.pt").stat().st_mtime_ns != before:
+            break
+        time.sleep(0.005)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    proc.kill()
+    proc.communicate()
+    return killed
+
+
+@pytest.mark.parametrize("interval,delays", [(7, [0.05, 0.3]), (1, [0.0, 0.02, 0.05, 0.11, 0.17, 0.23])])
+def test_sigkill_then_resume_is_bit_identical(straight, char_data, tmp_path, interval, delays):
+    """Kill -9 at several points (with checkpoint_interval=1, often in the middle of a save); every
+    time the checkpoint on disk loads, and the resumed run ends bit-identical to the straight one."""
+    out = tmp_path / "killed"
+    extra = [f"--checkpoint_interval={interval}", "--keep_checkpoints=2"]
+    proc = start(train_args(char_data, out, *extra))
+    kills = 0
+    for delay in delays:
+        kills += kill_after_checkpoint(proc, out, delay)
+        state = checkpoint.load(out / "ckpt.pt")  # never corrupt, whatever the moment of the kill
+        assert 0 < state["step"] <= MAX_ITERS
+        proc = start(train_args(char_data, out, *extra, "--init_from=resume"))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert kills >= 2, "the runs finished before they could be killed; the test proves nothing"
+    assert_identical(final_state(out), straight)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_exits_cleanly(straight, char_data, tmp_path, sig):
+    out = tmp_path / "sig"
+    proc = start(train_args(char_data, out, "--checkpoint_interval=1000"))
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 20/"):
+            break
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "--init_from=resume" in stdout
+    state = checkpoint.load(out / "ckpt.pt")
+    assert 20 <= state["step"] < MAX_ITERS
+    r = run(train_args(char_data, out, "--init_from=resume"))
+    assert r.returncode == 0, r.stderr
+    assert_identical(final_state(out), straight)
+
+
+def test_resume_may_change_schedule_but_not_shape(char_data, tmp_path):
+    out = tmp_path / "o"
+    assert run(train_args(char_data, out, "--max_iters=20")).returncode == 0
+    r = run(train_args(char_data, out, "--max_iters=30", "--learning_rate=1e-3", "--init_from=resume"))
+    assert r.returncode == 0, r.stderr
+    assert "learning_rate = 0.001 (was 0.003)" in r.stdout
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 30
+    for bad in ("--n_embd=64", "--block_size=32", "--norm=rmsnorm", "--norm_position=post"):
+        r = run(train_args(char_data, out, "--init_from=resume", bad))
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.startswith("error: the checkpoint's model has") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_keeps_last_k_and_best(tiny_cfg):
+    cfg = tiny_cfg(max_iters=40, checkpoint_interval=5, eval_interval=5, keep_checkpoints=3)
+    result = train.train(cfg)
+    out = Path(cfg.out_dir)
+    steps = sorted(int(p.stem.split("-")[1]) for p in out.glob("ckpt-[0-9]*.pt"))
+    assert steps == [30, 35, 40]
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 40
+    best = checkpoint.load(out / "ckpt-best.pt")
+    assert best["best_val_loss"] == pytest.approx(result["best_val_loss"])
+    assert not list(out.glob(".ckpt*"))  # no temporary files left
+
+
+def test_disk_full_keeps_previous_checkpoint(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg(max_iters=10, checkpoint_interval=5)
+    train.train(cfg)
+    out = Path(cfg.out_dir)
+    before = (out / "ckpt.pt").read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device.*untouched"):
+        train.train(tiny_cfg(max_iters=20, checkpoint_interval=5, init_from="resume"))
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 10
+    assert not list(out.glob(".ckpt*"))
+
+
+class Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_unsafe_pickle_is_refused_and_never_runs(tmp_path):
+    sentinel = tmp_path / "pwned"
+    out = tmp_path / "o"
+    out.mkdir()
+    torch.save({"model": {}, "model_config": {}, "x": Evil(sentinel)}, out / "ckpt.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
+        checkpoint.load(out / "ckpt.pt")
+    r = run(["sample.py", f"--out_dir={out}", "--device=cpu"])
+    assert r.returncode == 2 and r.stderr.startswith("error: refusing to load") and "Traceback" not in r.stderr
+    assert not sentinel.exists(), "the checkpoint's code ran"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoint_is_a_clear_error(tiny_cfg, damage):
+    cfg = tiny_cfg(max_iters=5)
+    train.train(cfg)
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    data = path.read_bytes()
+    path.unlink()  # ckpt.pt is a hard link: write a new file, not through the link
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": random.randbytes(4096), "empty": b""}[damage])
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.load(path)
+    r = run(["train.py", f"--data_dir={cfg.data_dir}", f"--out_dir={cfg.out_dir}", "--init_from=resume", *ARGS])
+    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint") and "Traceback" not in r.stderr
+
+
+def test_resume_without_checkpoint(char_data, tmp_path):
+    r = run(train_args(char_data, tmp_path / "none", "--init_from=resume"))
+    assert r.returncode == 2 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
