@@ -54,6 +54,8 @@ class TrainConfig(GPTConfig):
     log_interval: int = 10  # steps between log lines
     checkpoint_interval: int = 250  # steps between checkpoints (and one at the end; 0: only at the end)
     keep_checkpoints: int = 2  # newest ckpt-<step>.pt files to keep; ckpt.pt and ckpt-best.pt link to them
+    telemetry_interval: int = 0  # steps between per-layer grad norms, update ratios, stream RMS (0: off)
+    probe_init: bool = False  # measure that telemetry at initialisation over eval_iters batches, then exit
     wandb_log: bool = False  # also send metrics to Weights & Biases (rank 0)
     wandb_project: str = "gpt"  # wandb project name
     wandb_run_name: str = ""  # wandb run name (default: out_dir's name)
@@ -70,7 +72,7 @@ class TrainConfig(GPTConfig):
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval"):
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "telemetry_interval"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:

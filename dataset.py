@@ -50,8 +50,10 @@ class Tokenizer:
         missing = sorted(set(text) - self.stoi.keys())
         if missing:
             shown = "".join(missing[:20])
-            raise DataError(f"text has {len(missing)} character(s) outside this model's vocabulary: {shown!r}; "
-                            "use only characters from the training text")
+            raise DataError(
+                f"text has {len(missing)} character(s) outside this model's vocabulary: {shown!r}; "
+                "use only characters from the training text"
+            )
         return [self.stoi[c] for c in text]
 
     def decode(self, ids) -> str:
@@ -142,7 +144,7 @@ def write_dataset(folder: Path, train_ids, val_ids, meta: dict):
         write_tokens(folder / f"{split}.bin", [ids], len(ids), meta["dtype"], desc=f"writing {split}.bin")
         meta[f"{split}_tokens"] = len(ids)
     write_meta(folder, meta)
-    n_train, n_val = meta['train_tokens'], meta['val_tokens']
+    n_train, n_val = meta["train_tokens"], meta["val_tokens"]
     print(f"{folder}: {n_train:,} train and {n_val:,} val tokens, vocab {meta['vocab_size']:,}")
 
 
@@ -172,8 +174,10 @@ def ensure_prepared(dataset: str, data_dir: str = "") -> Path:
     if not script.is_file():
         known = sorted(p.parent.name for p in DATA_ROOT.glob("*/prepare.py"))
         where = f"'{folder}' has no train.bin/val.bin/meta.json and " if data_dir else ""
-        raise DataError(f"{where}unknown dataset '{dataset}'; choose one of {', '.join(known)} "
-                        "or point data_dir at a prepared folder")
+        raise DataError(
+            f"{where}unknown dataset '{dataset}'; choose one of {', '.join(known)} "
+            "or point data_dir at a prepared folder"
+        )
     print(f"dataset '{dataset}' is not prepared yet: running {script.relative_to(DATA_ROOT.parent)}")
     spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", script)
     module = importlib.util.module_from_spec(spec)
@@ -212,8 +216,10 @@ class BatchSampler:
         self.tokens, self.T, self.B, self.seed = tokens, block_size, batch_size, seed
         self.n = (len(tokens) - block_size) // block_size  # windows per epoch (for any offset)
         if self.n < 1:
-            raise DataError(f"{name} has {len(tokens)} tokens, too few for block_size {block_size}; "
-                            "lower block_size or give more text")
+            raise DataError(
+                f"{name} has {len(tokens)} tokens, too few for block_size {block_size}; "
+                "lower block_size or give more text"
+            )
         self._epochs: dict[int, tuple[int, np.ndarray]] = {}
 
     def _epoch(self, e: int):

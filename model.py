@@ -5,8 +5,11 @@ GPTConfig -> norms -> CausalSelfAttention -> MLP -> Block -> GPT.
 The residual stream is the `x` that flows through every Block. Each sub-layer f (attention, MLP)
 reads it and adds to it; where the norm sits is a switch:
 
-    pre-LN  (GPT-2, default):  x = x + f(norm(x))      ... and one final norm before the head
-    post-LN (original paper):  x = norm(x + f(x))      ... the stream is renormalised after every add
+    pre-LN  (GPT-2, default):  x = x + f(norm(x))             ... and one final norm before the head
+    post-LN (original paper):  x = norm(x + f(x))             ... the stream is renormalised after every add
+    peri-LN (Gemma, OLMo 2):   x = x + norm_out(f(norm(x)))   ... both sides of f, and a final norm
+    DeepNorm (post-LN variant): x = norm(alpha * x + f(x))    ... alpha = (2 * n_layer) ** 0.25
+    no residual (ablation):    x = f(norm(x)) or norm(f(x))   ... what the skip connection is for
 
 Layer names mirror GPT-2's (transformer.wte, h.N.attn.c_attn, ...) so its weights map one to one.
 """
@@ -19,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "peri")
+INITS = ("gpt2", "xavier")
 
 
 @dataclass
@@ -32,7 +36,10 @@ class GPTConfig:
     dropout: float = 0.0  # dropout probability (0 for pretraining, 0.1+ for small data)
     bias: bool = True  # bias in Linear and LayerNorm layers (GPT-2: True)
     norm: str = "layernorm"  # normalization type: "layernorm" | "rmsnorm"
-    norm_position: str = "pre"  # where the norm sits: "pre" (x + f(norm(x))) | "post" (norm(x + f(x)))
+    norm_position: str = "pre"  # where the norm sits: "pre" x+f(norm(x)) | "post" norm(x+f(x)) | "peri" (both)
+    deepnorm: bool = False  # post-LN only: x = norm(alpha*x + f(x)) and DeepNet's beta-scaled Xavier init
+    residual: bool = True  # False removes the skip connections (an ablation: x = f(norm(x)))
+    init: str = "gpt2"  # "gpt2": N(0, 0.02), residual projections / sqrt(2 * n_layer) | "xavier"
 
     def __post_init__(self):
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -46,6 +53,20 @@ class GPTConfig:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
         if self.norm_position not in NORM_POSITIONS:
             raise ValueError(f"norm_position must be one of {', '.join(NORM_POSITIONS)}; got {self.norm_position!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if self.deepnorm and self.norm_position != "post":
+            raise ValueError("deepnorm applies to post-LN only; set norm_position='post' or deepnorm=False")
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """DeepNet (Wang et al. 2022) for a decoder-only model of N layers: alpha = (2N)^(1/4)."""
+        return (2 * self.n_layer) ** 0.25
+
+    @property
+    def deepnorm_beta(self) -> float:
+        """... and beta = (8N)^(-1/4), the init gain of the FFN, value and output projections."""
+        return (8 * self.n_layer) ** -0.25
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -119,19 +140,33 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.pre = config.norm_position == "pre"
+        self.position = config.norm_position
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        if self.position == "peri":  # norms on the sub-layer outputs too
+            self.ln_1_out = make_norm(config)
+            self.ln_2_out = make_norm(config)
+        self.alpha = config.deepnorm_alpha if config.deepnorm else 1.0
+        self.residual = config.residual
+
+    def skip(self, x: torch.Tensor):
+        """What the residual connection carries past a sub-layer: x, alpha * x (DeepNorm), or 0."""
+        if not self.residual:
+            return 0.0
+        return x if self.alpha == 1.0 else self.alpha * x
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        if self.pre:
-            x = x + self.attn(self.ln_1(x), cache)
-            x = x + self.mlp(self.ln_2(x))
-        else:
-            x = self.ln_1(x + self.attn(x, cache))
-            x = self.ln_2(x + self.mlp(x))
+        if self.position == "pre":
+            x = self.skip(x) + self.attn(self.ln_1(x), cache)
+            x = self.skip(x) + self.mlp(self.ln_2(x))
+        elif self.position == "post":
+            x = self.ln_1(self.skip(x) + self.attn(x, cache))
+            x = self.ln_2(self.skip(x) + self.mlp(x))
+        else:  # peri
+            x = self.skip(x) + self.ln_1_out(self.attn(self.ln_1(x), cache))
+            x = self.skip(x) + self.ln_2_out(self.mlp(self.ln_2(x)))
         return x
 
 
@@ -145,21 +180,36 @@ class GPT(nn.Module):
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                # post-LN blocks already end in a norm, so only pre-LN needs a final one
-                ln_f=make_norm(config) if config.norm_position == "pre" else nn.Identity(),
+                # post-LN blocks already end in a norm; pre- and peri-LN need a final one
+                ln_f=make_norm(config) if config.norm_position != "post" else nn.Identity(),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per sub-layer add
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.init == "gpt2" and not config.deepnorm:
+            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per sub-layer add
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.deepnorm:  # DeepNet: Xavier, gain beta for FFN, value and output projections, 1 for q, k
+            beta, C = config.deepnorm_beta, config.n_embd
+            for block in self.transformer.h:
+                for w in (block.mlp.c_fc.weight, block.mlp.c_proj.weight, block.attn.c_proj.weight):
+                    torch.nn.init.xavier_normal_(w, gain=beta)
+                with torch.no_grad():
+                    qkv = block.attn.c_attn.weight  # (3C, C): rows of q, k, v
+                    for i, gain in enumerate((1.0, 1.0, beta)):
+                        qkv[i * C : (i + 1) * C] = torch.nn.init.xavier_normal_(torch.empty(C, C), gain=gain)
 
     def _init_weights(self, module: nn.Module):
+        if module is self.lm_head:
+            return  # tied to wte: initialised as an embedding
         if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if self.config.init == "xavier":
+                torch.nn.init.xavier_normal_(module.weight)
+            else:
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

@@ -88,8 +88,10 @@ def resolve_dtype(dtype: str, device_type: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype == "float16" and device_type != "cuda":
-        raise DeviceError(f"dtype=float16 needs a CUDA GPU (it trains with a GradScaler); on {device_type} "
-                            "use dtype=float32 or bfloat16")
+        raise DeviceError(
+            f"dtype=float16 needs a CUDA GPU (it trains with a GradScaler); on {device_type} "
+            "use dtype=float32 or bfloat16"
+        )
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

@@ -1,8 +1,8 @@
 """Sample text from a trained model; tokens stream to stdout as they are generated.
 
-    python sample.py                                   # from out/ckpt.pt (configs/small.py's run)
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2
-    python sample.py --start=FILE:prompt.txt --temperature=0 # greedy, prompt read from a file
+python sample.py                                   # from out/ckpt.pt (configs/small.py's run)
+python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2
+python sample.py --start=FILE:prompt.txt --temperature=0 # greedy, prompt read from a file
 """
 
 import json
@@ -87,8 +87,14 @@ def sample(cfg: SampleConfig, out=sys.stdout) -> list[str]:
         decode, pieces = tok.stream_decoder(), []
         t0 = time.perf_counter()
         with rt.autocast():
-            stream = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                           top_p=cfg.top_p, use_cache=cfg.use_cache)
+            stream = model.generate_stream(
+                idx,
+                cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                use_cache=cfg.use_cache,
+            )
             for nxt in stream:
                 token = int(nxt[0, 0])
                 if token >= tok.vocab_size:  # a padded vocabulary slot; never a real token
@@ -98,8 +104,10 @@ def sample(cfg: SampleConfig, out=sys.stdout) -> list[str]:
                 out.flush()
         dt = time.perf_counter() - t0
         samples.append(text + "".join(pieces))
-        out.write(f"\n---------------  {cfg.max_new_tokens} tokens in {dt:.2f}s "
-                  f"({cfg.max_new_tokens / max(dt, 1e-9):.0f} tok/s)\n")
+        out.write(
+            f"\n---------------  {cfg.max_new_tokens} tokens in {dt:.2f}s "
+            f"({cfg.max_new_tokens / max(dt, 1e-9):.0f} tok/s)\n"
+        )
     return samples
 
 

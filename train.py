@@ -27,6 +27,7 @@ import checkpoint
 import config
 import dataset
 import runtime
+import telemetry
 from model import GPT
 
 
@@ -92,7 +93,8 @@ class Logger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
             if self.wandb is not None:
-                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+                flat = telemetry.flatten(record)
+                self.wandb.log({k: v for k, v in flat.items() if k != "step"}, step=record["step"])
 
     def close(self):
         if self.active:
@@ -103,8 +105,9 @@ class Logger:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -117,7 +120,8 @@ def check_resume(cfg, saved: dict):
         if key not in ("dropout", "vocab_size") and new != old:
             raise checkpoint.CheckpointError(
                 f"the checkpoint's model has {key}={old!r} but the config says {new!r}; "
-                f"use --{key}={old!r} to resume, or a new out_dir to start over")
+                f"use --{key}={old!r} to resume, or a new out_dir to start over"
+            )
 
 
 def format_eta(seconds: float) -> str:
@@ -175,8 +179,11 @@ def train(cfg: config.TrainConfig) -> dict:
         if len(rngs) == rt.world_size:
             checkpoint.set_rng_state(rngs[rt.rank])
         rt.print(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
-        changed = {k: (v, getattr(cfg, k)) for k, v in saved["config"].items()
-                   if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("init_from",)}
+        changed = {
+            k: (v, getattr(cfg, k))
+            for k, v in saved["config"].items()
+            if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("init_from",)
+        }
         for k, (old, new) in changed.items():
             rt.print(f"  config change on resume: {k} = {new!r} (was {old!r})")
     raw_model = model  # checkpoints are saved from this unwrapped, uncompiled module
@@ -197,16 +204,35 @@ def train(cfg: config.TrainConfig) -> dict:
     accum, world = cfg.gradient_accumulation_steps, rt.world_size
     tokens_per_step = cfg.batch_size * cfg.block_size * accum * world
 
-    resolved = {**config.to_dict(cfg), "git_commit": git_commit(), "world_size": world,
-                "device": rt.device, "compute_dtype": str(rt.dtype).removeprefix("torch."),
-                "compile": use_compile, "tokens_per_step": tokens_per_step, "num_params": raw_model.num_params()}
+    resolved = {
+        **config.to_dict(cfg),
+        "git_commit": git_commit(),
+        "world_size": world,
+        "device": rt.device,
+        "compute_dtype": str(rt.dtype).removeprefix("torch."),
+        "compile": use_compile,
+        "tokens_per_step": tokens_per_step,
+        "num_params": raw_model.num_params(),
+    }
     if rt.master:
         rt.print(json.dumps(resolved, indent=1))
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=1))
-    rt.print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M "
-             f"with position embeddings); {tokens_per_step:,} tokens per step on {world} process(es), {rt.device}")
+    rt.print(
+        f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M "
+        f"with position embeddings); {tokens_per_step:,} tokens per step on {world} process(es), {rt.device}"
+    )
     logger = Logger(cfg, rt, resolved)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
+    tele = telemetry.Telemetry(raw_model)
+    if cfg.probe_init:  # statistics of the untrained model, then stop
+        batches = [sampler.get(g * world + rt.rank, rt.device) for g in range(cfg.eval_iters)]
+        record = {"step": step, "probe_init": True, **telemetry.probe(raw_model, batches, rt.autocast)}
+        rt.print(f"at initialisation, mean of {cfg.eval_iters} batches (loss {record['loss']:.4f}):")
+        rt.print(telemetry.table(record))
+        logger.log(record)
+        logger.close()
+        runtime.shutdown(rt)
+        return record
 
     def save_checkpoint(is_best: bool):
         rngs = [None] * world
@@ -256,10 +282,19 @@ def train(cfg: config.TrainConfig) -> dict:
                 eval_time += time.perf_counter() - te
                 is_best, best_val = last["val"] < best_val, min(best_val, last["val"])
                 elapsed = time.perf_counter() - t_start
-                rt.print(f"step {step}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
-                         f"({elapsed:.1f}s, {eval_time:.1f}s of it in eval)")
-                logger.log({"step": step, "train_loss": last["train"], "val_loss": last["val"],
-                            "time": elapsed, "eval_time": eval_time})
+                rt.print(
+                    f"step {step}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
+                    f"({elapsed:.1f}s, {eval_time:.1f}s of it in eval)"
+                )
+                logger.log(
+                    {
+                        "step": step,
+                        "train_loss": last["train"],
+                        "val_loss": last["val"],
+                        "time": elapsed,
+                        "eval_time": eval_time,
+                    }
+                )
             periodic = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
             if step > first_step and (periodic or is_best or done):
                 save_checkpoint(is_best)
@@ -272,24 +307,32 @@ def train(cfg: config.TrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=rt.device)
-            for micro in range(accum):
-                sync = not rt.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
-                with (nullcontext() if sync else model.no_sync()), rt.autocast():
-                    _, loss = model(x, y)
-                    loss = loss / accum
-                g = ((step * accum) + micro + 1) * world + rt.rank  # prefetch the next micro-batch
-                x, y = sampler.get(g, rt.device)
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
+            tele_step = cfg.telemetry_interval and step % cfg.telemetry_interval == 0
+            with tele.capture_rms() if tele_step else nullcontext():  # per-layer stream RMS
+                for micro in range(accum):
+                    sync = not rt.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
+                    with nullcontext() if sync else model.no_sync(), rt.autocast():
+                        _, loss = model(x, y)
+                        loss = loss / accum
+                    g = ((step * accum) + micro + 1) * world + rt.rank  # prefetch the next micro-batch
+                    x, y = sampler.get(g, rt.device)
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
             scaler.unscale_(optimizer)
+            if tele_step:
+                record, before = {"step": step, **tele.grad_norms()}, tele.snapshot()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
             if not scaler.is_enabled() and not (torch.isfinite(grad_norm) and torch.isfinite(loss_sum)):
-                raise TrainingError(f"step {step}: loss {loss_sum.item():.4g}, gradient norm {grad_norm.item():.4g} "
-                                    "is not finite; the last checkpoint is kept; lower learning_rate or use "
-                                    "float32/bfloat16, then resume")
+                raise TrainingError(
+                    f"step {step}: loss {loss_sum.item():.4g}, gradient norm {grad_norm.item():.4g} "
+                    "is not finite; the last checkpoint is kept; lower learning_rate or use "
+                    "float32/bfloat16, then resume"
+                )
             scaler.step(optimizer)  # under fp16, skips the step if the gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if tele_step:
+                logger.log({**record, **tele.update_ratios(before), "rms": tele.rms})
             step += 1
             losses.append(loss_sum)
             step_time += time.perf_counter() - t0  # the isfinite check above synced with the device
@@ -302,11 +345,22 @@ def train(cfg: config.TrainConfig) -> dict:
                 mfu = raw_model.estimate_mfu(tok_s / world, peak) if peak else None
                 eta = format_eta((cfg.max_iters - step) * ms_avg / 1000)
                 mfu_txt = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
-                rt.print(f"step {step}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {ms:.1f} ms | "
-                         f"{tok_s / 1000:.1f}k tok/s{mfu_txt} | eta {eta}")
-                logger.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(),
-                            "ms_per_step": ms, "tokens_per_sec": tok_s, "mfu": mfu,
-                            "time": time.perf_counter() - t_start})
+                rt.print(
+                    f"step {step}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {ms:.1f} ms | "
+                    f"{tok_s / 1000:.1f}k tok/s{mfu_txt} | eta {eta}"
+                )
+                logger.log(
+                    {
+                        "step": step,
+                        "loss": loss_val,
+                        "lr": lr,
+                        "grad_norm": grad_norm.item(),
+                        "ms_per_step": ms,
+                        "tokens_per_sec": tok_s,
+                        "mfu": mfu,
+                        "time": time.perf_counter() - t_start,
+                    }
+                )
                 step_time, losses = 0.0, []
 
             if rt.ddp:  # a signal may reach one rank only: stop together
@@ -314,18 +368,28 @@ def train(cfg: config.TrainConfig) -> dict:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
         if stop["signal"]:
-            rt.print(f"saved {out_dir / 'ckpt.pt'} at step {step}; continue with the same command and "
-                     f"--init_from=resume (out_dir={cfg.out_dir})")
+            rt.print(
+                f"saved {out_dir / 'ckpt.pt'} at step {step}; continue with the same command and "
+                f"--init_from=resume (out_dir={cfg.out_dir})"
+            )
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         logger.close()
         runtime.shutdown(rt)
     total = time.perf_counter() - t_start
-    rt.print(f"done: step {step}, val loss {last.get('val', float('nan')):.4f}, {total:.1f}s "
-             f"({eval_time:.1f}s in eval)")
-    return {"step": step, "train_loss": last.get("train"), "val_loss": last.get("val"), "best_val_loss": best_val,
-            "time": total, "eval_time": eval_time, "interrupted": stop["signal"]}
+    rt.print(
+        f"done: step {step}, val loss {last.get('val', float('nan')):.4f}, {total:.1f}s ({eval_time:.1f}s in eval)"
+    )
+    return {
+        "step": step,
+        "train_loss": last.get("train"),
+        "val_loss": last.get("val"),
+        "best_val_loss": best_val,
+        "time": total,
+        "eval_time": eval_time,
+        "interrupted": stop["signal"],
+    }
 
 
 USER_ERRORS = (config.ConfigError, dataset.DataError, runtime.DeviceError, checkpoint.CheckpointError, TrainingError)
