@@ -136,3 +136,23 @@ def save_run(state: dict, out_dir: Path, keep: int, is_best: bool) -> Path:
     for old in sorted(out_dir.glob("ckpt-[0-9]*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def model_and_optimizer_state(model, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) state dicts on the CPU, the same format for one process, DDP and FSDP;
+    the optimizer's is keyed by parameter name. Every rank must call it (FSDP gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_and_optimizer_state(model, optimizer, state: dict):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )

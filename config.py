@@ -62,6 +62,7 @@ class TrainConfig(GPTConfig):
     # -- system
     device: str = "auto"  # "auto" (cuda, else mps, else cpu) | "cpu" | "cuda" | "cuda:1" | "mps"
     dtype: str = "auto"  # "auto" (CUDA: bf16 if supported, else fp16; else float32) | float32 | bfloat16 | float16
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicate the model) | "fsdp" (FSDP2: shard it per block)
     compile: bool | str = "auto"  # torch.compile the model: True | False | "auto" (on for CUDA)
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: looked up from the GPU's name)
 
@@ -80,6 +81,9 @@ class TrainConfig(GPTConfig):
         check_choice("init_from", self.init_from, ("scratch", "resume"))
         check_choice("device", self.device.split(":")[0], DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("parallel", self.parallel, ("ddp", "fsdp"))
+        if self.parallel == "fsdp" and self.dtype == "float16":
+            raise ConfigError("parallel=fsdp trains in bfloat16 or float32 (float16 would need a sharded GradScaler)")
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, ("auto",))
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.dataset):

@@ -133,3 +133,43 @@ def peak_flops(rt: Runtime, override: float = 0.0) -> float | None:
         if key in name:
             return flops / 2 if rt.dtype == torch.float32 else flops
     return None
+
+
+def parallelize(model: torch.nn.Module, parallel: str, rt: Runtime) -> torch.nn.Module:
+    """Shard with FSDP2 (parallel="fsdp"; before the optimizer is built), in place. DDP wrapping is
+    done after torch.compile, by wrap_ddp. Single-process runs are left alone."""
+    if parallel == "fsdp" and rt.ddp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # compute in the run's dtype, reduce gradients in float32; each block is one unit of sharding
+        mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return model
+
+
+def wrap_ddp(model: torch.nn.Module, parallel: str, rt: Runtime) -> torch.nn.Module:
+    if rt.ddp and parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: torch.nn.Module, skip: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps (DDP: no_sync; FSDP2: the flag)."""
+    if not skip:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield

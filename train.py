@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import config
@@ -164,20 +163,21 @@ def train(cfg: config.TrainConfig) -> dict:
 
     # model, optimizer, scaler; identical initial weights on every rank, different dropout after
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config()).to(rt.device)
+    model = runtime.parallelize(GPT(cfg.model_config()).to(rt.device), cfg.parallel, rt)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     torch.manual_seed(cfg.seed + rt.rank)
     step, best_val = 0, float("inf")
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        checkpoint.load_model_and_optimizer_state(model, optimizer, saved)
         if saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         step, best_val = saved["step"], saved["best_val_loss"]
         rngs = saved["rng"]
         if len(rngs) == rt.world_size:
             checkpoint.set_rng_state(rngs[rt.rank])
+        else:
+            rt.print(f"note: the checkpoint was written by {len(rngs)} process(es): data order and RNG differ now")
         rt.print(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
         changed = {
             k: (v, getattr(cfg, k))
@@ -190,8 +190,8 @@ def train(cfg: config.TrainConfig) -> dict:
     use_compile = cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
     if use_compile:
         model = torch.compile(model)
-    if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model = runtime.wrap_ddp(model, cfg.parallel, rt)
+    sync_target = raw_model if cfg.parallel == "fsdp" else model  # who controls the gradient all-reduce
 
     # data order: a deterministic function of the step, so resuming reads the same batches
     train_tokens = dataset.load_tokens(data_dir, "train", meta)
@@ -240,11 +240,12 @@ def train(cfg: config.TrainConfig) -> dict:
             dist.all_gather_object(rngs, checkpoint.rng_state())
         else:
             rngs = [checkpoint.rng_state()]
+        model_state, optimizer_state = checkpoint.model_and_optimizer_state(raw_model, optimizer)
         if rt.master:
             state = {
                 "version": checkpoint.FORMAT_VERSION,
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "step": step,
                 "best_val_loss": best_val,
@@ -310,8 +311,8 @@ def train(cfg: config.TrainConfig) -> dict:
             tele_step = cfg.telemetry_interval and step % cfg.telemetry_interval == 0
             with tele.capture_rms() if tele_step else nullcontext():  # per-layer stream RMS
                 for micro in range(accum):
-                    sync = not rt.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
-                    with nullcontext() if sync else model.no_sync(), rt.autocast():
+                    skip_sync = micro < accum - 1  # all-reduce gradients on the last micro-step only
+                    with runtime.no_grad_sync(sync_target, skip_sync), rt.autocast():
                         _, loss = model(x, y)
                         loss = loss / accum
                     g = ((step * accum) + micro + 1) * world + rt.rank  # prefetch the next micro-batch
