@@ -72,17 +72,6 @@ class Telemetry:
         return out
 
 
-def flatten(record: dict) -> dict:
-    """{"grad_attn": [a, b]} -> {"telemetry/grad_attn/L0": a, ...}, for loggers that want scalars (wandb)."""
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, list):
-            flat.update({f"telemetry/{key}/L{i}": v for i, v in enumerate(value)})
-        else:
-            flat[key] = value
-    return flat
-
-
 def probe(model, batches, autocast) -> dict:
     """Telemetry at this point of training (e.g. initialisation), averaged over batches of (x, y):
     forward and backward only, the weights do not change."""

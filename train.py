@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import checkpoint
 import config
 import dataset
+import metrics
 import runtime
 import telemetry
 from model import GPT
@@ -71,45 +71,6 @@ def estimate_loss(model, samplers: dict, cfg, rt: runtime.Runtime) -> dict:
         out[split] = (total[0] / total[1]).item()
     model.train()
     return out
-
-
-class Logger:
-    """Appends every logged dict to out_dir/metrics.jsonl and, optionally, sends it to wandb."""
-
-    def __init__(self, cfg, rt: runtime.Runtime, resolved: dict):
-        self.active = rt.master
-        self.wandb = None
-        if self.active:
-            self.file = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
-            if cfg.wandb_log:
-                import wandb
-
-                name = cfg.wandb_run_name or Path(cfg.out_dir).name
-                self.wandb = wandb.init(project=cfg.wandb_project, name=name, config=resolved)
-
-    def log(self, record: dict):
-        if self.active:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if self.wandb is not None:
-                flat = telemetry.flatten(record)
-                self.wandb.log({k: v for k, v in flat.items() if k != "step"}, step=record["step"])
-
-    def close(self):
-        if self.active:
-            self.file.close()
-            if self.wandb is not None:
-                self.wandb.finish()
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def check_resume(cfg, saved: dict):
@@ -206,7 +167,7 @@ def train(cfg: config.TrainConfig) -> dict:
 
     resolved = {
         **config.to_dict(cfg),
-        "git_commit": git_commit(),
+        "git_commit": metrics.git_commit(),
         "world_size": world,
         "device": rt.device,
         "compute_dtype": str(rt.dtype).removeprefix("torch."),
@@ -221,7 +182,8 @@ def train(cfg: config.TrainConfig) -> dict:
         f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M "
         f"with position embeddings); {tokens_per_step:,} tokens per step on {world} process(es), {rt.device}"
     )
-    logger = Logger(cfg, rt, resolved)
+    wandb_config = resolved if cfg.wandb_log else None
+    logger = metrics.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     tele = telemetry.Telemetry(raw_model)
     if cfg.probe_init:  # statistics of the untrained model, then stop

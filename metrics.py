@@ -1,0 +1,75 @@
+"""A run's record: out_dir/metrics.jsonl (one JSON object per line), optionally mirrored to wandb.
+
+Records written by train.py, each with "step":
+    train      loss, lr, grad_norm, ms_per_step, tokens_per_sec, mfu, time
+    eval       train_loss, val_loss, time, eval_time
+    telemetry  grad_attn, grad_mlp, update_attn, update_mlp, rms (lists, one entry per layer)
+    probe      probe_init: true, loss, grad_attn, grad_mlp, rms (statistics at initialisation)
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+
+class Logger:
+    """Appends every logged dict to out_dir/metrics.jsonl and, if asked, sends it to wandb.
+    Inactive (a no-op) on every rank but 0."""
+
+    def __init__(self, out_dir: str, active: bool, wandb_config: dict | None = None, project: str = "", name: str = ""):
+        self.active, self.wandb = active, None
+        if active:
+            self.file = open(Path(out_dir) / "metrics.jsonl", "a")
+            if wandb_config is not None:
+                import wandb
+
+                self.wandb = wandb.init(project=project, name=name or Path(out_dir).name, config=wandb_config)
+
+    def log(self, record: dict):
+        if self.active:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.wandb is not None:
+                flat = flatten(record)
+                self.wandb.log({k: v for k, v in flat.items() if k != "step"}, step=record["step"])
+
+    def close(self):
+        if self.active:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def flatten(record: dict) -> dict:
+    """{"grad_attn": [a, b]} -> {"telemetry/grad_attn/L0": a, ...}: scalars for wandb's charts."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, list):
+            flat.update({f"telemetry/{key}/L{i}": v for i, v in enumerate(value)})
+        else:
+            flat[key] = value
+    return flat
+
+
+def read(out_dir: str) -> list[dict]:
+    """All records of a run, in order; ValueError (one line) when there are none."""
+    path = Path(out_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        raise ValueError(f"no metrics at {path}; is '{out_dir}' the out_dir of a training run?") from None
+    records = [json.loads(line) for line in lines if line.strip()]
+    if not records:
+        raise ValueError(f"{path} is empty; the run logged nothing yet")
+    return records
+
+
+def git_commit() -> str | None:
+    """The commit this code is at, for provenance (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
