@@ -21,6 +21,7 @@ from model import GPTConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+INIT_SOURCES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 class ConfigError(ValueError):
@@ -31,7 +32,7 @@ class ConfigError(ValueError):
 class TrainConfig(GPTConfig):
     # -- run
     out_dir: str = "out"  # where checkpoints, config.json and metrics.jsonl go
-    init_from: str = "scratch"  # "scratch" starts a new model; "resume" continues from out_dir/ckpt.pt
+    init_from: str = "scratch"  # "scratch" | "resume" (out_dir/ckpt.pt) | "gpt2"... | a Hugging Face folder
     dataset: str = "shakespeare_char"  # a folder of data/ with a prepare.py; prepared on first use
     data_dir: str = ""  # folder holding train.bin, val.bin, meta.json (default: data/<dataset>)
     seed: int = 1337  # seeds weights, data order and dropout
@@ -78,7 +79,11 @@ class TrainConfig(GPTConfig):
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise ConfigError("need 0 <= min_lr <= learning_rate and learning_rate > 0")
-        check_choice("init_from", self.init_from, ("scratch", "resume"))
+        if self.init_from not in INIT_SOURCES and not Path(self.init_from).expanduser().is_dir():
+            raise ConfigError(
+                f"init_from must be one of {', '.join(INIT_SOURCES)} or a folder in Hugging Face "
+                f"format; got {self.init_from!r}"
+            )
         check_choice("device", self.device.split(":")[0], DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("parallel", self.parallel, ("ddp", "fsdp"))

@@ -2,7 +2,8 @@
 
 python sample.py                                   # from out/ckpt.pt (configs/small.py's run)
 python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2
-python sample.py --start=FILE:prompt.txt --temperature=0 # greedy, prompt read from a file
+python sample.py --start=FILE:prompt.txt --temperature=0  # greedy, prompt read from a file
+python sample.py --init_from=gpt2 --start="Hello"              # OpenAI's GPT-2 (needs transformers)
 """
 
 import json
@@ -16,6 +17,7 @@ import torch
 import checkpoint
 import config
 import dataset
+import pretrained
 import runtime
 from model import GPT, GPTConfig
 
@@ -23,6 +25,7 @@ from model import GPT, GPTConfig
 @dataclass
 class SampleConfig:
     out_dir: str = "out"  # the training run whose ckpt.pt to load
+    init_from: str = "resume"  # "resume": out_dir/ckpt.pt | "gpt2" | "gpt2-medium" | ... | a Hugging Face folder
     start: str = "\n"  # prompt text, or FILE:path to read it from a file
     num_samples: int = 3  # how many samples to draw
     max_new_tokens: int = 500  # tokens generated per sample
@@ -48,8 +51,11 @@ class SampleConfig:
         config.check_choice("dtype", self.dtype, config.DTYPES)
 
 
-def load_model(out_dir: str, device: str) -> tuple[GPT, dataset.Tokenizer]:
-    """The model and tokenizer recorded in out_dir/ckpt.pt."""
+def load_model(out_dir: str, device: str, init_from: str = "resume") -> tuple[GPT, dataset.Tokenizer]:
+    """The model and tokenizer recorded in out_dir/ckpt.pt, or a pretrained GPT-2 and its BPE."""
+    if init_from != "resume":
+        model = pretrained.load_pretrained(init_from)
+        return model.eval().to(device), dataset.Tokenizer(dataset.gpt2_meta())
     state = checkpoint.load(Path(out_dir) / "ckpt.pt")
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
@@ -70,7 +76,7 @@ def prompt_text(start: str) -> str:
 def sample(cfg: SampleConfig, out=sys.stdout) -> list[str]:
     """Write cfg.num_samples samples to out as they are generated; returns them."""
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
-    model, tok = load_model(cfg.out_dir, rt.device)
+    model, tok = load_model(cfg.out_dir, rt.device, cfg.init_from)
     if cfg.top_k is not None and cfg.top_k > tok.vocab_size:
         raise config.ConfigError(f"top_k={cfg.top_k} is larger than the vocabulary ({tok.vocab_size} tokens)")
     text = prompt_text(cfg.start)
@@ -118,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         sample(config.parse_args(SampleConfig, argv, allow_file=False))
-    except (config.ConfigError, dataset.DataError, runtime.DeviceError, checkpoint.CheckpointError) as e:
+    except (
+        config.ConfigError,
+        dataset.DataError,
+        runtime.DeviceError,
+        checkpoint.CheckpointError,
+        pretrained.PretrainedError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import checkpoint
 import config
 import dataset
 import metrics
+import pretrained
 import runtime
 import telemetry
 from model import GPT
@@ -112,19 +113,28 @@ def train(cfg: config.TrainConfig) -> dict:
     data_dir = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
     meta = dataset.read_meta(data_dir)
 
-    saved = None
+    # model: new, resumed, or pretrained GPT-2 (whose shape is the checkpoint's); the same weights on every rank
+    torch.manual_seed(cfg.seed)
+    saved, model = None, None
     if cfg.init_from == "resume":
         saved = checkpoint.load(out_dir / "ckpt.pt")
+        if saved["config"].get("init_from") not in ("scratch", "resume"):  # fine-tuning: shape from the checkpoint
+            for key in pretrained.SHAPE_KEYS:
+                setattr(cfg, key, saved["model_config"][key])
         check_resume(cfg, saved)
         cfg.vocab_size = saved["model_config"]["vocab_size"]
-    else:
+    elif cfg.init_from == "scratch":
         cfg.vocab_size = padded_vocab(meta)
+    else:
+        pretrained.check_compatible(cfg)
+        model = pretrained.load_pretrained(cfg.init_from, cfg.dropout, cfg.block_size)
+        for key in pretrained.SHAPE_KEYS:
+            setattr(cfg, key, getattr(model.config, key))
+        rt.print(f"initialised from pretrained {cfg.init_from}")
     if cfg.vocab_size < meta["vocab_size"]:
         raise dataset.DataError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the dataset's")
-
-    # model, optimizer, scaler; identical initial weights on every rank, different dropout after
-    torch.manual_seed(cfg.seed)
-    model = runtime.parallelize(GPT(cfg.model_config()).to(rt.device), cfg.parallel, rt)
+    model = model or GPT(cfg.model_config())
+    model = runtime.parallelize(model.to(rt.device), cfg.parallel, rt)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     torch.manual_seed(cfg.seed + rt.rank)
@@ -355,7 +365,14 @@ def train(cfg: config.TrainConfig) -> dict:
     }
 
 
-USER_ERRORS = (config.ConfigError, dataset.DataError, runtime.DeviceError, checkpoint.CheckpointError, TrainingError)
+USER_ERRORS = (
+    config.ConfigError,
+    dataset.DataError,
+    runtime.DeviceError,
+    checkpoint.CheckpointError,
+    pretrained.PretrainedError,
+    TrainingError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

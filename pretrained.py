@@ -1,0 +1,189 @@
+"""GPT-2 weights from Hugging Face in our GPT (model.py), for fine-tuning and sampling.
+
+    model = load_pretrained("gpt2")               # or gpt2-medium, gpt2-large, gpt2-xl (from the Hub)
+    model = load_pretrained("path/to/folder")     # Hugging Face format: config.json + model.safetensors
+    python pretrained.py gpt2-xl                  # download (or check) one now; prints its shape
+
+Needs the optional transformers package: pip install transformers (or pip install -e .[hf]).
+Our layer names mirror GPT-2's, so the weights map one to one; GPT-2's Conv1D layers store their
+weights as (in, out) where nn.Linear stores (out, in), so c_attn, c_proj and c_fc are transposed.
+GPT-2 is a pre-LN LayerNorm model with biases and residuals, eps 1e-5, the tanh GELU and a head
+tied to the token embedding: a checkpoint or a config that differs from this is refused, not guessed.
+"""
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from model import GPT, GPTConfig
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+INSTALL = "pip install transformers (or pip install -e .[hf])"
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's GELU: the tanh approximation, as in our MLP
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SKIPPED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers releases
+# the GPTConfig keys a pretrained model fixes; a trainer copies them from model.config
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+# what GPT-2 is, in our GPTConfig's terms
+GPT2_ARCH = {"norm": "layernorm", "norm_position": "pre", "deepnorm": False, "residual": True, "bias": True}
+
+
+class PretrainedError(ValueError):
+    """A pretrained model cannot be loaded; the message says what to do, in one line."""
+
+
+def check_compatible(cfg) -> None:
+    """Refuse a config (GPTConfig, TrainConfig, ...) whose architecture GPT-2's weights do not fit."""
+    wrong = {k: getattr(cfg, k) for k, v in GPT2_ARCH.items() if hasattr(cfg, k) and getattr(cfg, k) != v}
+    if wrong:
+        have = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+        need = ", ".join(f"{k}={GPT2_ARCH[k]!r}" for k in wrong)
+        raise PretrainedError(
+            f"pretrained GPT-2 weights need GPT-2's architecture, but this config has {have}; "
+            f"set {need} (or train from scratch)"
+        )
+
+
+def gpt_config(hf_config, dropout: float = 0.0) -> GPTConfig:
+    """Our GPTConfig for a transformers GPT2Config, or PretrainedError if our model cannot compute the same thing."""
+    c = hf_config
+    model_type = getattr(c, "model_type", None)
+    if model_type != "gpt2":
+        raise PretrainedError(f"only GPT-2 checkpoints can be loaded; this one is model_type {model_type!r}")
+    checks = [
+        ("activation_function", c.activation_function in TANH_GELUS, "the tanh GELU (gelu_new)"),
+        ("layer_norm_epsilon", math.isclose(c.layer_norm_epsilon, 1e-5, rel_tol=1e-6), "1e-05"),
+        ("n_inner", c.n_inner in (None, 4 * c.n_embd), f"None or 4 * n_embd = {4 * c.n_embd}"),
+        ("scale_attn_weights", c.scale_attn_weights is True, "True"),
+        ("scale_attn_by_inverse_layer_idx", not c.scale_attn_by_inverse_layer_idx, "False"),
+        ("add_cross_attention", not getattr(c, "add_cross_attention", False), "False"),
+        ("tie_word_embeddings", getattr(c, "tie_word_embeddings", True) is not False, "True"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise PretrainedError(
+                f"the checkpoint's config has {key}={getattr(c, key, None)!r}, but our model implements GPT-2's "
+                f"{want}; only standard GPT-2 checkpoints can be loaded"
+            )
+    try:
+        return GPTConfig(
+            block_size=c.n_positions,
+            vocab_size=c.vocab_size,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_embd=c.n_embd,
+            dropout=dropout,
+            **GPT2_ARCH,
+        )
+    except ValueError as e:
+        raise PretrainedError(f"the checkpoint's config is not usable: {e}") from None
+
+
+def copy_weights(hf_state: dict, model: GPT) -> None:
+    """Copy a GPT2LMHeadModel state dict into model, transposing the Conv1D weights."""
+    ours = model.state_dict()
+    theirs = {k: v for k, v in hf_state.items() if not k.endswith(SKIPPED)}
+    if "transformer.wte.weight" in theirs:
+        theirs.setdefault("lm_head.weight", theirs["transformer.wte.weight"])  # tied: saved once
+    missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    if missing or extra:
+        raise PretrainedError(
+            f"the checkpoint's weights do not match GPT-2's layout (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "give a GPT-2 checkpoint saved with save_pretrained"
+        )
+    with torch.no_grad():
+        for key, value in theirs.items():
+            if key.endswith(TRANSPOSED):
+                value = value.t()
+            if value.shape != ours[key].shape:
+                raise PretrainedError(
+                    f"weight {key} has shape {tuple(value.shape)}, expected {tuple(ours[key].shape)}; "
+                    "the checkpoint does not match its config.json"
+                )
+            ours[key].copy_(value)
+
+
+def crop_block_size(model: GPT, block_size: int) -> None:
+    """Keep the first block_size position embeddings: a shorter context for cheaper fine-tuning."""
+    if not 0 < block_size <= model.config.block_size:
+        raise PretrainedError(
+            f"block_size {block_size} is outside 1..{model.config.block_size}, the positions the pretrained "
+            "model has; choose a block_size in that range"
+        )
+    wpe = model.transformer.wpe
+    wpe.weight = torch.nn.Parameter(wpe.weight.detach()[:block_size].clone())
+    wpe.num_embeddings = block_size
+    model.config.block_size = block_size
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise PretrainedError(f"loading pretrained weights needs the transformers package: {INSTALL}") from None
+    return transformers
+
+
+def _source(name_or_dir: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is a local folder); PretrainedError if it is neither."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PretrainedError(
+                f"folder '{path}' has no config.json; give a folder saved with save_pretrained (config.json + weights)"
+            )
+        return str(path), True
+    looks_like_path = name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1 or path.exists()
+    if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name_or_dir):
+        raise PretrainedError(
+            f"'{name_or_dir}' is not a folder; give one of {', '.join(GPT2_NAMES)} or a folder with config.json"
+        )
+    return name_or_dir, False
+
+
+def _from_hf(fn, source: str, local: bool, **kwargs):
+    """Call a transformers from_pretrained; its many failures (network, name, files) become one line."""
+    try:
+        return fn(source, **kwargs)
+    except PretrainedError:
+        raise
+    except Exception as e:  # OSError, ValueError, HTTP errors, safetensors errors, ...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if local:
+            advice = "check the folder holds config.json and model.safetensors (or pytorch_model.bin)"
+        else:
+            advice = (
+                f"check the name ({', '.join(GPT2_NAMES)}) and your network; offline, use a folder saved with "
+                "save_pretrained or a model already in the Hugging Face cache"
+            )
+        raise PretrainedError(f"could not load '{source}' ({type(e).__name__}: {first}); {advice}") from None
+
+
+def load_pretrained(name_or_dir: str, dropout: float = 0.0, block_size: int | None = None) -> GPT:
+    """A GPT with the weights of a GPT-2 from the Hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local
+    folder in Hugging Face format; dropout for fine-tuning, block_size to crop the context (None: all)."""
+    transformers = _transformers()
+    source, local = _source(name_or_dir)
+    hf_config = _from_hf(transformers.AutoConfig.from_pretrained, source, local)
+    config = gpt_config(hf_config, dropout)
+    hf = _from_hf(transformers.GPT2LMHeadModel.from_pretrained, source, local, config=hf_config)
+    model = GPT(config)
+    copy_weights(hf.state_dict(), model)
+    del hf
+    if block_size is not None and block_size != config.block_size:
+        crop_block_size(model, block_size)
+    return model
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit(f"usage: python pretrained.py NAME_OR_DIR   (NAME: {', '.join(GPT2_NAMES)})")
+    try:
+        gpt = load_pretrained(sys.argv[1])
+    except PretrainedError as e:
+        sys.exit(f"error: {e}")
+    shape = ", ".join(f"{k}={getattr(gpt.config, k)}" for k in SHAPE_KEYS)
+    print(f"{sys.argv[1]}: {gpt.num_params() / 1e6:.2f}M parameters; {shape}")
