@@ -143,7 +143,14 @@ def model_and_optimizer_state(model, optimizer) -> tuple[dict, dict]:
     the optimizer's is keyed by parameter name. Every rank must call it (FSDP gathers)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    fresh = not optimizer.state
+    model_state, optimizer_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if fresh:  # get_state_dict initialises an empty optimizer by a zero step; undo it so saving changes nothing
+        optimizer.state.clear()
+        optimizer_state["state"] = {}
+    return model_state, optimizer_state
 
 
 def load_model_and_optimizer_state(model, optimizer, state: dict):

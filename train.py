@@ -62,11 +62,13 @@ def estimate_loss(model, samplers: dict, cfg, rt: runtime.Runtime) -> dict:
     out = {}
     for split, sampler in samplers.items():
         total = torch.zeros(2, device=rt.device)  # (sum of losses, count)
-        for g in range(rt.rank, cfg.eval_iters, rt.world_size):
-            x, y = sampler.get(g, rt.device)
+        for i in range(-(-cfg.eval_iters // rt.world_size)):  # the same number of forwards on every rank
+            g = i * rt.world_size + rt.rank  # (FSDP gathers weights in each forward: ranks must stay in step)
+            x, y = sampler.get(min(g, cfg.eval_iters - 1), rt.device)
             with rt.autocast():
                 _, loss = model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+            if g < cfg.eval_iters:  # a batch beyond eval_iters only kept this rank in step
+                total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -313,7 +315,11 @@ def train(cfg: config.TrainConfig) -> dict:
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 ms = step_time * 1000 / len(losses)
                 ms_avg = ms if ms_avg is None else 0.9 * ms_avg + 0.1 * ms
-                loss_val = torch.stack(losses).mean().item()
+                loss_mean = torch.stack(losses).mean()
+                if rt.ddp:  # the mean over every rank's micro-batches (gloo has no AVG: sum, then divide)
+                    dist.all_reduce(loss_mean)
+                    loss_mean /= world
+                loss_val = loss_mean.item()
                 tok_s = tokens_per_step / (ms / 1000)
                 mfu = raw_model.estimate_mfu(tok_s / world, peak) if peak else None
                 eta = format_eta((cfg.max_iters - step) * ms_avg / 1000)

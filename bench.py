@@ -1,0 +1,309 @@
+"""Measure how fast a config trains and samples; every mode prints one table.
+
+    python bench.py configs/small.py                          # steady-state training throughput
+    python bench.py configs/small.py --synthetic=True --steps=50 --warmup=10   # random tokens, no dataset
+    python bench.py configs/small.py --compare=configs/rmsnorm.py          # two configs side by side
+    python bench.py configs/small.py --time_to_loss --thresholds=2.0,1.88,1.7 --repeats=3
+    python bench.py configs/small.py --sample --out_dir=out   # sampling with and without the KV cache
+
+Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
+tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and peak memory after the
+warm-up steps. --time_to_loss runs the whole training (train.train) and reads its metrics.jsonl:
+the time to reach each validation loss, with and without the time spent evaluating. Any train.py
+key (--key=value) applies to every config. One process only (not under torchrun).
+"""
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import config
+import dataset
+import runtime
+import train
+from model import GPT
+
+
+@dataclass
+class BenchOptions:
+    steps: int = 20  # timed optimizer steps (throughput)
+    warmup: int = 5  # untimed steps first: compilation, allocator, caches
+    synthetic: bool = False  # random tokens instead of the config's dataset (nothing to prepare)
+    compare: str = ""  # a second config file, run the same way; the table gets a ratio column
+    time_to_loss: bool = False  # run the config's full training and time it to each val-loss threshold
+    thresholds: str = ""  # --time_to_loss: val-loss thresholds, e.g. 2.0,1.88,1.7
+    repeats: int = 1  # --time_to_loss: runs of each config; the median is reported
+    sample: bool = False  # sampling speed with and without the KV cache
+    new_tokens: int = 500  # --sample: tokens generated per measurement
+
+    def __post_init__(self):
+        for key in ("steps", "repeats", "new_tokens"):
+            if getattr(self, key) <= 0:
+                raise config.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise config.ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if self.time_to_loss and self.sample:
+            raise config.ConfigError("choose one of --time_to_loss and --sample")
+        try:
+            self.levels = [float(t) for t in self.thresholds.split(",") if t.strip()]
+        except ValueError:
+            raise config.ConfigError(
+                f"thresholds must be numbers separated by commas, got {self.thresholds!r}"
+            ) from None
+
+
+def parse(argv: list[str]) -> tuple[BenchOptions, list[str]]:
+    """Split bench.py's own flags from train.py's (returned as they are). A bool flag may be bare."""
+    hints, own, rest = typing.get_type_hints(BenchOptions), {}, []
+    for arg in argv:
+        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        key = key.replace("-", "_")
+        if key not in hints:
+            rest.append(arg)
+        elif eq or hints[key] is bool:
+            own[key] = config.coerce(key, text if eq else "true", hints[key], from_cli=True)
+        else:
+            raise config.ConfigError(f"flag '{arg}' needs a value: write --{key}=VALUE")
+    return BenchOptions(**own), rest
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.4f}"
+
+
+def print_table(title: str, labels: list[str], rows: list[tuple[str, list]], ratio: bool = True):
+    """One row per metric, one column per config; with two configs, a ratio column (second / first)."""
+    header = ["", *labels] + (["ratio"] if ratio and len(labels) == 2 else [])
+    body = []
+    for name, values in rows:
+        cells = [name, *map(fmt, values)]
+        if len(header) > len(cells):  # no ratio of readings that include the other config's run
+            a, b = values
+            numbers = isinstance(a, float | int) and isinstance(b, float | int) and a and "so far" not in name
+            cells.append(fmt(b / a) if numbers else "-")
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    print(f"\n{title}")
+    for r in [header, *body]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def build(cfg: config.TrainConfig, rt: runtime.Runtime, synthetic: bool):
+    """The model (compiled per cfg.compile), optimizer and a batch function, as train.py makes them."""
+    if synthetic:
+
+        def batch(g: int):
+            data = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=rt.device)
+            return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    else:
+        data_dir = dataset.ensure_prepared(cfg.dataset, cfg.data_dir)
+        meta = dataset.read_meta(data_dir)
+        cfg.vocab_size = train.padded_vocab(meta)
+        tokens = dataset.load_tokens(data_dir, "train", meta)
+        sampler = dataset.BatchSampler(tokens, cfg.block_size, cfg.batch_size, cfg.seed, "train split")
+        batch = lambda g: sampler.get(g, rt.device)
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model_config()).to(rt.device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    compiled = cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
+    return model, (torch.compile(model) if compiled else model), optimizer, batch, compiled
+
+
+def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
+    rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    model, fwd, optimizer, batch, compiled = build(cfg, rt, opts.synthetic)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+    accum = cfg.gradient_accumulation_steps
+
+    def step(i: int) -> torch.Tensor:
+        for micro in range(accum):
+            x, y = batch(i * accum + micro)
+            with rt.autocast():
+                _, loss = fwd(x, y)
+            scaler.scale(loss / accum).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(opts.warmup):
+        step(i).item()
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(opts.warmup, opts.warmup + opts.steps):
+        loss = step(i)
+    loss.item()  # waits for the device
+    seconds = time.perf_counter() - t0
+    tok_s = cfg.batch_size * cfg.block_size * accum * opts.steps / seconds
+    peak = runtime.peak_flops(rt, cfg.peak_flops)
+    if rt.device_type == "cuda":
+        memory, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
+    else:  # ru_maxrss is in KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        memory, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "process max RSS so far"
+    info = (
+        f"{model.num_params() / 1e6:.2f}M params, {cfg.batch_size * cfg.block_size * accum:,} tokens/step, "
+        f"{rt.device} {str(rt.dtype).removeprefix('torch.')}, compile={compiled}, "
+        f"{'synthetic tokens' if opts.synthetic else cfg.dataset}, {opts.warmup} warm-up + {opts.steps} timed steps"
+    )
+    return {
+        "info": info,
+        "tokens/s": tok_s,
+        "ms/step": seconds * 1000 / opts.steps,
+        "MFU (%)": model.estimate_mfu(tok_s, peak) * 100 if peak else None,
+        f"peak memory (MiB, {kind})": memory,
+        "loss at the end": loss.item(),
+    }
+
+
+# ----------------------------------------------------------------------------- time to loss
+
+
+def time_to_loss(cfg: config.TrainConfig, levels: list[float]) -> dict:
+    """Train as configured; times from metrics.jsonl. "train s" leaves out the evaluation time."""
+    result = train.train(cfg)
+    records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if "tokens_per_sec" in r][1:] or [r for r in records if "tokens_per_sec" in r]
+    out = {}
+    for level in levels:
+        hit = next((r for r in evals if r["val_loss"] <= level), None)
+        out[f"val <= {level:g}: wall s"] = hit["time"] if hit else None
+        out[f"val <= {level:g}: train s"] = hit["time"] - hit["eval_time"] if hit else None
+        out[f"val <= {level:g}: step"] = float(hit["step"]) if hit else None
+    ms = statistics.median(r["ms_per_step"] for r in steps) if steps else None
+    tokens_per_step = json.loads((Path(cfg.out_dir) / "config.json").read_text())["tokens_per_step"]
+    out["tokens/s"], out["ms/step"] = (tokens_per_step * 1000 / ms if ms else None), ms
+    out["eval s"] = result["eval_time"]
+    out["train s"] = result["time"] - result["eval_time"]
+    out["total s"] = result["time"]
+    out["final val loss"] = result["val_loss"]
+    return out
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Per metric, the median over the runs; None when some run never reached that loss."""
+    return {k: None if any(r[k] is None for r in runs) else statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -> dict:
+    import sample
+
+    rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    if out_dir:
+        model, _ = sample.load_model(out_dir, rt.device)
+        source = f"{out_dir}/ckpt.pt"
+    else:
+        folder = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
+        if not opts.synthetic and dataset.is_prepared(folder):
+            cfg.vocab_size = train.padded_vocab(dataset.read_meta(folder))
+        torch.manual_seed(cfg.seed)
+        model = GPT(cfg.model_config()).eval().to(rt.device)
+        source = "randomly initialised"
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=rt.device)
+    speeds = {}
+    for use_cache in (True, False):
+        with rt.autocast():
+            model.generate(prompt, 8, use_cache=use_cache)[0, -1].item()  # warm-up
+            torch.manual_seed(cfg.seed)
+            t0 = time.perf_counter()
+            model.generate(prompt, opts.new_tokens, use_cache=use_cache)[0, -1].item()
+            speeds[use_cache] = opts.new_tokens / (time.perf_counter() - t0)
+    info = (
+        f"{source}, {model.num_params() / 1e6:.2f}M params, block_size {model.config.block_size}, "
+        f"{opts.new_tokens} new tokens, {rt.device} {str(rt.dtype).removeprefix('torch.')}"
+    )
+    cached, uncached = speeds[True], speeds[False]
+    return {"info": info, "tokens/s with KV cache": cached, "tokens/s without": uncached, "speed-up": cached / uncached}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(argv: list[str]):
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise config.ConfigError("bench.py measures one process; run it with python, not torchrun")
+    opts, rest = parse(argv)
+    flags = [a for a in rest if a.startswith("--")]
+    out_dir = next((a.split("=", 1)[1] for a in reversed(flags) if a.startswith("--out_dir=")), None)
+    runs = [rest] + ([[opts.compare, *flags]] if opts.compare else [])
+    labels = [next((Path(a).stem for a in r if not a.startswith("--")), "defaults") for r in runs]
+    if len(labels) == 2 and labels[0] == labels[1]:
+        labels = [f"{labels[0]} (1)", f"{labels[1]} (2)"]
+    cfgs = [config.parse_args(config.TrainConfig, r) for r in runs]  # every config checked before any run
+    if opts.sample:
+        if out_dir and opts.compare:
+            raise config.ConfigError("--sample with --out_dir measures one checkpoint; leave out --compare")
+        results = [sampling(cfg, opts, out_dir) for cfg in cfgs]
+        title = "sampling speed (one sequence; KV cache vs recomputing the whole context)"
+    elif opts.time_to_loss:
+        per_config = [[] for _ in cfgs]
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Path(out_dir or tmp)
+            for i in range(opts.repeats):  # alternate the configs so drifting machine load hits both
+                for label, r, results_i in zip(labels, runs, per_config):
+                    cfg = config.parse_args(config.TrainConfig, r)
+                    cfg.out_dir = str(base / f"{label.replace(' ', '')}-{i}")
+                    if (Path(cfg.out_dir) / "metrics.jsonl").exists():
+                        raise config.ConfigError(f"{cfg.out_dir} already holds a run; give a new --out_dir")
+                    results_i.append(time_to_loss(cfg, opts.levels))
+        results = [median_of(r) for r in per_config]
+        title = f"time to loss (median of {opts.repeats} run(s); train s leaves out evaluation)"
+    else:
+        results = []
+        for cfg in cfgs:
+            results.append(throughput(cfg, opts))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        title = "training throughput (steady state, after warm-up)"
+    for label, res in zip(labels, results):
+        if "info" in res:
+            print(f"{label}: {res.pop('info')}")
+    print_table(title, labels, [(k, [res.get(k) for res in results]) for k in results[0]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config.help_text(BenchOptions, __doc__.strip()))
+        print("\nand every key of train.py (python train.py --help), e.g. --device=cpu --batch_size=8")
+        return 0
+    try:
+        run(argv)
+    except train.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
