@@ -129,6 +129,11 @@ def train(cfg: config.TrainConfig) -> dict:
         cfg.vocab_size = padded_vocab(meta)
     else:
         pretrained.check_compatible(cfg)
+        if meta["tokenizer"] != "gpt2":
+            raise dataset.DataError(
+                f"pretrained GPT-2 reads GPT-2 BPE tokens, but dataset '{cfg.dataset}' is "
+                f"{meta['tokenizer']}-level; use a BPE dataset such as shakespeare"
+            )
         model = pretrained.load_pretrained(cfg.init_from, cfg.dropout, cfg.block_size)
         for key in pretrained.SHAPE_KEYS:
             setattr(cfg, key, getattr(model.config, key))

@@ -13,12 +13,12 @@ train.bin); the downloaded parquet files and tokenized cache need tens of GB mor
 
 import argparse
 import glob
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import datasets
-import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for dataset.py
 import dataset  # noqa: E402
@@ -27,6 +27,18 @@ HERE = Path(__file__).resolve().parent
 HUB_NAME = "Skylion007/openwebtext"
 PARQUET_REVISION = "refs/convert/parquet"
 DEFAULT_NUM_PROC = max(1, (os.cpu_count() or 2) // 2)
+
+
+def _load_hf_module():
+    """data/hf/prepare.py, whose loading, tokenizing and writing this script shares."""
+    spec = importlib.util.spec_from_file_location("hf_prepare", HERE.parent / "hf" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hf_prepare"] = module  # so datasets' worker processes can find encode_batch by name
+    spec.loader.exec_module(module)
+    return module
+
+
+hf = sys.modules.get("hf_prepare") or _load_hf_module()
 
 
 def prepare(
@@ -62,21 +74,9 @@ def load(name: str, revision: str | None, data_files: str | None, num_proc: int,
             "or download the parquet files and pass --data_files 'path/*.parquet'"
         )
         what = f"{name} (revision {revision}) from the Hub"
-    try:
-        return datasets.load_dataset(*args, **kwargs, split="train", num_proc=num_proc, cache_dir=cache_dir)
-    except Exception as e:  # loading fails in many ways (ConnectionError, FileNotFoundError, ArrowInvalid,
-        # RuntimeError for script datasets, ...); all mean "this source cannot be read", said in one line
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise dataset.DataError(f"could not load {what} ({type(e).__name__}: {first}); {advice}") from None
-
-
-def encode_batch(batch: dict, text_field: str) -> dict:
-    import tiktoken  # per worker process; get_encoding caches, so this is cheap after the first call
-
-    enc = tiktoken.get_encoding("gpt2")
-    # encode_ordinary ignores special tokens written in the text; EOT marks where each document ends
-    ids = [enc.encode_ordinary(text) + [enc.eot_token] for text in batch[text_field]]
-    return {"ids": ids, "len": [len(x) for x in ids]}
+    return hf.load_or_fail(
+        args, {**kwargs, "split": "train", "num_proc": num_proc, "cache_dir": cache_dir}, what, advice
+    )
 
 
 def tokenize_and_write(
@@ -88,43 +88,8 @@ def tokenize_and_write(
     text_field: str = "text",
 ) -> dict:
     """Tokenize ds in num_proc processes and write out_dir/{train,val}.bin and meta.json; returns the meta."""
-    if text_field not in ds.column_names:
-        raise dataset.DataError(
-            f"the dataset has no '{text_field}' column; its columns are {', '.join(ds.column_names)}; "
-            "pass --text_field NAME"
-        )
-    try:
-        splits = ds.train_test_split(test_size=test_size, seed=seed, shuffle=True)
-    except ValueError as e:  # too few documents, or test_size outside (0, 1)
-        raise dataset.DataError(f"cannot split {len(ds)} documents with test_size {test_size}: {e}") from None
-    meta = dataset.gpt2_meta()
-    meta["dtype"] = dataset.token_dtype(meta["vocab_size"])
-    # storing ids as uint16 in the map's cache files keeps them 4x smaller than the default int64;
-    # Sequence rather than List, which datasets < 4 lacks
-    features = datasets.Features(
-        {"ids": datasets.Sequence(datasets.Value(meta["dtype"])), "len": datasets.Value("int64")}
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, part in (("train", splits["train"]), ("val", splits["test"])):
-        tokens = part.map(
-            encode_batch,
-            batched=True,
-            fn_kwargs={"text_field": text_field},
-            features=features,
-            remove_columns=part.column_names,
-            num_proc=min(num_proc, len(part)),
-            desc=f"tokenizing {split}",
-        ).with_format("arrow")
-        total = pc.sum(tokens["len"]).as_py() or 0
-        # a batch of documents at a time, so memory stays bounded however many tokens there are
-        chunks = (pc.list_flatten(batch["ids"]).to_numpy() for batch in tokens.iter(batch_size=4096))
-        dataset.write_tokens(out_dir / f"{split}.bin", chunks, total, meta["dtype"], desc=f"writing {split}.bin")
-        meta[f"{split}_tokens"] = total
-    dataset.write_meta(out_dir, meta)  # last, so a folder with meta.json is complete
-    print(
-        f"{out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']:,}"
-    )
-    return meta
+    opt = hf.Options(text_field=text_field, val_fraction=test_size, seed=seed, num_proc=num_proc)
+    return hf.tokenize_and_write(ds, Path(out_dir), opt)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""plot.py: metrics.jsonl of several runs -> one PNG; one-line errors for runs it cannot read."""
+
+import json
+import math
+
+from conftest import run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(folder, steps=40, scale=1.0, partial_last_line=False):
+    folder.mkdir(parents=True)
+    lines = []
+    for step in range(0, steps + 1, 5):
+        if step:
+            lr = 1e-3 * min(1, step / 10)
+            lines.append({"step": step, "loss": scale * 4 * math.exp(-step / 20), "lr": lr, "tokens_per_sec": 1e4})
+        if step % 10 == 0:
+            lines.append({"step": step, "train_loss": scale * 4 * math.exp(-step / 20), "val_loss": scale * 4.1})
+    lines.append({"step": 20, "grad_attn": [0.1, 0.2], "rms": [1.0, 1.1, 1.2]})  # telemetry: not plotted
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    (folder / "metrics.jsonl").write_text(text + ('{"step": 45, "lo' if partial_last_line else ""))
+
+
+def test_two_runs_one_png(tmp_path):
+    write_run(tmp_path / "a")
+    write_run(tmp_path / "b", scale=1.2, partial_last_line=True)
+    out = tmp_path / "plots" / "x.png"
+    result = run(["plot.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 10_000
+
+
+def test_missing_and_empty_metrics_are_one_line_errors(tmp_path):
+    write_run(tmp_path / "good")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    for bad, match in [("nope", "not found (no such folder)"), ("empty", "has no loss records")]:
+        result = run(["plot.py", str(tmp_path / "good"), str(tmp_path / bad), "--out", str(tmp_path / "x.png")])
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
+    assert not (tmp_path / "x.png").exists()
