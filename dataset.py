@@ -121,7 +121,11 @@ def download(url: str, path: Path):
 def write_tokens(path: Path, chunks, total: int, dtype: str, desc: str = "writing"):
     """Write an iterable of int arrays (total tokens in all) as one flat memmap, atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
+    if total == 0:  # numpy cannot map an empty file
+        tmp.write_bytes(b"")
+        os.replace(tmp, path)
+        return
+    arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=(total,))
     pos = 0
     with tqdm(total=total, unit="tok", unit_scale=True, desc=desc) as bar:
         for chunk in chunks:

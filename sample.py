@@ -26,7 +26,7 @@ from model import GPT, GPTConfig
 class SampleConfig:
     out_dir: str = "out"  # the training run whose ckpt.pt to load
     init_from: str = "resume"  # "resume": out_dir/ckpt.pt | "gpt2" | "gpt2-medium" | ... | a Hugging Face folder
-    start: str = "\n"  # prompt text, or FILE:path to read it from a file
+    start: str = "\n"  # prompt text (\n types a newline), or FILE:path to read it from a file
     num_samples: int = 3  # how many samples to draw
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # < 1 sharper, > 1 more random, 0 greedy (always the most likely token)
@@ -49,6 +49,7 @@ class SampleConfig:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise config.ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         config.check_choice("dtype", self.dtype, config.DTYPES)
+        config.check_choice("device", self.device.split(":")[0], config.DEVICES)
 
 
 def load_model(out_dir: str, device: str, init_from: str = "resume") -> tuple[GPT, dataset.Tokenizer]:
@@ -70,7 +71,7 @@ def prompt_text(start: str) -> str:
             return path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise config.ConfigError(f"cannot read prompt file '{path}' ({e}); check --start=FILE:path") from None
-    return start
+    return start.replace("\\n", "\n").replace("\\t", "\t")  # a typed \n is a newline
 
 
 def sample(cfg: SampleConfig, out=sys.stdout) -> list[str]:
