@@ -37,6 +37,19 @@ def char_data(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other jobs share the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
+        yield
+    torch.set_num_threads(n)
+
+
 TINY = dict(
     n_layer=2,
     n_head=2,
