@@ -1,29 +1,32 @@
-# Char-level TinyShakespeare: a useful model in a few minutes on a laptop CPU; uses a GPU if there is one.
+# Char-level TinyShakespeare: a useful model in about 1.5 minutes on a 2-core laptop CPU; uses a GPU if there is one.
 #   python train.py configs/small.py && python sample.py
+# Tuned for time-to-loss on a CPU (README, "Fast on a laptop CPU"): on 2 cores the run is compute-bound,
+# so a 3-layer, 96-wide model (0.34M parameters) at a high learning rate learns more per second than
+# nanoGPT's 4-layer, 128-wide CPU recipe; torch.compile did not pay for its compile time here.
 out_dir = "out"
 dataset = "shakespeare_char"
 
-# model: 4 pre-LN blocks, 128 wide, 64 characters of context
-n_layer = 4
+# model: 3 pre-LN blocks, 96 wide, 64 characters of context
+n_layer = 3
 n_head = 4
-n_embd = 128
+n_embd = 96
 block_size = 64
 dropout = 0.0
 bias = False
 norm = "layernorm"
 norm_position = "pre"
 
-# optimization
-batch_size = 32
+# optimization: 24 x 64 = 1,536 tokens per step
+batch_size = 24
 max_iters = 2000
-learning_rate = 2e-3
-min_lr = 2e-4
-warmup_iters = 50
+learning_rate = 5e-3
+min_lr = 5e-4
+warmup_iters = 30
 beta2 = 0.99
 weight_decay = 0.1
 
-# evaluation and logging
-eval_interval = 500
+# evaluation (val and train loss on 20 fixed batches each) and logging
+eval_interval = 100
 eval_iters = 20
 log_interval = 100
 checkpoint_interval = 500
