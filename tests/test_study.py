@@ -43,7 +43,8 @@ def numbers(text: str) -> list[float]:
 
 
 def test_study_runs_every_variant_and_question(tmp_path, char_data, monkeypatch, capsys):
-    flags = ["--variants=pre_ln,rmsnorm", "--max_iters=20", "--name=t", "--jobs=2"]  # rmsnorm: question 5 in full
+    # rmsnorm: question 5 in full; --jobs=2: two runs at once on two cores
+    flags = ["--variants=pre_ln,rmsnorm", "--seeds=1", "--max_iters=20", "--name=t", "--jobs=2"]
     proc = study(tmp_path, char_data, *flags)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\[\d+/14\] pre_ln probe \.\.\. loss at init \d", proc.stdout, re.M), proc.stdout
@@ -51,11 +52,12 @@ def test_study_runs_every_variant_and_question(tmp_path, char_data, monkeypatch,
     report = (out / "report.md").read_text()
     ln_vocab = math.log(json.loads((char_data / "meta.json").read_text())["vocab_size"])
 
-    for variant in ("pre_ln", "rmsnorm"):  # variant | train loss | val loss | ms/step | tokens/s | diverged
+    for variant in ("pre_ln", "rmsnorm"):  # variant | train | val | ms/step | tokens/s | diverged | load
         cells = row(report, variant)
         losses = [float(c.split("±")[0]) for c in cells[1:3]]
         assert all(math.isfinite(x) and 0 < x < ln_vocab for x in losses), cells
         assert float(cells[3]) > 0 and float(cells[4].replace(",", "")) > 0 and cells[5] == "no", cells
+        assert float(cells[6]) >= 0  # the load average after the run
         recs = [json.loads(line) for line in (out / f"runs/{variant}-s1337/metrics.jsonl").read_text().splitlines()]
         assert 10 <= sum("rms" in r for r in recs) <= 21  # telemetry on: ~10-20 records
         assert "probe_init" in (out / f"runs/{variant}-init/metrics.jsonl").read_text()
@@ -94,8 +96,8 @@ def test_study_runs_every_variant_and_question(tmp_path, char_data, monkeypatch,
 
 
 def test_a_diverging_run_is_a_result(tmp_path, char_data):
-    flags = ["--variants=pre_ln", "--questions=none", "--max_iters=10", "--learning_rate=1e9", "--grad_clip=0"]
-    proc = study(tmp_path, char_data, *flags, "--warmup_iters=0", "--n_layer=1", "--jobs=2")
+    flags = ["--variants=pre_ln", "--seeds=1", "--questions=none", "--max_iters=10", "--learning_rate=1e9"]
+    proc = study(tmp_path, char_data, *flags, "--grad_clip=0", "--warmup_iters=0", "--n_layer=1", "--jobs=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\[\d/2\] pre_ln seed 1337 \.\.\. DIVERGED: step \d+: loss", proc.stdout, re.M), proc.stdout
     report = (tmp_path / "small/report.md").read_text()
