@@ -375,7 +375,7 @@ def test_e2e_train_cli(trained):
     assert [r["step"] for r in recs if "loss" in r] == [10, 20, 30]
     assert [r["step"] for r in recs if "val_loss" in r] == [0, 15, 30]
     resolved = json.loads((out / "config.json").read_text())
-    assert resolved["n_layer"] == 2 and resolved["learning_rate"] == 2e-3  # the file, then the flags
+    assert resolved["n_layer"] == 2 and resolved["learning_rate"] == 5e-3  # the file, then the flags
 
 
 def test_e2e_sample_cli(trained):
