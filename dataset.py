@@ -6,10 +6,13 @@ A prepared dataset is a folder with three files:
 The tokenizer is described in JSON (a char vocabulary is its list of characters), never pickled.
 """
 
+import argparse
 import codecs
 import importlib.util
 import json
 import os
+import re
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -159,6 +162,32 @@ def write_meta(folder: Path, meta: dict):
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def named_dataset_dir(name: str | None, out_dir: str | None) -> Path:
+    """Where a prepare script writes: --out_dir, else data/NAME, refusing names train.py cannot use
+    (dataset=NAME) and folders that belong to another prepare script."""
+    if out_dir:
+        return Path(out_dir)
+    if not name:
+        raise DataError("give --name NAME (written to data/NAME) or --out_dir DIR")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in (".", ".."):
+        raise DataError(f"--name must be a folder name of letters, digits, '_', '.' or '-'; got {name!r}")
+    if (DATA_ROOT / name / "prepare.py").exists():
+        raise DataError(f"data/{name} belongs to its own prepare.py; choose another --name")
+    return DATA_ROOT / name
+
+
+def text_prepare_main(prepare, doc: str, here: Path):
+    """The command line of a prepare script that reads one text: --input PATH and --out_dir DIR."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="text file to use instead of input.txt / the download")
+    parser.add_argument("--out_dir", default=str(here), help="where to write train.bin, val.bin, meta.json")
+    args = parser.parse_args()
+    try:
+        prepare(Path(args.out_dir), args.input)
+    except DataError as e:
+        sys.exit(f"error: {e}")
 
 
 def dataset_dir(dataset: str, data_dir: str = "") -> Path:

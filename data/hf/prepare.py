@@ -284,17 +284,6 @@ def default_name(name: str, subset: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", base + (f"_{subset}" if subset else "")).strip("_.").lower() or "dataset"
 
 
-def output_dir(name: str, out_dir: str | None) -> Path:
-    """--out_dir, else data/NAME, refusing names train.py cannot use and folders of other prepare scripts."""
-    if out_dir:
-        return Path(out_dir)
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in (".", ".."):
-        raise DataError(f"--name must be a folder name of letters, digits, '_', '.' or '-'; got {name!r}")
-    if (dataset.DATA_ROOT / name / "prepare.py").exists():
-        raise DataError(f"data/{name} belongs to its own prepare.py; choose another --name")
-    return dataset.DATA_ROOT / name
-
-
 def prepare(
     source: str,
     name=None,
@@ -308,7 +297,7 @@ def prepare(
 ) -> dict:
     """Load source (a Hub name or local files), tokenize and write data/NAME or out_dir; returns the meta."""
     opt = Options(**options)
-    folder = output_dir(name or default_name(source, subset), out_dir)
+    folder = dataset.named_dataset_dir(name or default_name(source, subset), out_dir)
     ds = load(source, subset, split, streaming, revision, opt.num_proc, cache_dir)
     info = {"dataset": source, "subset": subset, "split": split, "text_field": opt.text_field}
     return (stream_and_write if streaming else tokenize_and_write)(ds, folder, opt, info)

@@ -5,7 +5,6 @@
 Reads --input, else data/shakespeare_char/input.txt, else downloads the canonical char-rnn file.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,11 +24,4 @@ def prepare(out_dir: Path = HERE, input_path: str | None = None, val_fraction: f
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", help="text file to use instead of input.txt / the download")
-    parser.add_argument("--out_dir", default=str(HERE), help="where to write train.bin, val.bin, meta.json")
-    args = parser.parse_args()
-    try:
-        prepare(Path(args.out_dir), args.input)
-    except dataset.DataError as e:
-        sys.exit(f"error: {e}")
+    dataset.text_prepare_main(prepare, __doc__, HERE)

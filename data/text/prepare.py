@@ -11,7 +11,6 @@ tokens becomes val.bin. --out_dir writes elsewhere (then train with --data_dir=D
 """
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -65,19 +64,6 @@ def encode(texts: list[str], tokenizer: str) -> tuple[list[int], dict]:
     return ids, meta
 
 
-def output_dir(name: str | None, out_dir: str | None) -> Path:
-    """--out_dir, else data/NAME; NAME must be usable as train.py --dataset and not another dataset's folder."""
-    if out_dir:
-        return Path(out_dir)
-    if not name:
-        raise DataError("give --name NAME (written to data/NAME) or --out_dir DIR")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in (".", ".."):
-        raise DataError(f"--name must be a folder name of letters, digits, '_', '.' or '-'; got {name!r}")
-    if (dataset.DATA_ROOT / name / "prepare.py").exists():
-        raise DataError(f"data/{name} belongs to its own prepare.py; choose another --name")
-    return dataset.DATA_ROOT / name
-
-
 def prepare(
     input_path: str,
     name: str | None = None,
@@ -90,7 +76,7 @@ def prepare(
         raise DataError(f"unknown tokenizer {tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
-    folder = output_dir(name, out_dir)
+    folder = dataset.named_dataset_dir(name, out_dir)
     ids, meta = encode(read_texts(input_files(input_path)), tokenizer)
     n = int(len(ids) * (1 - val_fraction))
     if n == 0 or n == len(ids):
@@ -108,7 +94,7 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", help="write here instead of data/NAME; train with --data_dir=DIR")
     args = parser.parse_args()
     try:
-        folder = output_dir(args.name, args.out_dir)
+        folder = dataset.named_dataset_dir(args.name, args.out_dir)
         prepare(args.input, args.name, args.tokenizer, args.val_fraction, args.out_dir)
     except DataError as e:
         sys.exit(f"error: {e}")
