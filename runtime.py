@@ -118,6 +118,7 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
 
 def shutdown(rt: Runtime):
     if rt.ddp and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still has collectives in flight
         dist.destroy_process_group()
 
 
