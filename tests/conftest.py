@@ -88,3 +88,14 @@ def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.Completed
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
     )
+
+
+def assert_one_line_error(proc, *needles, code=2):
+    """A user-facing failure: exit code, one line on stderr starting with error:, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:")
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -3,7 +3,7 @@
 import dataclasses
 
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, assert_one_line_error, run
 
 import config
 import sample
@@ -254,16 +254,6 @@ def test_flag_values_are_not_evaluated(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the command line
-
-
-def assert_one_line_error(proc, *needles, code=2):
-    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:")
-    for needle in needles:
-        assert needle in lines[0]
 
 
 def test_cli_unknown_key():

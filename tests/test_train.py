@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run, tiny_text
+from conftest import assert_one_line_error, run, tiny_text
 
 import checkpoint
 import config
@@ -42,16 +42,6 @@ def call_main(module, argv: list[str], capsys) -> subprocess.CompletedProcess:
         pytest.fail(f"{module.__name__}.main({argv}) raised {type(e).__name__}: {e}; expected a one-line error")
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out, err)
-
-
-def assert_one_line_error(proc, *needles, code=2):
-    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ----------------------------------------------------------------------------- learning-rate schedule
