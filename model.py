@@ -239,7 +239,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x)  # (B, T, vocab)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to generate
+        return self.lm_head(x[:, -1:, :]), None  # only the last position is needed to generate
 
     # ---------------------------------------------------------------- training helpers
 
@@ -264,12 +264,12 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- generation
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """idx (B, T) followed by max_new_tokens generated tokens; see generate_stream."""
         return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(
         self,
         idx: torch.Tensor,
@@ -308,13 +308,19 @@ class GPT(nn.Module):
                     cache, fed = KVCache(self.config), 0
                 logits, _ = self(idx[:, start + fed :], cache=cache)
                 fed = idx.size(1) - start
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                nxt = torch.multinomial(F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1), 1)
+            nxt = next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
             idx = torch.cat((idx, nxt), dim=1)
             yield nxt
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
+    """One token per row of logits (B, vocab): the most likely at temperature 0, else a random draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    # argmax of p / Exp(1) noise is a draw from p (the exponential race); faster than torch.multinomial
+    noise = torch.empty_like(probs).exponential_().clamp_(min=1e-30)  # never 0: 0/0 would be NaN
+    return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -39,7 +39,7 @@ def test_every_config_file_loads(path):
 
 def test_config_file_values_are_applied():
     cfg = parse(str(ROOT / "configs/small.py"))
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (3, 4, 96, 64)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (2, 4, 128, 64)
     assert cfg.bias is False and cfg.learning_rate == 5e-3 and cfg.out_dir == "out"
     gpt2 = parse(str(ROOT / "configs/gpt2.py"))
     assert (gpt2.n_layer, gpt2.n_embd, gpt2.dataset, gpt2.gradient_accumulation_steps) == (12, 768, "openwebtext", 5)

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import model as model_module
 import train
-from model import GPT, GPTConfig, filter_logits
+from model import GPT, GPTConfig, filter_logits, next_token
 
 # every norm at every position, with and without bias; then DeepNorm and the no-residual ablation
 VARIANTS = [
@@ -221,6 +222,20 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     assert torch.equal(model.generate(idx, 30, temperature=1.0, top_k=1), greedy)
     torch.manual_seed(0)
     assert torch.equal(model.generate(idx, 30, temperature=1.0, top_p=1e-6), greedy)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_next_token_draws_follow_the_distribution(temperature):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(40_000, -1)  # 40k independent rows, one draw each
+    torch.manual_seed(0)
+    draws = next_token(logits, temperature, None, None)
+    assert draws.shape == (40_000, 1)
+    freq = torch.bincount(draws.flatten(), minlength=5).float() / 40_000
+    expected = F.softmax(probs.log() / temperature, dim=-1)
+    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)  # ~4 standard errors
+    assert freq[4] == 0  # a zero-probability token is never drawn
+    assert torch.equal(next_token(logits[:3], 0.0, None, None), torch.zeros(3, 1, dtype=torch.long))
 
 
 def test_filter_logits_top_k():
