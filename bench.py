@@ -4,7 +4,7 @@
     python bench.py configs/small.py --synthetic=True --steps=50 --warmup=10   # random tokens, no dataset
     python bench.py configs/small.py --compare=configs/rmsnorm.py          # two configs side by side
     python bench.py configs/small.py --time_to_loss --thresholds=2.0,1.88,1.7 --repeats=3
-    python bench.py configs/small.py --sample --out_dir=out   # sampling with and without the KV cache
+    python bench.py configs/small.py --sample --out_dir=out --repeats=3   # sampling with and without the KV cache
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
 tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and peak memory after the
@@ -41,7 +41,7 @@ class BenchOptions:
     compare: str = ""  # a second config file, run the same way; the table gets a ratio column
     time_to_loss: bool = False  # run the config's full training and time it to each val-loss threshold
     thresholds: str = ""  # --time_to_loss: val-loss thresholds, e.g. 2.0,1.88,1.7
-    repeats: int = 1  # --time_to_loss: runs of each config; the median is reported
+    repeats: int = 1  # --time_to_loss, --sample: runs of each measurement; the median is reported
     sample: bool = False  # sampling speed with and without the KV cache
     new_tokens: int = 500  # --sample: tokens generated per measurement
 
@@ -227,20 +227,29 @@ def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -
         model = GPT(cfg.model_config()).eval().to(rt.device)
         source = "randomly initialised"
     prompt = torch.zeros((1, 1), dtype=torch.long, device=rt.device)
-    speeds = {}
-    for use_cache in (True, False):
-        with rt.autocast():
+    speeds = {True: [], False: []}
+    with rt.autocast():
+        for use_cache in (True, False):
             model.generate(prompt, 8, use_cache=use_cache)[0, -1].item()  # warm-up
-            torch.manual_seed(cfg.seed)
-            t0 = time.perf_counter()
-            model.generate(prompt, opts.new_tokens, use_cache=use_cache)[0, -1].item()
-            speeds[use_cache] = opts.new_tokens / (time.perf_counter() - t0)
+        for _ in range(opts.repeats):  # alternate, so drifting machine load hits both
+            for use_cache in (True, False):
+                torch.manual_seed(cfg.seed)
+                t0 = time.perf_counter()
+                model.generate(prompt, opts.new_tokens, use_cache=use_cache)[0, -1].item()
+                speeds[use_cache].append(opts.new_tokens / (time.perf_counter() - t0))
     info = (
         f"{source}, {model.num_params() / 1e6:.2f}M params, block_size {model.config.block_size}, "
-        f"{opts.new_tokens} new tokens, {rt.device} {str(rt.dtype).removeprefix('torch.')}"
+        f"{opts.new_tokens} new tokens, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
+        f"median of {opts.repeats}"
     )
-    cached, uncached = speeds[True], speeds[False]
-    return {"info": info, "tokens/s with KV cache": cached, "tokens/s without": uncached, "speed-up": cached / uncached}
+    ratios = [c / u for c, u in zip(speeds[True], speeds[False])]  # each pair ran back to back
+    cached, uncached = statistics.median(speeds[True]), statistics.median(speeds[False])
+    return {
+        "info": info,
+        "tokens/s with KV cache": cached,
+        "tokens/s without": uncached,
+        "speed-up": statistics.median(ratios),
+    }
 
 
 # ----------------------------------------------------------------------------- main

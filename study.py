@@ -40,9 +40,8 @@ VARIANTS = {  # name: overrides on top of the config file
 }
 DEFAULT_VARIANTS = "pre_ln,post_ln,rmsnorm,peri_ln,no_residual"
 DEFAULT_MAX_ITERS = 500  # for the variants (a config's max_iters is for one long run); --max_iters overrides
-EVERY_RUN = dict(
-    eval_iters=10, checkpoint_interval=0, keep_checkpoints=1
-)  # the config file, then these, then overrides
+# the config file, then these, then overrides; every cosine ends at its run's own max_iters
+EVERY_RUN = dict(eval_iters=10, checkpoint_interval=0, keep_checkpoints=1, lr_decay_iters=0)
 QUESTIONS = {
     1: "Does post-LN need warmup where pre-LN does not?",
     2: "Per-layer gradient norms at initialisation: pre- vs post-LN, GPT-2 vs Xavier init",

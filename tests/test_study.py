@@ -144,3 +144,18 @@ def test_one_run_per_gpu_when_there_are_several(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert study.slots(jobs, 1) == ["2", "3"]
     assert study.slots([{"args": ["configs/small.py", "--device=cpu"]}], 1) == [None]
+
+
+def test_every_run_decays_over_its_own_budget():
+    """small.py ends its cosine at step 1200; the study's shorter runs must not inherit that schedule."""
+    import study
+    import train
+    from config import TrainConfig, parse_args
+
+    jobs = study.plan(study.parse(["configs/small.py"]))
+    assert {j["resolved"]["max_iters"] for j in jobs} == {study.DEFAULT_MAX_ITERS, study.Q_BASE["max_iters"]}
+    for job in jobs:
+        cfg = parse_args(TrainConfig, job["args"])
+        assert train.get_lr(cfg.max_iters - 1, cfg) < cfg.min_lr * 1.01, job["name"]
+    mine = study.plan(study.parse(["configs/small.py", "--lr_decay_iters=400", "--variants=pre_ln"]))
+    assert mine[1]["resolved"]["lr_decay_iters"] == 400  # the user's flag still wins
