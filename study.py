@@ -52,8 +52,8 @@ QUESTIONS = {
 # The questions' model: 12 narrow layers, cheap on a CPU; one seed each. The learning rate is high for a
 # 12-layer post-LN: in a pilot on configs/small.py, post-LN learned nothing past the token frequencies
 # in 300 steps at 3e-3 or 1e-2, with warmup or without; at 1e-3 it trains with warmup.
-Q_BASE = dict(n_layer=12, n_embd=64, n_head=4, batch_size=16, max_iters=300, learning_rate=1e-3, warmup_iters=100)
-Q_BASE |= dict(norm="layernorm", norm_position="pre", residual=True, deepnorm=False, init="gpt2")
+Q_BASE = dict(n_layer=12, n_embd=64, n_head=4, batch_size=16, max_iters=300, learning_rate=1e-3, min_lr=1e-4)
+Q_BASE |= dict(warmup_iters=100, norm="layernorm", norm_position="pre", residual=True, deepnorm=False, init="gpt2")
 PROBE = {"probe_init": True}
 Q_RUNS = {  # name: (overrides on top of Q_BASE, the questions that read it)
     "init-pre-gpt2": (PROBE, {2, 3, 4}),
