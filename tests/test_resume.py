@@ -185,9 +185,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_cfg, damage):
     path = Path(cfg.out_dir) / "ckpt.pt"
     data = path.read_bytes()
     path.unlink()  # ckpt.pt is a hard link: write a new file, not through the link
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": random.randbytes(4096), "empty": b""}[damage])
-    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
-        checkpoint.load(path)
+    blobs = {"truncate": [data[: len(data) // 2]], "empty": [b""]}
+    blobs["garbage"] = [random.Random(seed).randbytes(4096) for seed in range(200)]  # each fails its own way
+    for blob in blobs[damage]:
+        path.write_bytes(blob)
+        with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+            checkpoint.load(path)
     r = run(["train.py", f"--data_dir={cfg.data_dir}", f"--out_dir={cfg.out_dir}", "--init_from=resume", *ARGS])
     assert r.returncode == 2 and r.stderr.startswith("error: checkpoint") and "Traceback" not in r.stderr
 
