@@ -14,12 +14,16 @@ from pathlib import Path
 
 class Logger:
     """Appends every logged dict to out_dir/metrics.jsonl and, if asked, sends it to wandb.
-    Inactive (a no-op) on every rank but 0."""
+    A new run (fresh=True) moves an earlier run's file to metrics.prev.jsonl first; a resumed run
+    appends. Inactive (a no-op) on every rank but 0."""
 
-    def __init__(self, out_dir: str, active: bool, wandb_config: dict | None = None, project: str = "", name: str = ""):
+    def __init__(self, out_dir: str, active: bool, wandb_config=None, project="", name="", fresh=False):
         self.active, self.wandb = active, None
         if active:
-            self.file = open(Path(out_dir) / "metrics.jsonl", "a")
+            path = Path(out_dir) / "metrics.jsonl"
+            if fresh and path.exists() and path.stat().st_size:
+                path.replace(path.with_name("metrics.prev.jsonl"))
+            self.file = open(path, "a")
             if wandb_config is not None:
                 import wandb
 

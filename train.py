@@ -200,7 +200,9 @@ def train(cfg: config.TrainConfig) -> dict:
         f"with position embeddings); {tokens_per_step:,} tokens per step on {world} process(es), {rt.device}"
     )
     wandb_config = resolved if cfg.wandb_log else None
-    logger = metrics.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name)
+    logger = metrics.Logger(
+        cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh=cfg.init_from != "resume"
+    )
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     tele = telemetry.Telemetry(raw_model)
     if cfg.probe_init:  # statistics of the untrained model, then stop

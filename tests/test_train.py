@@ -165,6 +165,18 @@ def test_resume_continues(tiny_cfg):
     assert checkpoint.load(out / "ckpt.pt")["step"] == 20
 
 
+def test_a_new_run_starts_a_new_log_and_keeps_the_last(tiny_cfg):
+    """Resuming appends (above); a scratch run into the same out_dir starts metrics.jsonl afresh."""
+    cfg = tiny_cfg(max_iters=4)
+    train.train(cfg)
+    out = Path(cfg.out_dir)
+    first = (out / "metrics.jsonl").read_text()
+    train.train(tiny_cfg(max_iters=6))
+    assert (out / "metrics.prev.jsonl").read_text() == first
+    steps = [r["step"] for r in records(out) if "val_loss" in r]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 6  # one run only
+
+
 def test_resume_is_exact(tiny_cfg, tmp_path):
     """10 steps + resume to 20 == 20 steps straight (same schedule, same data, same optimizer state)."""
     common = dict(lr_decay_iters=20, checkpoint_interval=0)
