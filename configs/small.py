@@ -1,4 +1,4 @@
-# Char-level TinyShakespeare: a useful model in 2-3 minutes on a 2-core laptop CPU; uses a GPU if there is one.
+# Char-level TinyShakespeare: a useful model in about 2 minutes on a 2-core laptop CPU; uses a GPU if there is one.
 #   python train.py configs/small.py && python sample.py
 # Tuned for time-to-loss on a CPU (README, "Fast on a laptop CPU"): on 2 cores the run is compute-bound,
 # so a 2-layer, 128-wide model (0.40M parameters) at a high learning rate learns more per second than

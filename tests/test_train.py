@@ -19,6 +19,8 @@ import sample
 import train
 from model import GPT, GPTConfig
 
+# a tiny model on the CPU, as train.py command-line flags
+TINY_FLAGS = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4"]
 CKPT_KEYS = {"model", "optimizer", "step", "config", "model_config", "tokenizer", "rng"}
 
 
@@ -203,18 +205,7 @@ def test_resume_without_checkpoint(tiny_cfg):
 
 
 def test_cli_resume_errors(tiny_cfg, tmp_path, char_data, capsys):
-    base = [
-        f"--data_dir={char_data}",
-        "--device=cpu",
-        "--n_layer=2",
-        "--n_head=2",
-        "--n_embd=32",
-        "--block_size=16",
-        "--batch_size=4",
-        "--eval_iters=2",
-        "--eval_interval=5",
-        "--log_interval=5",
-    ]
+    base = [f"--data_dir={char_data}", *TINY_FLAGS, "--eval_iters=2", "--eval_interval=5", "--log_interval=5"]
     proc = run(["train.py", *base, f"--out_dir={tmp_path / 'empty'}", "--init_from=resume", "--max_iters=5"])
     assert_one_line_error(proc, "no checkpoint")
     cfg = tiny_cfg(max_iters=5)
@@ -295,12 +286,7 @@ def test_cli_diverging_run_fails_with_one_line(tmp_path, char_data, capsys):
     argv = [
         f"--data_dir={char_data}",
         f"--out_dir={tmp_path}",
-        "--device=cpu",
-        "--n_layer=2",
-        "--n_head=2",
-        "--n_embd=32",
-        "--block_size=16",
-        "--batch_size=4",
+        *TINY_FLAGS,
         "--max_iters=50",
         "--eval_interval=100",
         "--eval_iters=2",
