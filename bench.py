@@ -28,6 +28,7 @@ import torch
 
 import config
 import dataset
+import metrics
 import runtime
 import train
 from model import GPT
@@ -185,7 +186,7 @@ def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
 def time_to_loss(cfg: config.TrainConfig, levels: list[float]) -> dict:
     """Train as configured; times from metrics.jsonl. "train s" leaves out the evaluation time."""
     result = train.train(cfg)
-    records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = metrics.read(cfg.out_dir)
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "tokens_per_sec" in r][1:] or [r for r in records if "tokens_per_sec" in r]
     out = {}

@@ -56,15 +56,28 @@ def flatten(record: dict) -> dict:
 
 
 def read(out_dir: str) -> list[dict]:
-    """All records of a run, in order; ValueError (one line) when there are none."""
+    """Every record of a run, in order ([] if it logged nothing yet). A partial last line, left by a run
+    killed mid-write, is skipped; a missing file or a line that is not a record is a one-line ValueError."""
     path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        where = "" if Path(out_dir).is_dir() else " (no such folder)"
+        raise ValueError(f"'{path}' not found{where}; give the out_dir of a training run")
     try:
         lines = path.read_text().splitlines()
-    except OSError:
-        raise ValueError(f"no metrics at {path}; is '{out_dir}' the out_dir of a training run?") from None
-    records = [json.loads(line) for line in lines if line.strip()]
-    if not records:
-        raise ValueError(f"{path} is empty; the run logged nothing yet")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read '{path}': {e}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record["step"] = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines):
+                continue  # a partial last line
+            raise ValueError(f"'{path}' line {n} is not a metrics record; is it train.py's metrics.jsonl?") from None
+        records.append(record)
     return records
 
 

@@ -9,9 +9,10 @@ of a step wins. Needs matplotlib (pip install matplotlib); draws without a displ
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+import metrics
 
 
 class PlotError(ValueError):
@@ -20,30 +21,14 @@ class PlotError(ValueError):
 
 def read_metrics(out_dir: str) -> tuple[dict, dict]:
     """(train records, eval records) of one run, each {step: record}."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.is_file():
-        where = "" if Path(out_dir).is_dir() else " (no such folder)"
-        raise PlotError(f"'{path}' not found{where}; give the out_dir of a training run")
-    train, evals = {}, {}
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlotError(f"cannot read '{path}': {e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            if n == len(lines):
-                continue  # a run killed mid-write leaves a partial last line
-            raise PlotError(f"'{path}' line {n} is not a metrics record; is it train.py's metrics.jsonl?") from None
-        if "loss" in record and "lr" in record:
-            train[step] = record
-        elif "val_loss" in record:
-            evals[step] = record
+        records = metrics.read(out_dir)
+    except ValueError as e:
+        raise PlotError(str(e)) from None
+    train = {r["step"]: r for r in records if "loss" in r and "lr" in r}  # a resumed step: the last record wins
+    evals = {r["step"]: r for r in records if "val_loss" in r}
     if not train and not evals:
+        path = Path(out_dir) / "metrics.jsonl"
         raise PlotError(f"'{path}' has no loss records yet; plot again once the run has logged (log_interval)")
     return train, evals
 

@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import metrics
+
 ROOT = Path(__file__).resolve().parent
 VARIANTS = {  # name: overrides on top of the config file
     "pre_ln": {},
@@ -166,8 +168,7 @@ def run_job(job: dict, runs: Path, gpu: str | None, reuse: bool):
         done.write_text(json.dumps(result))
     job.update(json.loads(done.read_text()))
     job["status"] = "ok" if job["rc"] == 0 else "diverged" if "not finite" in job["error"] else "failed"
-    metrics = out / "metrics.jsonl"
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    recs = metrics.read(out) if (out / "metrics.jsonl").exists() else []
     job["evals"] = [r for r in recs if "val_loss" in r]
     job["trains"] = [r for r in recs if "ms_per_step" in r]
     job["tele"] = [r for r in recs if "rms" in r and not r.get("probe_init")]

@@ -40,3 +40,24 @@ def test_missing_and_empty_metrics_are_one_line_errors(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
     assert not (tmp_path / "x.png").exists()
+
+
+def test_metrics_read_is_the_one_reader(tmp_path):
+    """metrics.read, which plot.py, bench.py and study.py share: a killed run's partial last line is skipped,
+    a damaged line anywhere else and a missing file are one-line ValueErrors, an empty log is no records."""
+    import pytest
+
+    import metrics
+
+    write_run(tmp_path / "a", partial_last_line=True)
+    records = metrics.read(tmp_path / "a")
+    assert len(records) == 14 and records[-1] == {"step": 20, "grad_attn": [0.1, 0.2], "rms": [1.0, 1.1, 1.2]}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("\n")
+    assert metrics.read(tmp_path / "empty") == []
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "a" / "metrics.jsonl").write_text("\n".join([lines[0], '{"step": 5, "lo', *lines[1:]]))
+    with pytest.raises(ValueError, match="line 2 is not a metrics record"):
+        metrics.read(tmp_path / "a")
+    with pytest.raises(ValueError, match="not found"):
+        metrics.read(tmp_path / "nope")
