@@ -241,7 +241,7 @@ def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -
     info = (
         f"{source}, {model.num_params() / 1e6:.2f}M params, block_size {model.config.block_size}, "
         f"{opts.new_tokens} new tokens, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
-        f"median of {opts.repeats}"
+        f"{torch.get_num_threads()} threads, median of {opts.repeats}"
     )
     ratios = [c / u for c, u in zip(speeds[True], speeds[False])]  # each pair ran back to back
     cached, uncached = statistics.median(speeds[True]), statistics.median(speeds[False])
