@@ -156,7 +156,7 @@ def run_job(job: dict, runs: Path, gpu: str | None, reuse: bool):
     """One `python train.py` subprocess (unless reused), then its outcome and metrics.jsonl, into job."""
     out, done = runs / job["name"], runs / job["name"] / "study.json"
     if not (reuse and done.exists() and json.loads(done.read_text()).get("resolved") == job["resolved"]):
-        shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
+        shutil.rmtree(out, ignore_errors=True)  # start clean: nothing of an earlier run
         out.mkdir(parents=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
         cmd, t0 = [sys.executable, str(ROOT / "train.py"), *job["args"], f"--out_dir={out}"], time.perf_counter()

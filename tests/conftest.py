@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny char-level dataset and a tiny CPU training config."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -99,3 +100,8 @@ def assert_one_line_error(proc, *needles, code=2):
     assert lines[0].startswith("error:")
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def metrics_records(out_dir) -> list[dict]:
+    """Every line of a run's metrics.jsonl, strictly (metrics.read forgives a partial last line; a test must not)."""
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]

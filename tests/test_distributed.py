@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, metrics_records
 
 import checkpoint
 
@@ -106,7 +106,7 @@ class Run:
 
     @property
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        return metrics_records(self.out)
 
     def train_records(self) -> list[dict]:
         return [r for r in self.records if "loss" in r]

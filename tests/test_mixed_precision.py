@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics_records
 
 import checkpoint
 import runtime
@@ -23,12 +24,8 @@ import train
 from model import GPT
 
 
-def records(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_records(out_dir) -> list[dict]:
-    return [r for r in records(out_dir) if "loss" in r]
+    return [r for r in metrics_records(out_dir) if "loss" in r]
 
 
 # ----------------------------------------------------------------------------- which dtype
@@ -79,7 +76,7 @@ def test_bfloat16_trains_on_cpu(tiny_cfg):
     result = train.train(cfg)
     out = Path(cfg.out_dir)
     assert json.loads((out / "config.json").read_text())["compute_dtype"] == "bfloat16"
-    evals = [r for r in records(out) if "val_loss" in r]
+    evals = [r for r in metrics_records(out) if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2, evals
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_records(out))
     state = checkpoint.load(out / "ckpt.pt")
@@ -134,7 +131,7 @@ def test_fp16_trains_with_a_grad_scaler(tiny_cfg, fp16_on_cpu):
     out = Path(cfg.out_dir)
     assert len(made) == 1 and made[0].is_enabled() and made[0]._device == "cpu"
     assert json.loads((out / "config.json").read_text())["compute_dtype"] == "float16"
-    evals = [r for r in records(out) if "val_loss" in r]
+    evals = [r for r in metrics_records(out) if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
     steps = train_records(out)
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in steps)
@@ -179,7 +176,7 @@ def test_fp16_training_recovers_after_the_scale_backs_off(tiny_cfg, fp16_on_cpu)
     skipped = finite.index(True)
     assert skipped >= 1 and all(finite[skipped:]), finite  # overflow first, then clean steps
     assert made[0].get_scale() == 2.0 ** (24 - skipped)
-    evals = [r for r in records(out) if "val_loss" in r]
+    evals = [r for r in metrics_records(out) if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2, evals
 
 

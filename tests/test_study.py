@@ -6,7 +6,7 @@ import re
 import sys
 
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, metrics_records, run
 
 from study import main as study_main
 
@@ -58,7 +58,7 @@ def test_study_runs_every_variant_and_question(tmp_path, char_data, monkeypatch,
         assert all(math.isfinite(x) and 0 < x < ln_vocab for x in losses), cells
         assert float(cells[3]) > 0 and float(cells[4].replace(",", "")) > 0 and cells[5] == "no", cells
         assert float(cells[6]) >= 0  # the load average after the run
-        recs = [json.loads(line) for line in (out / f"runs/{variant}-s1337/metrics.jsonl").read_text().splitlines()]
+        recs = metrics_records(out / f"runs/{variant}-s1337")
         assert 10 <= sum("rms" in r for r in recs) <= 21  # telemetry on: ~10-20 records
         assert "probe_init" in (out / f"runs/{variant}-init/metrics.jsonl").read_text()
 
@@ -147,7 +147,7 @@ def test_one_run_per_gpu_when_there_are_several(monkeypatch):
 
 
 def test_every_run_decays_over_its_own_budget():
-    """small.py ends its cosine at step 1200; the study's shorter runs must not inherit that schedule."""
+    """small.py ends its cosine at step 1000; the study's shorter runs must not inherit that schedule."""
     import study
     import train
     from config import TrainConfig, parse_args

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics_records
 
 import train
 from model import GPT, GPTConfig
@@ -14,7 +15,7 @@ from model import GPT, GPTConfig
 def test_telemetry_records_every_interval(tiny_cfg):
     cfg = tiny_cfg(max_iters=12, telemetry_interval=4, n_layer=3)
     train.train(cfg)
-    recs = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics_records(cfg.out_dir)
     tele = [r for r in recs if "grad_attn" in r]
     assert [r["step"] for r in tele] == [0, 4, 8]
     for r in tele:

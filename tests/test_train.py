@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run, tiny_text
+from conftest import assert_one_line_error, metrics_records, run, tiny_text
 
 import checkpoint
 import config
@@ -22,11 +22,6 @@ from model import GPT, GPTConfig
 # a tiny model on the CPU, as train.py command-line flags
 TINY_FLAGS = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4"]
 CKPT_KEYS = {"model", "optimizer", "step", "config", "model_config", "tokenizer", "rng"}
-
-
-def records(out_dir) -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 def load_weights(path) -> dict:
@@ -99,7 +94,7 @@ def test_train_outputs(tiny_cfg, char_data):
     assert "git_commit" in resolved and resolved["n_layer"] == 2 and resolved["tokens_per_step"] == 4 * 16
     assert resolved["num_params"] == GPT(cfg.model_config()).num_params()
 
-    recs = records(out)
+    recs = metrics_records(out)
     train_recs = [r for r in recs if "loss" in r]
     eval_recs = [r for r in recs if "val_loss" in r]
     assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
@@ -157,10 +152,10 @@ def test_resume_continues(tiny_cfg):
     cfg = tiny_cfg(max_iters=10)
     train.train(cfg)
     out = Path(cfg.out_dir)
-    n_before = len(records(out))
+    n_before = len(metrics_records(out))
     result = train.train(tiny_cfg(init_from="resume", max_iters=20))
     assert result["step"] == 20
-    new = records(out)[n_before:]
+    new = metrics_records(out)[n_before:]
     new_train = [r for r in new if "loss" in r]
     assert new_train and new_train[0]["step"] > 10 and new_train[-1]["step"] == 20
     assert all(r["step"] >= 10 for r in new)
@@ -175,7 +170,7 @@ def test_a_new_run_starts_a_new_log_and_keeps_the_last(tiny_cfg):
     first = (out / "metrics.jsonl").read_text()
     train.train(tiny_cfg(max_iters=6))
     assert (out / "metrics.prev.jsonl").read_text() == first
-    steps = [r["step"] for r in records(out) if "val_loss" in r]
+    steps = [r["step"] for r in metrics_records(out) if "val_loss" in r]
     assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 6  # one run only
 
 
@@ -222,7 +217,7 @@ def test_cli_resume_errors(tiny_cfg, tmp_path, char_data, capsys):
 def test_gradient_accumulation_trains(tiny_cfg):
     cfg = tiny_cfg(gradient_accumulation_steps=2, max_iters=60, eval_interval=30, eval_iters=4)
     result = train.train(cfg)
-    recs = [r for r in records(Path(cfg.out_dir)) if "val_loss" in r]
+    recs = [r for r in metrics_records(Path(cfg.out_dir)) if "val_loss" in r]
     assert recs[-1]["val_loss"] < recs[0]["val_loss"] - 0.5
     assert result["step"] == 60
 
@@ -236,8 +231,8 @@ def test_gradient_accumulation_matches_bigger_batch(tiny_cfg, tmp_path):
     a, b = load_weights(tmp_path / "accum/ckpt.pt"), load_weights(tmp_path / "big/ckpt.pt")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=0), k
-    (loss_a,) = [r["loss"] for r in records(tmp_path / "accum") if "loss" in r]
-    (loss_b,) = [r["loss"] for r in records(tmp_path / "big") if "loss" in r]
+    (loss_a,) = [r["loss"] for r in metrics_records(tmp_path / "accum") if "loss" in r]
+    (loss_b,) = [r["loss"] for r in metrics_records(tmp_path / "big") if "loss" in r]
     assert loss_a == pytest.approx(loss_b, abs=1e-5)  # the logged loss is the mean over micro-batches
 
 
@@ -359,7 +354,7 @@ def test_e2e_train_cli(trained):
     assert "Traceback" not in proc.stderr
     assert (out / "ckpt.pt").is_file() and (out / "config.json").is_file()
     assert checkpoint.load(out / "ckpt.pt")["step"] == 30
-    recs = records(out)
+    recs = metrics_records(out)
     assert [r["step"] for r in recs if "loss" in r] == [10, 20, 30]
     assert [r["step"] for r in recs if "val_loss" in r] == [0, 15, 30]
     resolved = json.loads((out / "config.json").read_text())

@@ -94,9 +94,8 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", help="write here instead of data/NAME; train with --data_dir=DIR")
     args = parser.parse_args()
     try:
-        folder = dataset.named_dataset_dir(args.name, args.out_dir)
         prepare(args.input, args.name, args.tokenizer, args.val_fraction, args.out_dir)
     except DataError as e:
         sys.exit(f"error: {e}")
-    how = f"--data_dir={folder}" if args.out_dir else f"--dataset={args.name}"
+    how = f"--data_dir={args.out_dir}" if args.out_dir else f"--dataset={args.name}"
     print(f"train on it: python train.py configs/small.py {how}")
