@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,66 +108,65 @@ def print_table(title: str, labels: list[str], rows: list[tuple[str, list]], rat
 # ----------------------------------------------------------------------------- throughput
 
 
-def build(cfg: config.TrainConfig, rt: runtime.Runtime, synthetic: bool):
-    """The model (compiled per cfg.compile), optimizer and a batch function, as train.py makes them."""
-    if synthetic:
+class SyntheticSampler:
+    """Random tokens in the shape of dataset.BatchSampler (a pure function of the sample index), so
+    the benchmark runs train.py's own data path, prefetching included, with no dataset to prepare."""
 
-        def batch(g: int):
-            data = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=rt.device)
-            return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    def __init__(self, vocab_size: int, block_size: int, batch_size: int):
+        self.vocab, self.T, self.B = vocab_size, block_size, batch_size
+
+    def read(self, first: int, pin: bool = False) -> torch.Tensor:
+        g = torch.Generator().manual_seed(first)
+        data = torch.randint(self.vocab, (self.B, self.T + 1), generator=g, dtype=torch.int32)
+        return data.pin_memory() if pin else data
+
+    def get(self, g: int, device: str = "cpu"):
+        return dataset.to_device(self.read(g * self.B, device.startswith("cuda")), device)
+
+
+def build(cfg: config.TrainConfig, rt: runtime.Runtime, synthetic: bool):
+    """train.py's state (model, optimizer, GradScaler; compiled per cfg.compile) and its batches."""
+    if synthetic:
+        sampler = SyntheticSampler(cfg.vocab_size, cfg.block_size, cfg.batch_size)
+        model_cfg = cfg.model_config()
     else:
-        data_dir = dataset.ensure_prepared(cfg.dataset, cfg.data_dir)
-        meta = dataset.read_meta(data_dir)
-        cfg.vocab_size = train.padded_vocab(meta)
-        tokens = dataset.load_tokens(data_dir, "train", meta)
-        sampler = dataset.BatchSampler(tokens, cfg.block_size, cfg.batch_size, cfg.seed, "train split")
-        batch = lambda g: sampler.get(g, rt.device)
+        data = train.load_data(cfg, rt)
+        sampler, model_cfg = data.train, replace(cfg.model_config(), vocab_size=train.padded_vocab(data.meta))
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config()).to(rt.device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
-    compiled = cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
-    return model, (torch.compile(model) if compiled else model), optimizer, batch, compiled
+    state = train.build_state(cfg, rt, model_cfg, None, None)
+    compile_s = train.compile_model(state, cfg, rt, sampler)
+    ahead = 4 if rt.device_type == "cuda" else 0
+    return state, dataset.micro_batches(sampler, 0, 0, 1, rt.device, ahead), compile_s
 
 
 def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
+    """Time train.train_step itself: steady-state steps after the warm-up ones, read back once at the end."""
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
-    model, fwd, optimizer, batch, compiled = build(cfg, rt, opts.synthetic)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
-    accum = cfg.gradient_accumulation_steps
-
-    def step(i: int) -> torch.Tensor:
-        for micro in range(accum):
-            x, y = batch(i * accum + micro)
-            with rt.autocast():
-                _, loss = fwd(x, y)
-            scaler.scale(loss / accum).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    for i in range(opts.warmup):
-        step(i).item()
+    state, batches, compile_s = build(cfg, rt, opts.synthetic)
+    step = lambda: train.train_step(state, batches, cfg.learning_rate, cfg, rt)[0]
+    for _ in range(opts.warmup):
+        step().item()
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for i in range(opts.warmup, opts.warmup + opts.steps):
-        loss = step(i)
-    loss.item()  # waits for the device
+    for _ in range(opts.steps):
+        loss = step()
+    loss = loss.item()  # waits for the device
     seconds = time.perf_counter() - t0
-    tok_s = cfg.batch_size * cfg.block_size * accum * opts.steps / seconds
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    tok_s = tokens_per_step * opts.steps / seconds
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     if rt.device_type == "cuda":
-        memory, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
+        memory, kind = torch.cuda.max_memory_allocated() / 2**20, "MiB, CUDA max allocated"
     else:  # ru_maxrss is in KiB on Linux, bytes on macOS
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        memory, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "process max RSS so far"
+        memory, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "MiB, process max RSS so far"
+    model = state.raw_model
     info = (
-        f"{model.num_params() / 1e6:.2f}M params, {cfg.batch_size * cfg.block_size * accum:,} tokens/step, "
-        f"{rt.device} {str(rt.dtype).removeprefix('torch.')}, compile={compiled}, "
+        f"{model.num_params() / 1e6:.2f}M params, {tokens_per_step:,} tokens/step "
+        f"({cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps}), {rt.device} "
+        f"{str(rt.dtype).removeprefix('torch.')}, compile={compile_s is not None}, "
         f"{'synthetic tokens' if opts.synthetic else cfg.dataset}, {opts.warmup} warm-up + {opts.steps} timed steps"
     )
     return {
@@ -175,8 +174,9 @@ def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
         "tokens/s": tok_s,
         "ms/step": seconds * 1000 / opts.steps,
         "MFU (%)": model.estimate_mfu(tok_s, peak) * 100 if peak else None,
-        f"peak memory (MiB, {kind})": memory,
-        "loss at the end": loss.item(),
+        f"peak memory ({kind})": memory,
+        "compile s": compile_s,
+        "loss at the end": loss,
     }
 
 

@@ -72,7 +72,23 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); {EARLIER}") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py")
+    version = state.get("version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version!r}, but this code reads formats 1 to {FORMAT_VERSION}; "
+            "it was written by a newer version of this project: update the code (git pull) to read it"
+        )
     return state
+
+
+def describe(path: Path) -> str:
+    """A short description of the run a checkpoint belongs to, e.g. "step 750 on dataset 'shakespeare_char'",
+    read without loading its tensors into memory."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return f"step {state['step']} on dataset '{state['data']['dataset']}'"
+    except Exception:  # unreadable or from an older format: still a run not to overwrite
+        return f"{Path(path).name} (unreadable)"
 
 
 def rng_state() -> dict:
@@ -132,9 +148,36 @@ def save_run(state: dict, out_dir: Path, keep: int, is_best: bool) -> Path:
             f"could not update {out_dir}/ckpt.pt ({e.strerror or e}); the new checkpoint is {path}"
         ) from None
     fsync_dir(out_dir)
-    for old in sorted(out_dir.glob("ckpt-[0-9]*.pt"))[:-keep]:
+    for old in step_files(out_dir, below=state["step"])[: -keep + 1 or None]:
         old.unlink(missing_ok=True)
     return path
+
+
+def step_files(out_dir: Path, below: int | None = None) -> list[Path]:
+    """The ckpt-<step>.pt files of out_dir, oldest first; with below, only those of earlier steps.
+    An out_dir holds one run (train.py refuses to start another over it), so these are its files;
+    files of later steps (left when a run is resumed from an earlier checkpoint) are never pruned,
+    the run overwrites them when it gets there."""
+    files = sorted(Path(out_dir).glob("ckpt-[0-9]*.pt"))
+    if below is not None:
+        files = [f for f in files if int(f.stem.split("-")[1]) < below]
+    return files
+
+
+def existing_run(out_dir: Path) -> Path | None:
+    """The checkpoint that says out_dir already holds a run (ckpt.pt, else any step file), or None."""
+    out_dir = Path(out_dir)
+    latest = out_dir / "ckpt.pt"
+    if latest.exists():
+        return latest
+    files = step_files(out_dir)
+    return files[-1] if files else (out_dir / "ckpt-best.pt" if (out_dir / "ckpt-best.pt").exists() else None)
+
+
+def remove_run(out_dir: Path):
+    """Delete a run's checkpoints (only when the user opted in to replace it)."""
+    for f in [*step_files(out_dir), Path(out_dir) / "ckpt.pt", Path(out_dir) / "ckpt-best.pt"]:
+        f.unlink(missing_ok=True)
 
 
 def model_and_optimizer_state(model, optimizer) -> tuple[dict, dict]:
@@ -162,3 +205,35 @@ def load_model_and_optimizer_state(model, optimizer, state: dict):
         optim_state_dict=state["optimizer"],
         options=StateDictOptions(full_state_dict=True),
     )
+
+
+def training_state(model, optimizer, scaler, rt, **fields) -> dict | None:
+    """The whole state of a run, to save: weights and optimizer (full, unsharded), GradScaler, every
+    rank's RNG, and the given fields (step, best_val_loss, config, model_config, tokenizer, data).
+    Every rank must call it (FSDP gathers, the RNG states are gathered); rank 0 gets the dict, others None."""
+    import torch.distributed as dist
+
+    rngs = [None] * rt.world_size
+    if rt.ddp:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    model_state, optimizer_state = model_and_optimizer_state(model, optimizer)
+    if not rt.master:
+        return None
+    scaler_state = scaler.state_dict() if scaler.is_enabled() else {}
+    return {"version": FORMAT_VERSION, "model": model_state, "optimizer": optimizer_state, "scaler": scaler_state,
+            "rng": rngs, **fields}  # fmt: skip
+
+
+def restore(saved: dict, model, optimizer, scaler, rt) -> bool:
+    """Load a checkpoint's weights, optimizer, GradScaler and this rank's RNG. Returns False when the
+    checkpoint was written by another number of processes (the RNG streams then differ)."""
+    load_model_and_optimizer_state(model, optimizer, saved)
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    rngs = saved["rng"]
+    if len(rngs) != rt.world_size:
+        return False
+    set_rng_state(rngs[rt.rank])
+    return True

@@ -30,30 +30,40 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig(GPTConfig):
+    """Every key of a training run. The defaults are configs/small.py: `python train.py` trains a small
+    char-level Shakespeare model in about two minutes on a laptop CPU."""
+
+    # -- model (GPTConfig's keys; its defaults are GPT-2's shape, these are small.py's)
+    block_size: int = 64  # context length: the longest sequence the model sees
+    n_layer: int = 2  # number of transformer blocks
+    n_head: int = 4  # attention heads per block (n_embd must divide by it)
+    n_embd: int = 128  # width of the residual stream
+    bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2: True)
     # -- run
     out_dir: str = "out"  # where checkpoints, config.json and metrics.jsonl go
     init_from: str = "scratch"  # "scratch" | "resume" (out_dir/ckpt.pt) | "gpt2"... | a Hugging Face folder
+    overwrite: bool = False  # let a scratch run delete the checkpoints of the run already in out_dir
     dataset: str = "shakespeare_char"  # a folder of data/ with a prepare.py; prepared on first use
     data_dir: str = ""  # folder holding train.bin, val.bin, meta.json (default: data/<dataset>)
     seed: int = 1337  # seeds weights, data order and dropout
     # -- batch and schedule
-    batch_size: int = 12  # sequences per micro-batch (per process)
+    batch_size: int = 24  # sequences per micro-batch (per process)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (per process)
     max_iters: int = 2000  # optimizer steps in the whole run
-    learning_rate: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr: float = 6e-5  # learning rate at the end of the cosine decay
-    warmup_iters: int = 100  # steps of linear warmup from 0 to learning_rate
-    lr_decay_iters: int = 0  # step at which the cosine reaches min_lr (0: max_iters)
+    learning_rate: float = 5e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-3  # learning rate at the end of the cosine decay
+    warmup_iters: int = 30  # steps of linear warmup from 0 to learning_rate
+    lr_decay_iters: int = 1000  # step at which the cosine reaches min_lr (0: max_iters)
     decay_lr: bool = True  # cosine decay after warmup; False keeps learning_rate constant
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights
     beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
+    beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     # -- evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between estimates of train and val loss (and at the end)
     eval_iters: int = 20  # batches per loss estimate
-    log_interval: int = 10  # steps between log lines
-    checkpoint_interval: int = 250  # steps between checkpoints (and one at the end; 0: only at the end)
+    log_interval: int = 100  # steps between log lines
+    checkpoint_interval: int = 500  # steps between checkpoints (and one at the end; 0: only at the end)
     keep_checkpoints: int = 2  # newest ckpt-<step>.pt files to keep; ckpt.pt and ckpt-best.pt link to them
     telemetry_interval: int = 0  # steps between per-layer grad norms, update ratios, stream RMS (0: off)
     probe_init: bool = False  # measure that telemetry at initialisation over eval_iters batches, then exit
@@ -77,8 +87,13 @@ class TrainConfig(GPTConfig):
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "telemetry_interval"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
-            raise ConfigError("need 0 <= min_lr <= learning_rate and learning_rate > 0")
+        if self.learning_rate <= 0 or self.min_lr < 0:
+            raise ConfigError("need learning_rate > 0 and min_lr >= 0")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(
+                f"min_lr ({self.min_lr:g}) must not exceed learning_rate ({self.learning_rate:g}); "
+                f"set --min_lr too (e.g. --min_lr={self.learning_rate / 10:g})"
+            )
         if self.init_from not in INIT_SOURCES and not Path(self.init_from).expanduser().is_dir():
             raise ConfigError(
                 f"init_from must be one of {', '.join(INIT_SOURCES)} or a folder in Hugging Face "
@@ -230,3 +245,8 @@ def help_text(cls, usage: str) -> str:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def changed_from_defaults(cfg) -> dict:
+    """The keys whose values differ from the dataclass defaults, in field order."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}

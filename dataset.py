@@ -11,8 +11,10 @@ import codecs
 import importlib.util
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -235,14 +237,14 @@ def load_tokens(folder: Path, split: str, meta: dict) -> np.ndarray:
 
 
 class BatchSampler:
-    """Deterministic batches of (x, y) windows of one split, a pure function of (seed, index).
+    """Deterministic batches of (x, y) windows of one split, a pure function of (seed, sample index).
 
     Epoch e cuts the tokens into windows of block_size + 1 starting at a random offset and visits
     each window once, in an order fixed by (seed, e): sampling without replacement. Sample k of the
-    endless sequence is window k % n of epoch k // n. Micro-batch g holds samples [g*B, (g+1)*B).
-    Rank r of W processes reads micro-batches g*W + r, so ranks never read the same sample and
-    together read what one process with W times the micro-batches would. Nothing here is random
-    state that needs saving: a resumed run asks for the same indices and gets the same batches.
+    endless sequence is window k % n of epoch k // n. A batch is B consecutive samples: micro-batch g
+    holds samples [g*B, (g+1)*B). Training reads by sample position (micro_batches), so a run resumed
+    with another batch_size or number of processes goes on from the same sample. Nothing here is random
+    state that needs saving: a resumed run asks for the same samples and gets the same batches.
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, name: str = "data"):
@@ -261,18 +263,82 @@ class BatchSampler:
             self._epochs = {e: (int(rng.integers(self.T)), rng.permutation(self.n))}  # keep one epoch
         return self._epochs[e]
 
-    def starts(self, g: int) -> np.ndarray:
-        """Start offsets of the B windows of micro-batch g."""
+    def window_starts(self, first: int) -> np.ndarray:
+        """Token offsets of samples first, first + 1, ..., first + B - 1."""
         out = np.empty(self.B, dtype=np.int64)
-        for i, k in enumerate(range(g * self.B, (g + 1) * self.B)):
+        for i, k in enumerate(range(first, first + self.B)):
             shift, perm = self._epoch(k // self.n)
             out[i] = shift + perm[k % self.n] * self.T
         return out
 
+    def starts(self, g: int) -> np.ndarray:
+        """Start offsets of the B windows of micro-batch g."""
+        return self.window_starts(g * self.B)
+
+    def read(self, first: int, pin: bool = False) -> torch.Tensor:
+        """Samples [first, first + B) as a (B, T + 1) tensor in the tokens' own narrow dtype (uint16 for
+        vocabularies up to 65,536): a quarter of the bytes of int64 to copy to the device."""
+        idx = self.window_starts(first)[:, None] + np.arange(self.T + 1)
+        data = torch.from_numpy(self.tokens[idx])
+        return data.pin_memory() if pin else data
+
     def get(self, g: int, device: str = "cpu"):
-        idx = self.starts(g)[:, None] + np.arange(self.T + 1)
-        data = torch.from_numpy(self.tokens[idx].astype(np.int64))
-        x, y = data[:, :-1], data[:, 1:]
-        if device.startswith("cuda"):
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.contiguous().to(device), y.contiguous().to(device)
+        """Micro-batch g as (x, y) on device."""
+        return to_device(self.read(g * self.B, pin=device.startswith("cuda")), device)
+
+
+def to_device(data: torch.Tensor, device: str):
+    """A (B, T + 1) batch of narrow token ids -> (x, y), int64 on device (widened there, after the copy)."""
+    data = data.to(device, non_blocking=True).long()
+    return data[:, :-1], data[:, 1:]
+
+
+def micro_batches(sampler: BatchSampler, first: int, rank: int, world: int, device: str, ahead: int = 0):
+    """The training micro-batches from sample `first` on, endlessly: rank r's micro-step m of each step
+    reads samples first + (m * world + r) * B onwards, so ranks never read the same sample and together
+    read what one process with world times the micro-steps would. With ahead > 0 a background thread
+    gathers and pins that many batches ahead of the training step (for GPUs); the order is the same."""
+    step = world * sampler.B
+
+    def positions():
+        k = first + rank * sampler.B
+        while True:
+            yield k
+            k += step
+
+    pin = device.startswith("cuda")
+    host = (sampler.read(k, pin) for k in positions())
+    if ahead:
+        host = prefetch(host, ahead)
+    for data in host:
+        yield to_device(data, device)
+
+
+def prefetch(items, depth: int):
+    """Yield the items of an iterator in order, computed by a daemon thread up to depth items ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = threading.Event()
+
+    def work():
+        try:
+            for item in items:
+                while not done.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        done.set()

@@ -9,6 +9,8 @@ Records written by train.py, each with "step":
 
 import json
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -90,3 +92,63 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+class Meter:
+    """Training speed between log lines: wall time minus the time spent evaluating and saving. The clock
+    is read at log time, after the loss was read back (which waited for the device), so steps between
+    log lines never wait for it."""
+
+    def __init__(self, rt, tokens_per_step: int):
+        self.rt, self.tokens_per_step = rt, tokens_per_step
+        self.t0, self.paused, self.last_step, self.ms_avg, self.eval_s = time.perf_counter(), 0.0, None, None, 0.0
+
+    @contextmanager
+    def pause(self, eval_time: bool = False):
+        """Leave out what runs inside (evaluation, saving) from the step time; count evaluation apart."""
+        import runtime
+
+        runtime.synchronize(self.rt)  # the queued training work belongs to the steps, not to this
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            self.paused += seconds
+            self.eval_s += seconds if eval_time else 0.0
+
+    def lap(self, step: int) -> tuple[float, float]:
+        """Milliseconds per step and tokens per second since the last lap (or the first step)."""
+        now = time.perf_counter()
+        steps = step - (self.last_step if self.last_step is not None else step - 1)
+        ms = max(now - self.t0 - self.paused, 1e-9) * 1000 / max(steps, 1)
+        self.t0, self.paused, self.last_step = now, 0.0, step
+        self.ms_avg = ms if self.ms_avg is None else 0.9 * self.ms_avg + 0.1 * ms
+        return ms, self.tokens_per_step * 1000 / ms
+
+
+class RecentLoss:
+    """The training losses since the last log line, kept on the device until they are read."""
+
+    def __init__(self, rt):
+        self.rt, self.losses, self.grad_norm, self.last = rt, [], None, None
+
+    def add(self, loss, grad_norm):
+        self.losses.append(loss)
+        self.grad_norm = grad_norm
+
+    def read(self) -> tuple[float, float]:
+        """The mean loss over every rank's micro-batches since the last read, and the last gradient norm."""
+        import torch
+        import torch.distributed as dist
+
+        mean = torch.stack(self.losses).mean()
+        if self.rt.ddp:  # gloo has no AVG: sum, then divide
+            dist.all_reduce(mean)
+            mean /= self.rt.world_size
+        self.losses, self.last = [], mean.item()
+        return self.last, self.grad_norm.item()
+
+    def latest(self) -> float | None:
+        """The most recent training loss: of the steps since the last read, else the last read one."""
+        return self.read()[0] if self.losses else self.last

@@ -7,6 +7,7 @@ rank 0 prints, logs and writes files.
 
 import contextlib
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,12 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     return Runtime(rank, local_rank, world_size, device, resolve_dtype(dtype, device_type), ddp)
 
 
+def synchronize(rt: Runtime):
+    """Wait for the device to finish its queued work (for timing; a no-op on the CPU)."""
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
 def shutdown(rt: Runtime):
     if rt.ddp and dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another still has collectives in flight
@@ -174,3 +181,58 @@ def no_grad_sync(model: torch.nn.Module, skip: bool):
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+# ----------------------------------------------------------------------------- stopping when asked
+
+
+class Interrupted(BaseException):
+    """Raised by GracefulStop inside an interruptible phase (data preparation, compilation,
+    evaluation): that phase is abandoned. A BaseException, so library code that catches Exception
+    (torch.compile does) cannot swallow it."""
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM (a preemption) asks the run to stop; the training loop checks `requested`.
+
+    Inside `interruptible()` a signal raises Interrupted at once, so a long phase that has nothing
+    to save (preparing data, the first compile) ends within seconds, not when the phase ends. A
+    second signal outside such a phase raises KeyboardInterrupt: the user insists.
+    """
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.requested, self._depth = rt, None, 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and not self._depth:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if self._depth:
+            raise Interrupted(self.requested)
+        self.rt.print(f"\n{self.requested} received: finishing this step and saving a checkpoint")
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        if self.requested is not None:
+            raise Interrupted(self.requested)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop. Under torchrun a signal may reach one rank only, so the
+        ranks agree by an all-reduce: call it at the same point on every rank (it syncs with the device)."""
+        if not self.rt.ddp:
+            return self.requested is not None
+        flag = torch.tensor(float(self.requested is not None), device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.requested is None:
+            self.requested = "SIGTERM"
+        return self.requested is not None
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)

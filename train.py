@@ -1,21 +1,23 @@
 """Train a GPT.
 
-    python train.py configs/small.py                      # one process: CPU, a GPU or Apple MPS
-    python train.py configs/small.py --n_layer=6          # flags override the file
+    python train.py                                        # the defaults: configs/small.py, ~2 min on a laptop CPU
+    python train.py configs/small.py --n_layer=6          # a config file, then flags that override it
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2.py   # DDP on 8 GPUs
     python train.py --help                                 # every key, its default and meaning
 
 The loop is nanoGPT's: estimate the loss now and then, take gradient_accumulation_steps
-micro-batches, clip, step, log, checkpoint. Everything is a function so tests can drive it.
+micro-batches, clip, step, log, checkpoint. Each piece is a function, so tests can drive them.
 """
 
 import json
 import math
 import os
-import signal
+import shlex
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ import metrics
 import pretrained
 import runtime
 import telemetry
-from model import GPT
+from model import GPT, GPTConfig
 
 
 class TrainingError(RuntimeError):
@@ -55,78 +57,86 @@ def padded_vocab(meta: dict) -> int:
     return v if meta["tokenizer"] == "char" else (v + 63) // 64 * 64
 
 
-@torch.no_grad()
-def estimate_loss(model, samplers: dict, cfg, rt: runtime.Runtime) -> dict:
-    """Mean loss over the same eval_iters batches of each split every time; ranks share the work."""
-    model.eval()
-    out = {}
-    for split, sampler in samplers.items():
-        total = torch.zeros(2, device=rt.device)  # (sum of losses, count)
-        for i in range(-(-cfg.eval_iters // rt.world_size)):  # the same number of forwards on every rank
-            g = i * rt.world_size + rt.rank  # (FSDP gathers weights in each forward: ranks must stay in step)
-            x, y = sampler.get(min(g, cfg.eval_iters - 1), rt.device)
-            with rt.autocast():
-                _, loss = model(x, y)
-            if g < cfg.eval_iters:  # a batch beyond eval_iters only kept this rank in step
-                total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
-        if rt.ddp:
-            dist.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
-    model.train()
-    return out
+# ----------------------------------------------------------------------------- setup: out_dir, data, model
 
 
-def check_resume(cfg, saved: dict):
-    """The model shape must match the checkpoint; other changes (max_iters, lr, ...) are allowed."""
+def prepare_out_dir(cfg: config.TrainConfig, rt: runtime.Runtime):
+    """out_dir must be writable, and a new run never replaces the checkpoints of another one unasked."""
+    out_dir = Path(cfg.out_dir)
+    found = checkpoint.existing_run(out_dir) if cfg.init_from != "resume" else None
+    if found and not cfg.overwrite:
+        raise config.ConfigError(
+            f"out_dir '{out_dir}' already holds a run ({checkpoint.describe(found)}); continue it with "
+            "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it"
+        )
+    if not rt.master:
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write_test").touch()
+        (out_dir / ".write_test").unlink()
+        checkpoint.remove_stale_temps(out_dir)
+    except OSError as e:
+        msg = f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir"
+        raise config.ConfigError(msg) from None
+    if found:
+        rt.print(f"--overwrite=True: deleting the checkpoints of the run in {out_dir} ({checkpoint.describe(found)})")
+        checkpoint.remove_run(out_dir)
+
+
+@dataclass
+class Data:
+    meta: dict  # the tokenizer and token files (meta.json)
+    train: dataset.BatchSampler  # the training batches, in an order fixed by the seed
+    evals: dict[str, dataset.BatchSampler]  # the fixed batches that estimate each split's loss
+
+
+def load_data(cfg: config.TrainConfig, rt: runtime.Runtime) -> Data:
+    """Prepare the dataset if needed (one process per node), then map its token files."""
+    if rt.local_rank == 0:
+        dataset.ensure_prepared(cfg.dataset, cfg.data_dir)
+    if rt.ddp:
+        dist.barrier()
+    folder = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
+    meta = dataset.read_meta(folder)
+    tokens = {split: dataset.load_tokens(folder, split, meta) for split in ("train", "val")}
+    B, T, seed = cfg.batch_size, cfg.block_size, cfg.seed
+    evals = {
+        "train": dataset.BatchSampler(tokens["train"], T, B, seed + 1, "train split"),
+        "val": dataset.BatchSampler(tokens["val"], T, B, seed + 2, "val split"),
+    }
+    return Data(meta, dataset.BatchSampler(tokens["train"], T, B, seed, "train split"), evals)
+
+
+def check_resume(cfg: config.TrainConfig, saved: dict):
+    """A resumed run keeps its model and its dataset; the schedule, batch and the like may change."""
+    fine_tuned = saved["config"].get("init_from") not in ("scratch", "resume")
     for key, old in saved["model_config"].items():
-        new = getattr(cfg, key)
-        if key not in ("dropout", "vocab_size") and new != old:
+        if key in ("dropout", "vocab_size") or (fine_tuned and key in pretrained.SHAPE_KEYS):
+            continue  # a fine-tuned model's shape is GPT-2's, whatever the config says
+        new = getattr(cfg, key, old)
+        if new != old:
             raise checkpoint.CheckpointError(
                 f"the checkpoint's model has {key}={old!r} but the config says {new!r}; "
                 f"use --{key}={old!r} to resume, or a new out_dir to start over"
             )
+    old = saved.get("data", {}).get("dataset", cfg.dataset)
+    if old != cfg.dataset:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint was trained on dataset '{old}' but the config says '{cfg.dataset}'; use "
+            f"--dataset={old} to resume, or --init_from=scratch with a new out_dir for '{cfg.dataset}'"
+        )
 
 
-def format_eta(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def train(cfg: config.TrainConfig) -> dict:
-    """Run training as configured; returns the final losses and timings."""
-    rt = runtime.init_runtime(cfg.device, cfg.dtype)
-    out_dir = Path(cfg.out_dir)
-    if rt.master:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / ".write_test").touch()
-            (out_dir / ".write_test").unlink()
-            checkpoint.remove_stale_temps(out_dir)
-        except OSError as e:
-            msg = f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir"
-            raise config.ConfigError(msg) from None
-
-    # data: prepared by one process per node, then read by all
-    if rt.local_rank == 0:
-        data_dir = dataset.ensure_prepared(cfg.dataset, cfg.data_dir)
-    if rt.ddp:
-        dist.barrier()
-    data_dir = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
-    meta = dataset.read_meta(data_dir)
-
-    # model: new, resumed, or pretrained GPT-2 (whose shape is the checkpoint's); the same weights on every rank
-    torch.manual_seed(cfg.seed)
-    saved, model = None, None
-    if cfg.init_from == "resume":
-        saved = checkpoint.load(out_dir / "ckpt.pt")
-        if saved["config"].get("init_from") not in ("scratch", "resume"):  # fine-tuning: shape from the checkpoint
-            for key in pretrained.SHAPE_KEYS:
-                setattr(cfg, key, saved["model_config"][key])
+def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tuple[GPTConfig, GPT | None]:
+    """The model's config: the checkpoint's when resuming, GPT-2's when fine-tuning (with the loaded
+    model), else the config's keys with the dataset's vocabulary."""
+    model = None
+    if saved is not None:
         check_resume(cfg, saved)
-        cfg.vocab_size = saved["model_config"]["vocab_size"]
+        model_cfg = GPTConfig(**{**saved["model_config"], "dropout": cfg.dropout})
     elif cfg.init_from == "scratch":
-        cfg.vocab_size = padded_vocab(meta)
+        model_cfg = replace(cfg.model_config(), vocab_size=padded_vocab(meta))
     else:
         pretrained.check_compatible(cfg)
         if meta["tokenizer"] != "gpt2":
@@ -135,247 +145,376 @@ def train(cfg: config.TrainConfig) -> dict:
                 f"{meta['tokenizer']}-level; use a BPE dataset such as shakespeare"
             )
         model = pretrained.load_pretrained(cfg.init_from, cfg.dropout, cfg.block_size)
-        for key in pretrained.SHAPE_KEYS:
-            setattr(cfg, key, getattr(model.config, key))
-        rt.print(f"initialised from pretrained {cfg.init_from}")
-    if cfg.vocab_size < meta["vocab_size"]:
-        raise dataset.DataError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than the dataset's")
-    model = model or GPT(cfg.model_config())
-    model = runtime.parallelize(model.to(rt.device), cfg.parallel, rt)
+        model_cfg = model.config
+    if model_cfg.vocab_size < meta["vocab_size"]:
+        raise dataset.DataError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the dataset's")
+    return model_cfg, model
+
+
+@dataclass
+class TrainState:
+    raw_model: GPT  # unwrapped and uncompiled: what checkpoints save and telemetry reads
+    model: torch.nn.Module  # what runs forward: raw_model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # scales fp16 losses; disabled otherwise
+    sync_target: torch.nn.Module  # who controls the gradient all-reduce (the DDP wrapper or the FSDP model)
+    step: int = 0  # optimizer steps taken
+    samples_seen: int = 0  # training samples read by all processes together before this step
+    best_val: float = math.inf
+    saved_step: int = -1  # step of the newest checkpoint written or resumed from
+    last_eval: dict = field(default_factory=dict)  # the newest loss estimate: step, train, val
+
+
+def build_state(cfg, rt, model_cfg: GPTConfig, model: GPT | None, saved: dict | None) -> TrainState:
+    """Model (sharded under FSDP), optimizer and GradScaler, restored from the checkpoint if there is one."""
+    model = runtime.parallelize((model or GPT(model_cfg)).to(rt.device), cfg.parallel, rt)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
-    torch.manual_seed(cfg.seed + rt.rank)
-    step, best_val = 0, float("inf")
+    torch.manual_seed(cfg.seed + rt.rank)  # dropout differs per rank
+    state = TrainState(model, model, optimizer, scaler, model)
     if saved is not None:
-        checkpoint.load_model_and_optimizer_state(model, optimizer, saved)
-        if saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        step, best_val = saved["step"], saved["best_val_loss"]
-        rngs = saved["rng"]
-        if len(rngs) == rt.world_size:
-            checkpoint.set_rng_state(rngs[rt.rank])
-        else:
-            rt.print(f"note: the checkpoint was written by {len(rngs)} process(es): data order and RNG differ now")
-        rt.print(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
-        changed = {
-            k: (v, getattr(cfg, k))
-            for k, v in saved["config"].items()
-            if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("init_from",)
-        }
-        for k, (old, new) in changed.items():
-            rt.print(f"  config change on resume: {k} = {new!r} (was {old!r})")
-    raw_model = model  # checkpoints are saved from this unwrapped, uncompiled module
-    use_compile = cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
-    if use_compile:
-        model = torch.compile(model)
-    model = runtime.wrap_ddp(model, cfg.parallel, rt)
-    sync_target = raw_model if cfg.parallel == "fsdp" else model  # who controls the gradient all-reduce
+        restore(state, saved, cfg, rt)
+    return state
 
-    # data order: a deterministic function of the step, so resuming reads the same batches
-    train_tokens = dataset.load_tokens(data_dir, "train", meta)
-    val_tokens = dataset.load_tokens(data_dir, "val", meta)
-    sampler = dataset.BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, "train split")
-    eval_samplers = {
-        "train": dataset.BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1, "train split"),
-        "val": dataset.BatchSampler(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 2, "val split"),
-    }
-    accum, world = cfg.gradient_accumulation_steps, rt.world_size
-    tokens_per_step = cfg.batch_size * cfg.block_size * accum * world
 
+def restore(s: TrainState, saved: dict, cfg: config.TrainConfig, rt: runtime.Runtime):
+    """Continue a checkpointed run: its state, and at the same sample of the data whatever the batch shape."""
+    if not checkpoint.restore(saved, s.raw_model, s.optimizer, s.scaler, rt):
+        rt.print(f"note: the checkpoint was written by {len(saved['rng'])} process(es): dropout's RNG differs now")
+    s.step, s.best_val, s.saved_step = saved["step"], saved["best_val_loss"], saved["step"]
+    s.last_eval = saved.get("last_eval", {})
+    old = saved["config"]
+    shape = lambda c, w: f"{c['batch_size']} x {c['gradient_accumulation_steps']} micro-steps x {w} process(es)"
+    s.samples_seen = saved["data"].get(
+        "samples_seen", s.step * old["batch_size"] * old["gradient_accumulation_steps"] * len(saved["rng"])
+    )
+    rt.print(f"resumed from {Path(cfg.out_dir) / 'ckpt.pt'} at step {s.step}, sample {s.samples_seen:,}")
+    before, now = shape(old, len(saved["rng"])), shape(config.to_dict(cfg), rt.world_size)
+    if before != now:
+        rt.print(f"  batch shape changed: {before} -> {now}; reading on from sample {s.samples_seen:,}")
+    model_keys = set(saved["model_config"]) - {"dropout"}
+    for k, v in old.items():
+        if k not in model_keys | {"init_from"} and hasattr(cfg, k) and getattr(cfg, k) != v:
+            rt.print(f"  config change on resume: {k} = {getattr(cfg, k)!r} (was {v!r})")
+
+
+def compile_model(s: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.BatchSampler) -> float | None:
+    """torch.compile (compile=auto: on CUDA) and wrap in DDP. Compilation happens here, announced and
+    timed, by one forward in eval mode and one forward and backward in train mode (gradients dropped,
+    random state untouched) on a batch of sampler, not inside the first evaluation or step. Returns the
+    seconds it took (None: not compiled)."""
+    use = cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
+    s.model = runtime.wrap_ddp(torch.compile(s.raw_model) if use else s.raw_model, cfg.parallel, rt)
+    s.sync_target = s.raw_model if cfg.parallel == "fsdp" else s.model
+    if not use:
+        return None
+    rt.print("compiling the model (torch.compile; the first compile of a new shape takes a minute or two) ...")
+    t0 = time.perf_counter()
+    x, y = sampler.get(0, rt.device)
+    with torch.random.fork_rng(devices=[rt.device] if rt.device_type == "cuda" else []):
+        s.model.eval()
+        with torch.no_grad(), rt.autocast():
+            s.model(x, y)
+        s.model.train()
+        with runtime.no_grad_sync(s.sync_target, True):
+            with rt.autocast():
+                _, loss = s.model(x, y)
+            loss.backward()
+        s.optimizer.zero_grad(set_to_none=True)
+    runtime.synchronize(rt)
+    seconds = time.perf_counter() - t0
+    rt.print(f"compiled in {seconds:.1f}s")
+    return seconds
+
+
+def describe_run(cfg, rt, s: TrainState, model_cfg: GPTConfig, meta: dict, compiled: bool) -> dict:
+    """Write the resolved config to out_dir/config.json; print what differs from the defaults and the model."""
+    world = rt.world_size
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
     resolved = {
         **config.to_dict(cfg),
+        **config.to_dict(model_cfg),  # the model as built (fine-tuning and resume take the checkpoint's shape)
         "git_commit": metrics.git_commit(),
         "world_size": world,
         "device": rt.device,
         "compute_dtype": str(rt.dtype).removeprefix("torch."),
-        "compile": use_compile,
+        "compile": compiled,
         "tokens_per_step": tokens_per_step,
-        "num_params": raw_model.num_params(),
+        "num_params": s.raw_model.num_params(),
+        "tokenizer": meta["tokenizer"],
     }
     if rt.master:
-        rt.print(json.dumps(resolved, indent=1))
-        (out_dir / "config.json").write_text(json.dumps(resolved, indent=1))
+        path = Path(cfg.out_dir) / "config.json"
+        path.write_text(json.dumps(resolved, indent=1))
+        changed = " ".join(f"{k}={v!r}" for k, v in config.changed_from_defaults(cfg).items()) or "none"
+        rt.print(textwrap.fill(f"config (all of it in {path}); set differently from the defaults: {changed}", 110))
     rt.print(
-        f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M "
-        f"with position embeddings); {tokens_per_step:,} tokens per step on {world} process(es), {rt.device}"
+        f"model: {s.raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step on "
+        f"{world} process(es), {rt.device} {resolved['compute_dtype']}, compile={compiled}"
     )
-    wandb_config = resolved if cfg.wandb_log else None
-    logger = metrics.Logger(
-        cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh=cfg.init_from != "resume"
-    )
-    peak = runtime.peak_flops(rt, cfg.peak_flops)
-    tele = telemetry.Telemetry(raw_model)
-    if cfg.probe_init:  # statistics of the untrained model, then stop
-        batches = [sampler.get(g * world + rt.rank, rt.device) for g in range(cfg.eval_iters)]
-        record = {"step": step, "probe_init": True, **telemetry.probe(raw_model, batches, rt.autocast)}
-        rt.print(f"at initialisation, mean of {cfg.eval_iters} batches (loss {record['loss']:.4f}):")
-        rt.print(telemetry.table(record))
-        logger.log(record)
-        logger.close()
-        runtime.shutdown(rt)
-        return record
+    return resolved
 
-    def save_checkpoint(is_best: bool):
-        rngs = [None] * world
-        if rt.ddp:
-            dist.all_gather_object(rngs, checkpoint.rng_state())
-        else:
-            rngs = [checkpoint.rng_state()]
-        model_state, optimizer_state = checkpoint.model_and_optimizer_state(raw_model, optimizer)
-        if rt.master:
-            state = {
-                "version": checkpoint.FORMAT_VERSION,
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "step": step,
-                "best_val_loss": best_val,
-                "config": config.to_dict(cfg),
-                "model_config": config.to_dict(cfg.model_config()),
-                "tokenizer": json.dumps(meta),
-                "data": {"dataset": cfg.dataset, "samples_seen": step * accum * world * cfg.batch_size},
-                "rng": rngs,
-            }
-            checkpoint.save_run(state, out_dir, cfg.keep_checkpoints, is_best)
 
-    # Ctrl-C or SIGTERM (preemption): finish the step, save, and exit cleanly
-    stop = {"signal": None}
+# ----------------------------------------------------------------------------- the pieces of the loop
 
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        rt.print(f"\n{stop['signal']} received: finishing this step and saving a checkpoint")
 
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    t_start = time.perf_counter()
-    eval_time, last = 0.0, {}
-    step_time, ms_avg, losses = 0.0, None, []  # step_time: seconds in training steps since the last log
-    x, y = sampler.get((step * accum) * world + rt.rank, rt.device)
-    first_step = step
+@torch.no_grad()
+def evaluate(model, samplers: dict, cfg, rt: runtime.Runtime, stop: runtime.GracefulStop) -> dict | None:
+    """Mean loss over the same eval_iters batches of each split every time; ranks share the work.
+    Returns None, abandoning the estimate, as soon as a stop is requested (checked between batches)."""
+    model.eval()
     try:
-        while True:
-            done = step >= cfg.max_iters or stop["signal"] is not None
-            is_best = False
-            if step % cfg.eval_interval == 0 or step >= cfg.max_iters:
-                te = time.perf_counter()
-                last = estimate_loss(model, eval_samplers, cfg, rt)
-                eval_time += time.perf_counter() - te
-                is_best, best_val = last["val"] < best_val, min(best_val, last["val"])
-                elapsed = time.perf_counter() - t_start
-                rt.print(
-                    f"step {step}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
-                    f"({elapsed:.1f}s, {eval_time:.1f}s of it in eval)"
-                )
-                logger.log(
-                    {
-                        "step": step,
-                        "train_loss": last["train"],
-                        "val_loss": last["val"],
-                        "time": elapsed,
-                        "eval_time": eval_time,
-                    }
-                )
-            periodic = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
-            if step > first_step and (periodic or is_best or done):
-                save_checkpoint(is_best)
-            if done:
-                break
-
-            t0 = time.perf_counter()
-
-            lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=rt.device)
-            tele_step = cfg.telemetry_interval and step % cfg.telemetry_interval == 0
-            with tele.capture_rms() if tele_step else nullcontext():  # per-layer stream RMS
-                for micro in range(accum):
-                    skip_sync = micro < accum - 1  # all-reduce gradients on the last micro-step only
-                    with runtime.no_grad_sync(sync_target, skip_sync), rt.autocast():
-                        _, loss = model(x, y)
-                        loss = loss / accum
-                    g = ((step * accum) + micro + 1) * world + rt.rank  # prefetch the next micro-batch
-                    x, y = sampler.get(g, rt.device)
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-            scaler.unscale_(optimizer)
-            if tele_step:
-                record, before = {"step": step, **tele.grad_norms()}, tele.snapshot()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            if not scaler.is_enabled() and not (torch.isfinite(grad_norm) and torch.isfinite(loss_sum)):
-                raise TrainingError(
-                    f"step {step}: loss {loss_sum.item():.4g}, gradient norm {grad_norm.item():.4g} "
-                    "is not finite; the last checkpoint is kept; lower learning_rate or use "
-                    "float32/bfloat16, then resume"
-                )
-            scaler.step(optimizer)  # under fp16, skips the step if the gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if tele_step:
-                logger.log({**record, **tele.update_ratios(before), "rms": tele.rms})
-            step += 1
-            losses.append(loss_sum)
-            step_time += time.perf_counter() - t0  # the isfinite check above synced with the device
-
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                ms = step_time * 1000 / len(losses)
-                ms_avg = ms if ms_avg is None else 0.9 * ms_avg + 0.1 * ms
-                loss_mean = torch.stack(losses).mean()
-                if rt.ddp:  # the mean over every rank's micro-batches (gloo has no AVG: sum, then divide)
-                    dist.all_reduce(loss_mean)
-                    loss_mean /= world
-                loss_val = loss_mean.item()
-                tok_s = tokens_per_step / (ms / 1000)
-                mfu = raw_model.estimate_mfu(tok_s / world, peak) if peak else None
-                eta = format_eta((cfg.max_iters - step) * ms_avg / 1000)
-                mfu_txt = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
-                rt.print(
-                    f"step {step}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {ms:.1f} ms | "
-                    f"{tok_s / 1000:.1f}k tok/s{mfu_txt} | eta {eta}"
-                )
-                logger.log(
-                    {
-                        "step": step,
-                        "loss": loss_val,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                        "ms_per_step": ms,
-                        "tokens_per_sec": tok_s,
-                        "mfu": mfu,
-                        "time": time.perf_counter() - t_start,
-                    }
-                )
-                step_time, losses = 0.0, []
-
-            if rt.ddp:  # a signal may reach one rank only: stop together
-                flag = torch.tensor(float(stop["signal"] is not None), device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
-        if stop["signal"]:
-            rt.print(
-                f"saved {out_dir / 'ckpt.pt'} at step {step}; continue with the same command and "
-                f"--init_from=resume (out_dir={cfg.out_dir})"
-            )
+        out = {}
+        for split, sampler in samplers.items():
+            total = torch.zeros(2, device=rt.device)  # (sum of losses, count)
+            for i in range(-(-cfg.eval_iters // rt.world_size)):  # the same number of forwards on every rank
+                if stop.agreed():  # under DDP every rank checks at the same batch, so all abandon together
+                    return None
+                g = i * rt.world_size + rt.rank  # (FSDP gathers weights in each forward: ranks must stay in step)
+                x, y = sampler.get(min(g, cfg.eval_iters - 1), rt.device)
+                with rt.autocast():
+                    _, loss = model(x, y)
+                if g < cfg.eval_iters:  # a batch beyond eval_iters only kept this rank in step
+                    total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+            if rt.ddp:
+                dist.all_reduce(total)
+            out[split] = (total[0] / total[1]).item()
+        return out
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        logger.close()
-        runtime.shutdown(rt)
-    total = time.perf_counter() - t_start
-    rt.print(
-        f"done: step {step}, val loss {last.get('val', float('nan')):.4f}, {total:.1f}s ({eval_time:.1f}s in eval)"
+        model.train()
+
+
+def train_step(s: TrainState, batches, lr: float, cfg, rt: runtime.Runtime, tele=None):
+    """One optimizer step: gradient_accumulation_steps micro-batches forward and backward (gradients
+    all-reduced on the last one only), unscale, clip, step. Returns the mean loss and the gradient norm
+    as device tensors: nothing here waits for the device. With tele (a telemetry.Telemetry), also this
+    step's per-layer record, which does wait for it."""
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    accum = cfg.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=rt.device)
+    with tele.capture_rms() if tele else nullcontext():  # per-layer stream RMS
+        for micro in range(accum):
+            x, y = next(batches)
+            with runtime.no_grad_sync(s.sync_target, micro < accum - 1):  # all-reduce on the last micro-step
+                with rt.autocast():
+                    _, loss = s.model(x, y)
+                    loss = loss / accum
+                s.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+    s.scaler.unscale_(s.optimizer)
+    if tele:
+        record, before = tele.grad_norms(), tele.snapshot()
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), cfg.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor; its local value is the global norm
+        grad_norm = grad_norm.full_tensor()
+    s.scaler.step(s.optimizer)  # under fp16, skips the step if the gradients overflowed
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    if tele:
+        record = {**record, **tele.update_ratios(before), "rms": tele.rms}
+    return loss_sum, grad_norm, record if tele else None
+
+
+class Health:
+    """Remembers, on the device, the first step whose loss or gradient norm was not finite; check()
+    reads it back (at log time and before any checkpoint) and stops the run before bad weights are saved.
+    Under fp16 the GradScaler skips such steps itself, so nothing is tracked."""
+
+    def __init__(self, device: str, enabled: bool):
+        self.enabled = enabled
+        self.first = torch.full((3,), -1.0, device=device)  # (step, loss, gradient norm), step -1: none yet
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor):
+        if self.enabled:
+            now = torch.stack([torch.full_like(loss, step), loss.float(), grad_norm.float()])
+            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] < 0)
+            self.first = torch.where(bad, now, self.first)
+
+    def check(self):
+        step, loss, grad_norm = self.first.tolist()
+        if step >= 0:
+            raise TrainingError(
+                f"step {int(step)}: loss {loss:.4g}, gradient norm {grad_norm:.4g} is not finite; the last "
+                "checkpoint is kept; lower learning_rate or use float32/bfloat16, then resume"
+            )
+
+
+def save(s: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: Health, is_best: bool):
+    health.check()
+    fields = dict(
+        step=s.step,
+        best_val_loss=s.best_val,
+        last_eval=s.last_eval,
+        config=config.to_dict(cfg),
+        model_config=config.to_dict(model_cfg),
+        tokenizer=json.dumps(meta),
+        data={"dataset": cfg.dataset, "samples_seen": s.samples_seen},
     )
+    state = checkpoint.training_state(s.raw_model, s.optimizer, s.scaler, rt, **fields)
+    if rt.master:
+        checkpoint.save_run(state, Path(cfg.out_dir), cfg.keep_checkpoints, is_best)
+    s.saved_step = s.step
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
+    """Run training as configured; returns the final losses and timings. argv, when given, is the
+    command line, quoted back in the resume hint of an interrupted run."""
+    t_start = time.perf_counter()
+    rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    stop, logger = runtime.GracefulStop(rt), None
+    try:
+        with stop.interruptible():  # nothing to save yet: a signal ends the run at once
+            prepare_out_dir(cfg, rt)
+            data = load_data(cfg, rt)
+            saved = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt") if cfg.init_from == "resume" else None
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+            model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
+            s = build_state(cfg, rt, model_cfg, pretrained_model, saved)
+            if cfg.probe_init:
+                describe_run(cfg, rt, s, model_cfg, data.meta, compiled=False)
+                return probe_init(s, data, cfg, rt)
+            compile_s = compile_model(s, cfg, rt, data.evals["val"])
+            resolved = describe_run(cfg, rt, s, model_cfg, data.meta, compile_s is not None)
+            wandb_config = resolved if cfg.wandb_log else None
+            fresh = cfg.init_from != "resume"
+            logger = metrics.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh)
+        return loop(cfg, rt, s, data, model_cfg, logger, stop, t_start, compile_s or 0.0, argv)
+    except runtime.Interrupted as e:
+        rt.print(f"stopped by {e} before training began: nothing new to save")
+        return {"step": None, "interrupted": str(e)}
+    finally:
+        stop.restore()
+        if logger:
+            logger.close()
+        runtime.shutdown(rt)
+
+
+def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, compile_s, argv) -> dict:
+    """Evaluate now and then, step, log, checkpoint, until max_iters or a stop is requested."""
+    world, first_step = rt.world_size, s.step
+    ahead = 4 if rt.device_type == "cuda" else 0  # gather and pin batches in a background thread on GPUs
+    batches = dataset.micro_batches(data.train, s.samples_seen, rt.rank, world, rt.device, ahead)
+    samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    tele, health = telemetry.Telemetry(s.raw_model), Health(rt.device, not s.scaler.is_enabled())
+    meter = metrics.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world)
+    peak = runtime.peak_flops(rt, cfg.peak_flops)
+    recent, stopping, first_eval = metrics.RecentLoss(rt), False, True
+    while True:
+        done = s.step >= cfg.max_iters or stopping
+        is_best = False
+        if (s.step % cfg.eval_interval == 0 or s.step >= cfg.max_iters) and not stopping:
+            if first_eval:
+                rt.print(f"step {s.step}: estimating the loss on {cfg.eval_iters} batches of each split ...")
+            with meter.pause(eval_time=True):
+                estimate = evaluate(s.model, data.evals, cfg, rt, stop)
+            first_eval = False
+            if estimate is None:  # a stop was requested: the estimate is abandoned
+                done = stopping = True
+            else:
+                s.last_eval = {"step": s.step, **estimate}
+                is_best, s.best_val = estimate["val"] < s.best_val, min(s.best_val, estimate["val"])
+                log_eval(rt, logger, s.last_eval, time.perf_counter() - t_start, meter.eval_s)
+        periodic = cfg.checkpoint_interval and s.step % cfg.checkpoint_interval == 0
+        if s.step > max(first_step, s.saved_step) and (periodic or is_best or done):
+            with meter.pause():
+                save(s, cfg, rt, model_cfg, data.meta, health, is_best)
+        if done:
+            break
+        tele_step = cfg.telemetry_interval and s.step % cfg.telemetry_interval == 0
+        loss, grad_norm, record = train_step(s, batches, get_lr(s.step, cfg), cfg, rt, tele if tele_step else None)
+        health.update(s.step, loss, grad_norm)
+        if record:
+            logger.log({"step": s.step, **record})
+        s.step, s.samples_seen = s.step + 1, s.samples_seen + samples_per_step
+        recent.add(loss, grad_norm)
+        if s.step % cfg.log_interval == 0 or s.step == cfg.max_iters:
+            health.check()
+            log_step(rt, logger, s, cfg, meter, recent, peak, time.perf_counter() - t_start)
+        if not rt.ddp or s.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
+            stopping = stop.agreed()
+    return finish(cfg, rt, s, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
+
+
+def log_eval(rt, logger, last: dict, elapsed: float, eval_s: float):
+    rt.print(
+        f"step {last['step']}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
+        f"({elapsed:.1f}s, {eval_s:.1f}s of it in eval)"
+    )
+    record = {"step": last["step"], "train_loss": last["train"], "val_loss": last["val"]}
+    logger.log({**record, "time": elapsed, "eval_time": eval_s})
+
+
+def log_step(rt, logger, s: TrainState, cfg, meter, recent, peak, elapsed: float):
+    """The log line and record of the steps since the last one; reading the loss back waits for the device."""
+    loss, grad_norm = recent.read()
+    ms, tok_s = meter.lap(s.step)
+    mfu = s.raw_model.estimate_mfu(tok_s / rt.world_size, peak) if peak else None  # per-GPU tokens
+    lr = get_lr(s.step - 1, cfg)
+    eta = format_eta((cfg.max_iters - s.step) * meter.ms_avg / 1000)
+    mfu_txt = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
+    rt.print(
+        f"step {s.step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {ms:.1f} ms | "
+        f"{tok_s / 1000:.1f}k tok/s{mfu_txt} | eta {eta}"
+    )
+    logger.log(
+        {"step": s.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
+         "tokens_per_sec": tok_s, "mfu": mfu, "time": elapsed}  # fmt: skip
+    )
+
+
+def format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def finish(cfg, rt, s: TrainState, recent, stop, meter, total: float, compile_s: float, argv) -> dict:
+    """The last line: where the run stopped and its most recent losses; for an interrupted run, how to resume."""
+    train_loss, last = recent.latest(), s.last_eval
+    val_txt = f"val loss {last['val']:.4f} (step {last['step']})" if last else "no val loss yet"
+    train_txt = f"train loss {train_loss:.4f} (recent steps)" if train_loss is not None else "no step taken"
+    timing = f"{total:.1f}s ({meter.eval_s:.1f}s in eval, {compile_s:.1f}s compiling)"
+    if stop.requested:
+        rt.print(
+            f"stopped by {stop.requested} at step {s.step}: {train_txt}, {val_txt}; saved "
+            f"{Path(cfg.out_dir) / 'ckpt.pt'} (step {s.saved_step}); {timing}\nresume with: {resume_command(cfg, argv)}"
+        )
+    else:
+        rt.print(f"done: step {s.step}, {train_txt}, {val_txt}, {timing}")
     return {
-        "step": step,
+        "step": s.step,
         "train_loss": last.get("train"),
         "val_loss": last.get("val"),
-        "best_val_loss": best_val,
+        "best_val_loss": s.best_val,
+        "recent_train_loss": train_loss,
         "time": total,
-        "eval_time": eval_time,
-        "interrupted": stop["signal"],
+        "eval_time": meter.eval_s,
+        "compile_time": compile_s,
+        "interrupted": stop.requested,
     }
+
+
+def resume_command(cfg, argv: list[str] | None) -> str:
+    if argv is None:
+        return f"the same command with --init_from=resume (out_dir={cfg.out_dir})"
+    kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
+    return shlex.join(["python", "train.py", *kept, "--init_from=resume"])
+
+
+def probe_init(s: TrainState, data: Data, cfg, rt) -> dict:
+    """Telemetry of the untrained model over eval_iters training batches, then stop (probe_init=True)."""
+    batches = [data.train.get(g * rt.world_size + rt.rank, rt.device) for g in range(cfg.eval_iters)]
+    record = {"step": s.step, "probe_init": True, **telemetry.probe(s.raw_model, batches, rt.autocast)}
+    rt.print(f"at initialisation, mean of {cfg.eval_iters} batches (loss {record['loss']:.4f}):")
+    rt.print(telemetry.table(record))
+    logger = metrics.Logger(cfg.out_dir, rt.master, fresh=cfg.init_from != "resume")
+    logger.log(record)
+    logger.close()
+    return record
 
 
 USER_ERRORS = (
@@ -395,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config.parse_args(config.TrainConfig, argv)
-        train(cfg)
+        train(cfg, argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingError) else 2

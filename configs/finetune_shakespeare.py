@@ -20,6 +20,7 @@ max_iters = 20
 learning_rate = 3e-5  # small and constant: nudge the pretrained weights, do not retrain them
 decay_lr = False
 min_lr = 3e-5  # unused without decay; must not exceed learning_rate
+beta2 = 0.95
 
 eval_interval = 5
 eval_iters = 20

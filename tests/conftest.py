@@ -69,6 +69,9 @@ TINY = dict(
     device="cpu",
     compile=False,
     dtype="float32",
+    bias=True,  # the tests were written for GPT-2's defaults (TrainConfig's are configs/small.py's)
+    beta2=0.95,
+    lr_decay_iters=0,
 )
 
 

@@ -132,7 +132,7 @@ def test_float_flag_accepts_int():
     cfg = parse("--learning_rate=1", "--min_lr=0", "--dropout=0")
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
     assert isinstance(cfg.min_lr, float) and isinstance(cfg.dropout, float)
-    assert parse("--learning_rate=3e-4").learning_rate == 3e-4
+    assert parse("--learning_rate=3e-4", "--min_lr=0").learning_rate == 3e-4
 
 
 def test_string_flags_stay_strings():

@@ -1,5 +1,6 @@
 """train.py and sample.py: schedule, outputs, checkpoints, resume, accumulation, errors, and the real command lines."""
 
+import dataclasses
 import functools
 import io
 import json
@@ -92,7 +93,9 @@ def test_train_outputs(tiny_cfg, char_data):
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["vocab_size"] == meta["vocab_size"]
     assert "git_commit" in resolved and resolved["n_layer"] == 2 and resolved["tokens_per_step"] == 4 * 16
-    assert resolved["num_params"] == GPT(cfg.model_config()).num_params()
+    model_cfg = dataclasses.replace(cfg.model_config(), vocab_size=meta["vocab_size"])
+    assert resolved["num_params"] == GPT(model_cfg).num_params()
+    assert cfg == tiny_cfg()  # train() resolves the model without changing the config it was given
 
     recs = metrics_records(out)
     train_recs = [r for r in recs if "loss" in r]
@@ -112,7 +115,7 @@ def test_train_outputs(tiny_cfg, char_data):
     assert CKPT_KEYS <= state.keys()
     assert state["step"] == 20
     assert json.loads(state["tokenizer"]) == meta
-    assert state["model_config"] == config.to_dict(cfg.model_config())
+    assert state["model_config"] == config.to_dict(model_cfg)
     assert state["config"]["n_layer"] == 2
     for key in state["model"]:
         assert not key.startswith(("_orig_mod.", "module.")), key
@@ -168,7 +171,7 @@ def test_a_new_run_starts_a_new_log_and_keeps_the_last(tiny_cfg):
     train.train(cfg)
     out = Path(cfg.out_dir)
     first = (out / "metrics.jsonl").read_text()
-    train.train(tiny_cfg(max_iters=6))
+    train.train(tiny_cfg(max_iters=6, overwrite=True))
     assert (out / "metrics.prev.jsonl").read_text() == first
     steps = [r["step"] for r in metrics_records(out) if "val_loss" in r]
     assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 6  # one run only
