@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import config
@@ -113,9 +113,9 @@ def parse(argv: list[str]) -> tuple[StudyOptions, str, list[str]]:
 
 
 def help_text() -> str:
-    helps, opts = config.field_help(StudyOptions), StudyOptions()
+    helps = config.field_help(StudyOptions)
     lines = [__doc__.strip(), "", "study flags:"]
-    lines += [f"  --{k:<12} {getattr(opts, k)!r:<46} {h}" for k, h in helps.items()]
+    lines += [f"  --{f.name:<10} {f.default!r:<45} {helps[f.name]}" for f in fields(StudyOptions)]
     lines += ["", "variants: " + ", ".join(VARIANTS), "", "questions:"]
     lines += [f"  {n}. {title}" for n, (title, _) in QUESTIONS.items()]
     return "\n".join(lines + ["", "and every key of train.py (python train.py --help), e.g. --max_iters=1000"])

@@ -70,6 +70,7 @@ def test_study_runs_every_variant_and_question(tmp_path, char_data, monkeypatch,
         assert data.startswith(PNG) and len(data) > 1000, name
         assert f"![{name}]({name}.png)" in report
 
+    assert not re.search(r"issue|#\d", report, re.I)  # speaks of the project, not of its tracker
     for n in range(1, 6):
         text = section(report, f"## Question {n}:")
         assert len(numbers(text)) >= 4, (n, text)
@@ -133,6 +134,8 @@ def test_unknown_variant_is_one_line(tmp_path):
         ("--questions=1,7", "--questions must be all, none or some of 1,2,3,4,5"),
         ("--seeds=0", "--seeds must be a positive integer"),
         ("--name", "flag '--name' needs a value"),
+        ("--jobs=two", "config key 'jobs' expects int, got 'two'"),
+        ("config/other.py", "give one config file"),
     ],
 )
 def test_bad_flags_fail_in_one_line(tmp_path, capsys, flag, needle):
@@ -140,6 +143,25 @@ def test_bad_flags_fail_in_one_line(tmp_path, capsys, flag, needle):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_parse_splits_study_flags_from_train_flags():
+    """config.split_flags, as bench.py uses it: a bare bool flag, dashes or underscores, the rest in order."""
+    opts, config_file, user = study.parse(["--n_layer=3", "configs/small.py", "--reuse", "--study-dir=x", "--seeds=3"])
+    assert (opts.reuse, opts.study_dir, opts.seeds, opts.questions, opts.variant_names[:2]) == (
+        True, "x", 3, "1,2,3,4,5", ["pre_ln", "post_ln"]
+    )  # fmt: skip
+    assert (config_file, user) == ("configs/small.py", ["--n_layer=3"])
+    assert study.parse(["configs/small.py", "--questions=none"])[0].question_numbers == set()
+
+
+def test_help_names_every_flag_variant_and_question(capsys):
+    assert study_main(["configs/small.py", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--variants", "--seeds", "--questions", "--name", "--study_dir", "--reuse", "--jobs"):
+        assert f"  {flag} " in out, flag
+    assert all(v in out for v in study.VARIANTS) and all(title in out for title, _ in study.QUESTIONS.values())
+    assert not re.search(r"issue|#\d", out, re.I), out  # speaks of the project, not of its tracker
 
 
 def test_one_run_per_gpu_when_there_are_several(monkeypatch):
