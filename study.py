@@ -73,6 +73,8 @@ class StudyError(ValueError):
 
 @dataclass
 class StudyOptions:
+    """study.py's own flags; every other --key=value is train.py's."""
+
     variants: str = DEFAULT_VARIANTS  # the variants to train, comma-separated (the list is below)
     seeds: int = 2  # runs per variant, seeds seed, seed+1, ...: the same for every variant
     questions: str = "all"  # all | none | some of 1,2,3,4,5
@@ -161,12 +163,8 @@ class Job:
     def read(self, out: Path):
         """Its outcome (study.json) and records (metrics.jsonl, config.json) from its folder."""
         result = json.loads((out / "study.json").read_text())
-        self.rc, self.error, self.wall, self.load = (
-            result["rc"],
-            result["error"],
-            result["wall"],
-            result.get("load", NAN),
-        )
+        self.rc, self.error, self.wall = result["rc"], result["error"], result["wall"]
+        self.load = result.get("load", NAN)
         recs = metrics.read(out) if (out / "metrics.jsonl").exists() else []
         self.evals = [r for r in recs if "val_loss" in r]
         self.trains = [r for r in recs if "ms_per_step" in r]
