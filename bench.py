@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,17 +63,7 @@ class BenchOptions:
 
 def parse(argv: list[str]) -> tuple[BenchOptions, list[str]]:
     """Split bench.py's own flags from train.py's (returned as they are). A bool flag may be bare."""
-    hints, own, rest = typing.get_type_hints(BenchOptions), {}, []
-    for arg in argv:
-        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        key = key.replace("-", "_")
-        if key not in hints:
-            rest.append(arg)
-        elif eq or hints[key] is bool:
-            own[key] = config.coerce(key, text if eq else "true", hints[key], from_cli=True)
-        else:
-            raise config.ConfigError(f"flag '{arg}' needs a value: write --{key}=VALUE")
-    return BenchOptions(**own), rest
+    return config.split_flags(BenchOptions, argv)
 
 
 # ----------------------------------------------------------------------------- table

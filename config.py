@@ -250,3 +250,24 @@ def to_dict(cfg) -> dict:
 def changed_from_defaults(cfg) -> dict:
     """The keys whose values differ from the dataclass defaults, in field order."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+
+
+def split_flags(cls, argv: list[str]) -> tuple[typing.Any, list[str]]:
+    """Split a tool's own flags (the fields of the dataclass cls) from the rest of argv, which is returned
+    as it is, in order (config files and train.py's flags). A bool flag may be bare (--synthetic)."""
+    hints, own, rest = typing.get_type_hints(cls), {}, []
+    for arg in argv:
+        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        key = key.replace("-", "_")
+        if key not in hints:
+            rest.append(arg)
+        elif eq or hints[key] is bool:
+            own[key] = coerce(key, text if eq else "true", hints[key], from_cli=True)
+        else:
+            raise ConfigError(f"flag '{arg}' needs a value: write --{key}=VALUE")
+    try:
+        return cls(**own), rest
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -110,6 +110,14 @@ def test_sampling_speed_random_model_and_checkpoint(time_to_loss, capsys):
     assert number(row(out, "speed-up")[0]) > 0
 
 
+def test_parse_splits_bench_flags_from_train_flags():
+    argv = ["configs/small.py", "--steps=3", "--synthetic", "--n_layer=2", "--time-to-loss", "--thresholds=2,1.9"]
+    opts, rest = bench.parse([*argv, "--device=cpu", "--repeats=2"])
+    assert (opts.steps, opts.synthetic, opts.time_to_loss, opts.levels, opts.repeats) == (3, True, True, [2, 1.9], 2)
+    assert (opts.warmup, opts.sample, opts.compare) == (5, False, "")  # the defaults
+    assert rest == ["configs/small.py", "--n_layer=2", "--device=cpu"]  # train.py's, as given and in order
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -119,6 +127,7 @@ def test_sampling_speed_random_model_and_checkpoint(time_to_loss, capsys):
         (["--time_to_loss", "--thresholds=2.0,x"], "thresholds must be numbers"),
         (["--time_to_loss", "--sample"], "choose one of"),
         (["--synthetic=maybe"], "expects bool"),
+        (["--repeats=2.5"], "config key 'repeats' expects int, got 2.5"),
         (["--n_layr=2"], "unknown config key 'n_layr'"),
         (["--compare=configs/nothere.py"], "config file 'configs/nothere.py' not found"),
         (["--sample", "--device=cpu", "--out_dir=/nonexistent/run"], "no checkpoint at"),
