@@ -44,6 +44,9 @@ class BenchOptions:
     repeats: int = 1  # --time_to_loss, --sample: runs of each measurement; the median is reported
     sample: bool = False  # sampling speed with and without the KV cache
     new_tokens: int = 500  # --sample: tokens generated per measurement
+    suite: str = ""  # "gpu": every GPU figure of the project in one table, in under 9 minutes (gpu_suite.py)
+    nanogpt: str = ""  # --suite: a copy of nanoGPT to measure side by side (e.g. ../shared/reference/nanoGPT)
+    logs: str = ""  # --suite: where each measurement's output goes (default: $OUT, else gpu-suite/)
 
     def __post_init__(self):
         for key in ("steps", "repeats", "new_tokens"):
@@ -131,6 +134,7 @@ def build(cfg: config.TrainConfig, rt: runtime.Runtime, synthetic: bool):
 def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
     """Time train.train_step itself: steady-state steps after the warm-up ones, read back once at the end."""
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    cfg = cfg.for_world(1)
     state, batches, compile_s = build(cfg, rt, opts.synthetic)
     step = lambda: train.train_step(state, batches, cfg.learning_rate, cfg, rt)[0]
     for _ in range(opts.warmup):
@@ -249,6 +253,11 @@ def run(argv: list[str]):
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise config.ConfigError("bench.py measures one process; run it with python, not torchrun")
     opts, rest = parse(argv)
+    if opts.suite:
+        import gpu_suite
+
+        config.check_choice("suite", opts.suite, ("gpu",))
+        return gpu_suite.main(opts.nanogpt, opts.logs)
     flags = [a for a in rest if a.startswith("--")]
     out_dir = next((a.split("=", 1)[1] for a in reversed(flags) if a.startswith("--out_dir=")), None)
     runs = [rest] + ([[opts.compare, *flags]] if opts.compare else [])

@@ -49,6 +49,7 @@ class TrainConfig(GPTConfig):
     # -- batch and schedule
     batch_size: int = 24  # sequences per micro-batch (per process)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (per process)
+    batch_tokens: int = 0  # tokens per optimizer step over all processes: sets gradient_accumulation_steps (0: off)
     max_iters: int = 2000  # optimizer steps in the whole run
     learning_rate: float = 5e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-3  # learning rate at the end of the cosine decay
@@ -84,7 +85,8 @@ class TrainConfig(GPTConfig):
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "telemetry_interval"):
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "telemetry_interval",
+                    "batch_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.learning_rate <= 0 or self.min_lr < 0:
@@ -108,6 +110,19 @@ class TrainConfig(GPTConfig):
             check_choice("compile", self.compile, ("auto",))
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.dataset):
             raise ConfigError(f"dataset must be a folder name under data/, got {self.dataset!r}")
+
+    def for_world(self, world_size: int) -> "TrainConfig":
+        """This config for world_size processes: with batch_tokens, the gradient_accumulation_steps that
+        keep that many tokens per optimizer step (nanochat's total_batch_size)."""
+        if not self.batch_tokens:
+            return self
+        micro = self.batch_size * self.block_size * world_size  # tokens of one micro-step over all processes
+        if self.batch_tokens % micro:
+            raise ConfigError(
+                f"batch_tokens ({self.batch_tokens:,}) must be a multiple of batch_size x block_size x processes "
+                f"({self.batch_size} x {self.block_size} x {world_size} = {micro:,}); change one of them"
+            )
+        return dataclasses.replace(self, gradient_accumulation_steps=self.batch_tokens // micro)
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})

@@ -233,7 +233,10 @@ def read_meta(folder: Path) -> dict:
 
 
 def load_tokens(folder: Path, split: str, meta: dict) -> np.ndarray:
-    return np.memmap(Path(folder) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    path = Path(folder) / f"{split}.bin"
+    if path.stat().st_size == 0:  # an empty split (numpy cannot map an empty file)
+        return np.zeros(0, dtype=meta["dtype"])
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
 class BatchSampler:

@@ -368,6 +368,7 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
     stop, logger = runtime.GracefulStop(rt), None
     try:
         with stop.interruptible():  # nothing to save yet: a signal ends the run at once
+            cfg = cfg.for_world(rt.world_size)
             prepare_out_dir(cfg, rt)
             data = load_data(cfg, rt)
             saved = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt") if cfg.init_from == "resume" else None

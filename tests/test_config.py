@@ -42,7 +42,14 @@ def test_config_file_values_are_applied():
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (2, 4, 128, 64)
     assert cfg.bias is False and cfg.learning_rate == 5e-3 and cfg.out_dir == "out"
     gpt2 = parse(str(ROOT / "configs/gpt2.py"))
-    assert (gpt2.n_layer, gpt2.n_embd, gpt2.dataset, gpt2.gradient_accumulation_steps) == (12, 768, "openwebtext", 5)
+    assert (gpt2.n_layer, gpt2.n_embd, gpt2.dataset, gpt2.bias) == (12, 768, "openwebtext", False)
+    # ~0.5M tokens per step on any number of GPUs: the accumulation is derived from batch_tokens
+    for world, accum in ((1, 16), (2, 8), (8, 2)):
+        assert gpt2.for_world(world).gradient_accumulation_steps == accum
+        assert gpt2.for_world(world).batch_size * 1024 * accum * world == 524_288
+    assert cfg.for_world(4) is cfg  # without batch_tokens, gradient_accumulation_steps is per process, as set
+    with pytest.raises(config.ConfigError, match="batch_tokens .* must be a multiple of batch_size x block_size"):
+        gpt2.for_world(3)
 
 
 def differing_keys(a, b) -> set:

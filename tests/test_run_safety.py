@@ -285,3 +285,13 @@ def test_no_host_sync_between_log_steps(tiny_cfg, monkeypatch):
     train.train(tiny_cfg(max_iters=60, log_interval=30, eval_interval=1000, checkpoint_interval=0))
     # 2 evaluations x 2 splits, 2 log lines x (loss, grad norm, health), the health check before the save
     assert counts["n"] <= 12, counts
+
+
+def test_an_empty_val_split_is_a_one_line_error(char_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.bin", "meta.json"):
+        (data / name).write_bytes((char_data / name).read_bytes())
+    (data / "val.bin").write_bytes(b"")  # e.g. a text too short for a val split
+    proc = run(["train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *ARGS, "--max_iters=2"])
+    assert_one_line_error(proc, "val split has 0 tokens", "block_size")
