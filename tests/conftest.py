@@ -83,11 +83,11 @@ def tiny_cfg(tmp_path, char_data):
     return make
 
 
-def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run a repo script as a user would: python <args>, from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(args: list[str], timeout: float = 300, env: dict | None = None, cwd=ROOT, **kwargs):
+    """Run a repo script as a user would: python <args>, from the repo root (or cwd); env adds to os.environ."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
     )
 
 
