@@ -2,12 +2,11 @@
 
 import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run, tiny_text
+from conftest import ROOT, assert_one_line_error, run, tiny_text
 
 import dataset
 from dataset import BatchSampler, DataError, Tokenizer
@@ -52,9 +51,7 @@ def test_prepare_char_round_trip(tmp_path, text_file):
     assert not list(out.glob("*.tmp"))  # written atomically, nothing left over
 
 
-def test_prepare_bpe_round_trip(tmp_path, text_file):
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        pytest.fail("set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files (tests run offline)")
+def test_prepare_bpe_round_trip(tmp_path, text_file, gpt2_bpe):
     out = tmp_path / "bpe"
     load_prepare("shakespeare").prepare(out_dir=out, input_path=str(text_file))
     meta = dataset.read_meta(out)
@@ -64,6 +61,15 @@ def test_prepare_bpe_round_trip(tmp_path, text_file):
     assert tok.decode(train) + tok.decode(val) == TEXT
     assert tok.decode(train) == TEXT[: int(len(TEXT) * 0.9)]
     assert max(train + val) < 50257 and len(train) > len(val)
+
+
+def test_prepare_bpe_offline_without_cache_is_one_line(tmp_path, text_file, offline_env):
+    """No network and an empty tiktoken cache: one line that says to set TIKTOKEN_CACHE_DIR or connect."""
+    proc = run(
+        ["data/shakespeare/prepare.py", "--input", str(text_file), "--out_dir", str(tmp_path / "out")], env=offline_env
+    )
+    assert_one_line_error(proc, "cannot load the GPT-2 BPE", "set TIKTOKEN_CACHE_DIR", "or connect")
+    assert not (tmp_path / "out" / "meta.json").exists()
 
 
 @pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])
@@ -262,7 +268,7 @@ def test_unknown_tokenizer():
         Tokenizer({"tokenizer": "sentencepiece", "vocab_size": 10})
 
 
-def test_gpt2_stream_decoder_reassembles_utf8():
+def test_gpt2_stream_decoder_reassembles_utf8(gpt2_bpe):
     text = "héllo wörld 日本 ✓ 🙂 Ünïcödé"
     tok = Tokenizer(dataset.gpt2_meta())
     ids = tok.encode(text)
