@@ -88,14 +88,15 @@ def gpt2_encoding():
         ) from None
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
+def hub_reachable() -> bool:
     """Whether the Hugging Face Hub answers at all. Its client retries a refused or timed-out connection with
-    backoff for ~25 s, logging each retry, before it gives up; asking here first finds an offline machine out
-    in seconds. HF_ENDPOINT and the HTTPS_PROXY variables are honoured, as the Hub client honours them."""
+    backoff for ~25 s, logging each retry, before it gives up; asking once here finds an offline machine out
+    in seconds. HF_ENDPOINT, HF_HUB_ETAG_TIMEOUT (10 s) and the HTTPS_PROXY variables count, as for the client."""
     from huggingface_hub import constants  # installed with datasets and transformers
 
+    request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
     try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+        urllib.request.urlopen(request, timeout=constants.HF_HUB_ETAG_TIMEOUT).close()
     except urllib.error.HTTPError:
         return True  # an answer, even an error status, means the network is there
     except (OSError, ValueError):  # URLError, refused, timed out, a malformed proxy or endpoint

@@ -3,7 +3,7 @@ the suite collects on a machine with no network and no tokenizer cache."""
 
 import re
 
-import tomllib
+import pytest
 from conftest import ROOT, run
 
 CORE = {"torch", "numpy", "tiktoken", "datasets", "tqdm"}  # what python train.py configs/small.py imports
@@ -12,6 +12,7 @@ DEV_TOOLS = {"pytest", "ruff"}
 
 
 def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
