@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 from conftest import ROOT, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,6 +24,7 @@ def write_run(folder, steps=40, scale=1.0, partial_last_line=False):
 
 
 def test_two_runs_one_png(tmp_path):
+    pytest.importorskip("matplotlib")  # in requirements-dev.txt; the guard is for a training-only install
     write_run(tmp_path / "a")
     write_run(tmp_path / "b", scale=1.2, partial_last_line=True)
     out = tmp_path / "plots" / "x.png"
@@ -33,6 +35,7 @@ def test_two_runs_one_png(tmp_path):
 
 def test_png_goes_into_the_first_run_folder(tmp_path):
     """Without --out the PNG lands in the first run's folder (not the current directory) and its path is printed."""
+    pytest.importorskip("matplotlib")
     write_run(tmp_path / "a")
     write_run(tmp_path / "b", scale=1.2)
     result = run([str(ROOT / "plot.py"), str(tmp_path / "a"), str(tmp_path / "b")], timeout=120, cwd=tmp_path)
@@ -58,8 +61,6 @@ def test_missing_and_empty_metrics_are_one_line_errors(tmp_path):
 def test_metrics_read_is_the_one_reader(tmp_path):
     """metrics.read, which plot.py, bench.py and study.py share: a killed run's partial last line is skipped,
     a damaged line anywhere else and a missing file are one-line ValueErrors, an empty log is no records."""
-    import pytest
-
     import metrics
 
     write_run(tmp_path / "a", partial_last_line=True)
