@@ -5,6 +5,8 @@
     python pretrained.py gpt2-xl                  # download (or check) one now; prints its shape
 
 Needs the optional transformers package: pip install transformers (or pip install -e .[hf]).
+With no network (or HF_HUB_OFFLINE=1) a Hub name is read from the local Hugging Face cache only, and a
+model missing there is a one-line error at once, not after the Hub client's retries.
 Our layer names mirror GPT-2's, so the weights map one to one; GPT-2's Conv1D layers store their
 weights as (in, out) where nn.Linear stores (out, in), so c_attn, c_proj and c_fc are transposed.
 GPT-2 is a pre-LN LayerNorm model with biases and residuals, eps 1e-5, the tanh GELU and a head
