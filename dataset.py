@@ -15,6 +15,7 @@ import queue
 import re
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,9 +44,7 @@ class Tokenizer:
             self.itos = list(meta["itos"])
             self.stoi = {ch: i for i, ch in enumerate(self.itos)}
         elif self.kind == "gpt2":
-            import tiktoken
-
-            self.enc = tiktoken.get_encoding("gpt2")
+            self.enc = gpt2_encoding()
         else:
             raise DataError(f"unknown tokenizer {self.kind!r} in meta.json; expected 'char' or 'gpt2'")
 
@@ -72,6 +71,39 @@ class Tokenizer:
             return lambda i: self.itos[i]
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         return lambda i: utf8.decode(self.enc.decode_single_token_bytes(i))
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE, or a one-line DataError saying what to do when it can be neither read nor downloaded.
+
+    tiktoken reads two files (~1.5 MB) from TIKTOKEN_CACHE_DIR (default: a folder in the temp dir) and
+    downloads them there when missing; offline and without them, it raises a network error."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' ConnectionError / HTTPError, a hash mismatch (ValueError), a cache OSError
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "unset"
+        raise DataError(
+            f"cannot load the GPT-2 BPE (no network and no cache? {type(e).__name__}): set TIKTOKEN_CACHE_DIR to a "
+            f"folder holding tiktoken's cache (now {cache}), or connect to the internet once to download it"
+        ) from None
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers at all. Its client retries a refused or timed-out connection with
+    backoff for ~25 s, logging each retry, before it gives up; asking once here finds an offline machine out
+    in seconds. HF_ENDPOINT, HF_HUB_ETAG_TIMEOUT (10 s) and the HTTPS_PROXY variables count, as for the client."""
+    from huggingface_hub import constants  # installed with datasets and transformers
+
+    request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=constants.HF_HUB_ETAG_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return True  # an answer, even an error status, means the network is there
+    except (OSError, ValueError):  # URLError, refused, timed out, a malformed proxy or endpoint
+        return False
+    return True
 
 
 def char_meta(text: str) -> dict:
@@ -189,7 +221,13 @@ def text_prepare_main(prepare, doc: str, here: Path):
     try:
         prepare(Path(args.out_dir), args.input)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        exit_with_error(e)
+
+
+def exit_with_error(e: Exception):
+    """How a prepare script reports a problem the user can fix: one line on stderr, exit 2 (as train.py does)."""
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def dataset_dir(dataset: str, data_dir: str = "") -> Path:

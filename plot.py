@@ -1,7 +1,8 @@
 """Plot training runs: loss (train and val), learning rate and tokens/s against the step, in one PNG.
 
-    python plot.py out                                   # -> loss.png
-    python plot.py out-pre out-post out-peri --out norms.png   # several runs on one chart
+    python plot.py out                                   # -> out/loss.png
+    python plot.py out-pre out-post out-peri             # several runs on one chart -> out-pre/loss.png
+    python plot.py out-pre out-post --out norms.png      # anywhere else
 
 Reads each OUT_DIR/metrics.jsonl written by train.py: training records (step, loss, lr, tokens_per_sec)
 and evaluation records (step, train_loss, val_loss). A resumed run appends to the file; the last record
@@ -44,6 +45,11 @@ def labels(dirs: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs)]
 
 
+def default_out(dirs: list[str]) -> str:
+    """The PNG beside the (first) run's metrics, so plotting never litters the folder it is run from."""
+    return str(Path(dirs[0]) / "loss.png")
+
+
 def plot(dirs: list[str], out: str) -> Path:
     runs = [read_metrics(d) for d in dirs]  # all read before drawing: a bad run fails fast
     try:
@@ -83,10 +89,10 @@ def plot(dirs: list[str], out: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="training run folders (with metrics.jsonl)")
-    parser.add_argument("--out", default="loss.png", help="the PNG to write (default: loss.png)")
+    parser.add_argument("--out", help="the PNG to write (default: loss.png in the first OUT_DIR)")
     args = parser.parse_args(argv)
     try:
-        path = plot(args.out_dirs, args.out)
+        path = plot(args.out_dirs, args.out or default_out(args.out_dirs))
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@
     python pretrained.py gpt2-xl                  # download (or check) one now; prints its shape
 
 Needs the optional transformers package: pip install transformers (or pip install -e .[hf]).
+With no network (or HF_HUB_OFFLINE=1) a Hub name is read from the local Hugging Face cache only, and a
+model missing there is a one-line error at once, not after the Hub client's retries.
 Our layer names mirror GPT-2's, so the weights map one to one; GPT-2's Conv1D layers store their
 weights as (in, out) where nn.Linear stores (out, in), so c_attn, c_proj and c_fc are transposed.
 GPT-2 is a pre-LN LayerNorm model with biases and residuals, eps 1e-5, the tanh GELU and a head
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dataset import hub_reachable
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -144,16 +147,29 @@ def _source(name_or_dir: str) -> tuple[str, bool]:
     return name_or_dir, False
 
 
-def _from_hf(fn, source: str, local: bool, **kwargs):
-    """Call a transformers from_pretrained; its many failures (network, name, files) become one line."""
+def _hub_offline_mode() -> bool:
+    from huggingface_hub import constants  # installed with transformers
+
+    return constants.HF_HUB_OFFLINE
+
+
+def _from_hf(fn, source: str, local: bool, offline: bool = False, **kwargs):
+    """Call a transformers from_pretrained (only from the cache when offline); its many failures (network,
+    name, files) become one line."""
     try:
-        return fn(source, **kwargs)
+        return fn(source, local_files_only=offline, **kwargs)
     except PretrainedError:
         raise
     except Exception as e:  # OSError, ValueError, HTTP errors, safetensors errors, ...
         first = (str(e).strip().splitlines() or [""])[0][:200]
         if local:
             advice = "check the folder holds config.json and model.safetensors (or pytorch_model.bin)"
+        elif offline:
+            raise PretrainedError(
+                f"could not load '{source}': no network to the Hugging Face Hub (or HF_HUB_OFFLINE=1) and it is not "
+                "in the local cache; pass a local Hugging Face folder (saved with save_pretrained) as init_from, "
+                "or connect"
+            ) from None
         else:
             advice = (
                 f"check the name ({', '.join(GPT2_NAMES)}) and your network; offline, use a folder saved with "
@@ -167,9 +183,10 @@ def load_pretrained(name_or_dir: str, dropout: float = 0.0, block_size: int | No
     folder in Hugging Face format; dropout for fine-tuning, block_size to crop the context (None: all)."""
     transformers = _transformers()
     source, local = _source(name_or_dir)
-    hf_config = _from_hf(transformers.AutoConfig.from_pretrained, source, local)
+    offline = not local and (_hub_offline_mode() or not hub_reachable())
+    hf_config = _from_hf(transformers.AutoConfig.from_pretrained, source, local, offline)
     config = gpt_config(hf_config, dropout)
-    hf = _from_hf(transformers.GPT2LMHeadModel.from_pretrained, source, local, config=hf_config)
+    hf = _from_hf(transformers.GPT2LMHeadModel.from_pretrained, source, local, offline, config=hf_config)
     model = GPT(config)
     copy_weights(hf.state_dict(), model)
     del hf
@@ -184,6 +201,7 @@ if __name__ == "__main__":
     try:
         gpt = load_pretrained(sys.argv[1])
     except PretrainedError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     shape = ", ".join(f"{k}={getattr(gpt.config, k)}" for k in SHAPE_KEYS)
     print(f"{sys.argv[1]}: {gpt.num_params() / 1e6:.2f}M parameters; {shape}")

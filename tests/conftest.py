@@ -51,6 +51,40 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def _gpt2_bpe_or_reason():
+    """(encoding, None) or (None, why): tiktoken is asked once per session, never at import or collection."""
+    import dataset
+
+    try:
+        return dataset.gpt2_encoding(), None
+    except dataset.DataError as e:
+        return None, str(e)
+
+
+@pytest.fixture
+def gpt2_bpe(_gpt2_bpe_or_reason):
+    """tiktoken's GPT-2 BPE for the tests that need it; without its cache and offline, such a test skips
+    (pytest -rs shows why) instead of failing, and the rest of the suite runs."""
+    enc, why = _gpt2_bpe_or_reason
+    if enc is None:
+        pytest.skip(f"needs the GPT-2 BPE: {why}")
+    return enc
+
+
+@pytest.fixture
+def offline_env(tmp_path) -> dict:
+    """Environment for run(...) that sees no network and no caches: proxies on a closed local port make every
+    download (tiktoken, the Hugging Face Hub) fail at once, and the caches are empty folders."""
+    closed = "http://127.0.0.1:9"
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    proxies = {k: closed for k in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY")}
+    no_offline_mode = {"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "", "HF_DATASETS_OFFLINE": ""}
+    caches = {"TIKTOKEN_CACHE_DIR": str(empty), "HF_HOME": str(empty / "hf"), "NO_PROXY": "", "no_proxy": ""}
+    return {**proxies, **no_offline_mode, **caches}
+
+
 TINY = dict(
     n_layer=2,
     n_head=2,
@@ -86,11 +120,11 @@ def tiny_cfg(tmp_path, char_data):
     return make
 
 
-def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run a repo script as a user would: python <args>, from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(args: list[str], timeout: float = 300, env: dict | None = None, cwd=ROOT, **kwargs):
+    """Run a repo script as a user would: python <args>, from the repo root (or cwd); env adds to os.environ."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import tiktoken
+from conftest import assert_one_line_error, run
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -29,8 +29,6 @@ def load_script():
 hf = load_script()
 from dataset import DataError  # noqa: E402  (importable once the script has put the repo root on sys.path)
 
-enc = tiktoken.get_encoding("gpt2")
-
 
 def documents(n=120):
     docs = [f"Story {i}: once upon a time, ünïcödé ✓ " + "and then " * (i % 6) for i in range(n)]
@@ -44,7 +42,7 @@ def read(out: Path):
     return meta, load("train"), load("val")
 
 
-def split_docs(tokens):
+def split_docs(enc, tokens):
     """The complete documents of a split (the text before each EOT)."""
     ends = np.flatnonzero(tokens == EOT)
     starts = np.concatenate([[0], ends[:-1] + 1])
@@ -68,39 +66,40 @@ def jsonl(tmp_path):
     return str(path)
 
 
-def test_parquet_glob(tmp_path, parquet_glob):
+def test_parquet_glob(tmp_path, parquet_glob, gpt2_bpe):
     out = tmp_path / "out"
     meta = hf.prepare(parquet_glob, out_dir=str(out), num_proc=2, val_fraction=0.1, cache_dir=str(tmp_path / "c"))
     meta, train, val = read(out)
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     assert meta["source"] == {"dataset": parquet_glob, "subset": None, "split": "train", "text_field": "text"}
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
-    assert len(train) + len(val) == sum(len(enc.encode_ordinary(d)) + 1 for d in documents())
-    train_docs, val_docs = split_docs(train), split_docs(val)
+    assert len(train) + len(val) == sum(len(gpt2_bpe.encode_ordinary(d)) + 1 for d in documents())
+    train_docs, val_docs = split_docs(gpt2_bpe, train), split_docs(gpt2_bpe, val)
     assert len(val_docs) == 12 and sorted(train_docs + val_docs) == sorted(documents())
 
 
-def test_max_tokens_without_streaming_cuts_what_is_written(tmp_path, jsonl):
+def test_max_tokens_without_streaming_cuts_what_is_written(tmp_path, jsonl, gpt2_bpe):
     meta = hf.prepare(jsonl, out_dir=str(tmp_path / "out"), num_proc=1, max_tokens=500, cache_dir=str(tmp_path / "c"))
     assert (meta["train_tokens"], meta["val_tokens"]) == (495, 5)  # val: 1% of 500
 
 
-def test_streaming_stops_at_max_tokens(tmp_path, jsonl):
+def test_streaming_stops_at_max_tokens(tmp_path, jsonl, gpt2_bpe):
     meta = hf.prepare(jsonl, out_dir=str(tmp_path / "out"), streaming=True, max_tokens=1000, val_fraction=0.1)
     meta, train, val = read(tmp_path / "out")
     assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"]) == (900, 100)
     # the stream is read in order: each split's complete documents are the dataset's, in order
     order = {d: i for i, d in enumerate(documents())}
-    for docs in (split_docs(train), split_docs(val)):
+    for docs in (split_docs(gpt2_bpe, train), split_docs(gpt2_bpe, val)):
         assert docs and [order[d] for d in docs] == sorted(order[d] for d in docs)
-    assert max(order[d] for d in split_docs(train) + split_docs(val)) < 60  # stopped early: did not read it all
+    seen = split_docs(gpt2_bpe, train) + split_docs(gpt2_bpe, val)
+    assert max(order[d] for d in seen) < 60  # stopped early: did not read it all
 
 
-def test_streaming_everything(tmp_path, jsonl):
+def test_streaming_everything(tmp_path, jsonl, gpt2_bpe):
     meta = hf.prepare(jsonl, out_dir=str(tmp_path / "out"), streaming=True, val_fraction=0.2, num_proc=2)
     _, train, val = read(tmp_path / "out")
-    assert sorted(split_docs(train) + split_docs(val)) == sorted(documents())
-    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(enc.encode_ordinary(d)) + 1 for d in documents())
+    assert sorted(split_docs(gpt2_bpe, train) + split_docs(gpt2_bpe, val)) == sorted(documents())
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(gpt2_bpe.encode_ordinary(d)) + 1 for d in documents())
 
 
 def test_char_tokenizer_and_text_folder(tmp_path):
@@ -179,3 +178,17 @@ def test_cli_missing_field_is_one_line(tmp_path, jsonl):
     result = run_cli("--dataset", jsonl, "--text_field", "body", "--out_dir", str(tmp_path / "out"), "--streaming")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: the dataset has no 'body' column")
+
+
+def test_cli_gpt2_offline_without_cache_is_one_line(tmp_path, jsonl, offline_env):
+    """The local documents load; the BPE does not: one line, before any tokenizing process starts."""
+    args = ["data/hf/prepare.py", "--dataset", jsonl, "--out_dir", str(tmp_path / "out"), "--num_proc", "1"]
+    env = {**offline_env, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}  # datasets' "Generating train split" bar
+    assert_one_line_error(run(args, env=env), "cannot load the GPT-2 BPE", "set TIKTOKEN_CACHE_DIR")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_cli_hub_dataset_without_network_is_one_line(tmp_path, offline_env):
+    """No network: one line at once, not after the Hub client's ~25 s of logged retries."""
+    args = ["data/hf/prepare.py", "--dataset", "roneneldan/TinyStories", "--out_dir", str(tmp_path / "out")]
+    assert_one_line_error(run(args, env=offline_env), "no network to the Hugging Face Hub", "HF_HUB_OFFLINE=1")

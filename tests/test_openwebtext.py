@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import tiktoken
+from conftest import assert_one_line_error, run
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "data" / "openwebtext" / "prepare.py"
@@ -42,7 +42,7 @@ def write_parquet(folder: Path, docs: list[str], column="text") -> str:
     return str(folder / "*.parquet")
 
 
-def test_prepare_from_local_parquet(tmp_path):
+def test_prepare_from_local_parquet(tmp_path, gpt2_bpe):
     docs = documents()
     out = tmp_path / "out"
     owt.prepare(
@@ -53,7 +53,7 @@ def test_prepare_from_local_parquet(tmp_path):
         cache_dir=str(tmp_path / "cache"),
     )
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_bpe
     meta = json.loads((out / "meta.json").read_text())
     train = np.memmap(out / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(out / "val.bin", dtype=np.uint16, mode="r")
@@ -110,3 +110,17 @@ def test_cli_bad_path_prints_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--data_files" in lines[0]
+
+
+def test_cli_offline_without_bpe_cache_is_one_line(tmp_path, offline_env):
+    files = write_parquet(tmp_path / "src", documents(10))
+    args = ["data/openwebtext/prepare.py", "--data_files", files, "--num_proc", "1", "--out_dir", str(tmp_path / "out")]
+    args += ["--cache_dir", str(tmp_path / "cache")]
+    env = {**offline_env, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}  # datasets' "Generating train split" bar
+    assert_one_line_error(run(args, env=env), "cannot load the GPT-2 BPE", "set TIKTOKEN_CACHE_DIR")
+
+
+def test_cli_hub_without_network_is_one_line(tmp_path, offline_env):
+    """No network: one line at once, not after the Hub client's ~25 s of logged retries."""
+    args = ["data/openwebtext/prepare.py", "--out_dir", str(tmp_path / "out")]
+    assert_one_line_error(run(args, env=offline_env), "no network to the Hugging Face Hub", "--data_files")

@@ -3,7 +3,8 @@
 import json
 import math
 
-from conftest import run
+import pytest
+from conftest import ROOT, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -23,12 +24,27 @@ def write_run(folder, steps=40, scale=1.0, partial_last_line=False):
 
 
 def test_two_runs_one_png(tmp_path):
+    pytest.importorskip("matplotlib")  # in requirements-dev.txt; the guard is for a training-only install
     write_run(tmp_path / "a")
     write_run(tmp_path / "b", scale=1.2, partial_last_line=True)
     out = tmp_path / "plots" / "x.png"
     result = run(["plot.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)], timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 10_000
+
+
+def test_png_goes_into_the_first_run_folder(tmp_path):
+    """Without --out the PNG lands in the first run's folder (not the current directory) and its path is printed."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "a")
+    write_run(tmp_path / "b", scale=1.2)
+    result = run([str(ROOT / "plot.py"), str(tmp_path / "a"), str(tmp_path / "b")], timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    png = tmp_path / "a" / "loss.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert result.stdout.strip().splitlines()[-1] == f"wrote {png}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing written where it was run
+    assert not (tmp_path / "b" / "loss.png").exists()
 
 
 def test_missing_and_empty_metrics_are_one_line_errors(tmp_path):
@@ -45,8 +61,6 @@ def test_missing_and_empty_metrics_are_one_line_errors(tmp_path):
 def test_metrics_read_is_the_one_reader(tmp_path):
     """metrics.read, which plot.py, bench.py and study.py share: a killed run's partial last line is skipped,
     a damaged line anywhere else and a missing file are one-line ValueErrors, an empty log is no records."""
-    import pytest
-
     import metrics
 
     write_run(tmp_path / "a", partial_last_line=True)

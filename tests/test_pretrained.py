@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_text
+from conftest import ROOT, assert_one_line_error, run, tiny_text
 
 import dataset
 import sample
@@ -165,7 +165,7 @@ def test_cli_unknown_hub_name_is_one_line_offline():
     assert "network" in lines[0]
 
 
-def test_train_and_sample_from_a_local_folder(tmp_path, tiny_cfg):
+def test_train_and_sample_from_a_local_folder(tmp_path, tiny_cfg, gpt2_bpe):
     """train.py init_from=<folder>: fine-tunes the pretrained weights on BPE data; resume and sample.py follow."""
     src = tmp_path / "hf"
     save_hf(src, vocab_size=50257)  # GPT-2's vocabulary, so the BPE dataset fits
@@ -184,3 +184,42 @@ def test_train_and_sample_from_a_local_folder(tmp_path, tiny_cfg):
     assert model.config.n_embd == 32
     with pytest.raises(PretrainedError, match="norm='rmsnorm'"):
         train.train(tiny_cfg(init_from=str(src), data_dir=str(data), norm="rmsnorm", out_dir=str(tmp_path / "o2")))
+
+
+HUB_OFFLINE_ADVICE = (
+    "no network to the Hugging Face Hub",
+    "not in the local cache",
+    "pass a local Hugging Face folder",
+)
+
+
+def bpe_dataset(folder):
+    """A GPT-2-vocabulary dataset written without the BPE (random ids), for runs that must not need tiktoken."""
+    ids = torch.randint(0, 50257, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    dataset.write_dataset(folder, ids[:2700], ids[2700:], dataset.gpt2_meta())
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["pretrained.py", "gpt2"],
+        ["sample.py", "--init_from=gpt2", "--device=cpu"],
+        ["train.py", "--init_from=gpt2", "--device=cpu", "--block_size=16", "--max_iters=1"],
+    ],
+    ids=["pretrained", "sample", "train"],
+)
+def test_hub_name_offline_is_one_line(tmp_path, offline_env, args):
+    """No network and an empty Hugging Face cache: one line that says to pass a local folder, at once, not after
+    the Hub client's ~25 s of logged retries (which would also break the one line)."""
+    if args[0] == "train.py":
+        args = [*args, f"--data_dir={bpe_dataset(tmp_path / 'bpe')}", f"--out_dir={tmp_path / 'out'}"]
+    proc = run(args, env=offline_env, timeout=120)
+    assert_one_line_error(proc, "could not load 'gpt2'", *HUB_OFFLINE_ADVICE)
+
+
+def test_sample_from_a_local_folder_without_the_bpe_is_one_line(tmp_path, offline_env, hf_dir):
+    """The weights load from the folder; the GPT-2 BPE that sample.py then needs is neither cached nor downloadable."""
+    env = {**offline_env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Loading weights" bar, on stderr
+    proc = run(["sample.py", f"--init_from={hf_dir}", "--device=cpu", "--max_new_tokens=2"], env=env)
+    assert_one_line_error(proc, "cannot load the GPT-2 BPE", "set TIKTOKEN_CACHE_DIR")

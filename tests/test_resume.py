@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run
+from conftest import ROOT, metrics_records, run
 
 import checkpoint
 import train
@@ -129,14 +129,24 @@ def test_resume_may_change_schedule_but_not_shape(char_data, tmp_path):
 
 
 def test_keeps_last_k_and_best(tiny_cfg):
-    cfg = tiny_cfg(max_iters=40, checkpoint_interval=5, eval_interval=5, keep_checkpoints=3)
-    result = train.train(cfg)
+    """ckpt-best.pt is the step with the lowest val loss in metrics.jsonl, even after its step file is rotated out:
+    20 good steps, then a resume at learning_rate=1 that makes every later val loss worse."""
+    common = dict(checkpoint_interval=5, eval_interval=5, keep_checkpoints=2)
+    cfg = tiny_cfg(max_iters=20, **common)
+    train.train(cfg)
+    result = train.train(tiny_cfg(max_iters=35, learning_rate=1.0, init_from="resume", **common))
     out = Path(cfg.out_dir)
+    val = {r["step"]: r["val_loss"] for r in metrics_records(out) if "val_loss" in r}
+    assert sorted(val) == [0, 5, 10, 15, 20, 25, 30, 35]
+    best_step = min(val, key=val.get)
+    assert best_step == 20, val  # the diverging resume is what makes best and latest differ
     steps = sorted(int(p.stem.split("-")[1]) for p in out.glob("ckpt-[0-9]*.pt"))
-    assert steps == [30, 35, 40]
-    assert checkpoint.load(out / "ckpt.pt")["step"] == 40
+    assert steps == [30, 35]  # the last 2; ckpt-20.pt is gone, ckpt-best.pt keeps its step
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 35
     best = checkpoint.load(out / "ckpt-best.pt")
-    assert best["best_val_loss"] == pytest.approx(result["best_val_loss"])
+    assert best["step"] == best_step
+    assert best["best_val_loss"] == pytest.approx(val[best_step])
+    assert result["best_val_loss"] == pytest.approx(val[best_step])
     assert not list(out.glob(".ckpt*"))  # no temporary files left
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import metrics_records
 
+import telemetry
 import train
 from model import GPT, GPTConfig
 
@@ -23,6 +24,56 @@ def test_telemetry_records_every_interval(tiny_cfg):
             assert len(r[key]) == 3 and all(v > 0 and math.isfinite(v) for v in r[key]), key
         assert len(r["rms"]) == 4 and all(v > 0 for v in r["rms"])
         assert all(u < 1 for u in r["update_attn"])  # an update is a small fraction of the weights
+
+
+SUBLAYERS = {"attn": ("ln_1", "attn", "ln_1_out"), "mlp": ("ln_2", "mlp", "ln_2_out")}  # as telemetry.py documents
+
+
+@pytest.fixture
+def step_grads(monkeypatch):
+    """Every optimizer step's gradients, by parameter name, as train.py clips them (after unscaling): the
+    step's telemetry record is measured at exactly that point."""
+    models, steps = [], []
+
+    class Recording(telemetry.Telemetry):
+        def __init__(self, model):
+            models.append(model)
+            super().__init__(model)
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, *args, **kwargs):
+        params = list(params)
+        names = {id(p): n for n, p in models[-1].named_parameters()}
+        steps.append({names[id(p)]: p.grad.detach().clone() for p in params if p.grad is not None})
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(telemetry, "Telemetry", Recording)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    return steps
+
+
+def sublayer_grad_norm(grads: dict, layer: int, sublayer: str) -> float:
+    """The norm of all gradients of one block's sub-layer (its weights and the norms that belong to it)."""
+    prefixes = tuple(f"transformer.h.{layer}.{m}." for m in SUBLAYERS[sublayer])
+    chosen = [g for name, g in grads.items() if name.startswith(prefixes)]
+    assert chosen, (layer, sublayer)
+    return math.sqrt(sum(g.double().pow(2).sum().item() for g in chosen))
+
+
+@pytest.mark.parametrize("position", ["pre", "peri"])  # peri: the sub-layers' output norms count too
+def test_grad_norms_are_each_sublayers_gradient_norm(tiny_cfg, step_grads, position):
+    cfg = tiny_cfg(max_iters=4, telemetry_interval=2, n_layer=2, norm_position=position, eval_interval=100)
+    train.train(cfg)
+    records = [r for r in metrics_records(cfg.out_dir) if "grad_attn" in r]
+    assert [r["step"] for r in records] == [0, 2] and len(step_grads) == 4
+    for r in records:
+        grads = step_grads[r["step"]]
+        for name in SUBLAYERS:
+            want = [sublayer_grad_norm(grads, i, name) for i in range(cfg.n_layer)]
+            assert r[f"grad_{name}"] == pytest.approx(want, rel=1e-5), name
+        # attention and MLP norms differ by far more than the tolerance, so a record with them swapped fails
+        assert all(abs(a - m) > 1e-3 * max(a, m) for a, m in zip(r["grad_attn"], r["grad_mlp"])), r
 
 
 def test_probe_init_measures_and_exits(tiny_cfg):

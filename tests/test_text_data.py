@@ -5,8 +5,7 @@ import json
 
 import numpy as np
 import pytest
-import tiktoken
-from conftest import ROOT, run, tiny_text
+from conftest import ROOT, assert_one_line_error, run, tiny_text
 
 import dataset
 from dataset import DataError
@@ -46,7 +45,7 @@ def test_char_file_trains_by_name(tmp_path, data_root, tiny_cfg):
     assert np.isfinite(result["val_loss"])
 
 
-def test_gpt2_folder_joins_files_with_eot(tmp_path, data_root):
+def test_gpt2_folder_joins_files_with_eot(tmp_path, data_root, gpt2_bpe):
     src = tmp_path / "essays"
     (src / "b").mkdir(parents=True)
     (src / "a.txt").write_text("First essay. " * 20)
@@ -55,7 +54,7 @@ def test_gpt2_folder_joins_files_with_eot(tmp_path, data_root):
     (src / "skip.md").write_text("not text")
     meta = text_prep.prepare(str(src), tokenizer="gpt2", val_fraction=0.2, out_dir=str(tmp_path / "out"))
     ids = np.concatenate([np.fromfile(tmp_path / "out" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_bpe
     want = [*enc.encode_ordinary("First essay. " * 20), 50256, *enc.encode_ordinary("Third, in a subfolder. " * 20)]
     want += [50256, *enc.encode_ordinary("Second essay. " * 20)]  # sorted paths: a.txt, b/c.txt, b.txt
     assert ids.tolist() == want and json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
@@ -96,3 +95,16 @@ def test_cli_refuses_another_datasets_folder(tmp_path):
     assert result.returncode != 0 and result.stderr.strip() == (
         "error: data/shakespeare_char belongs to its own prepare.py; choose another --name"
     )
+
+
+def test_cli_gpt2_offline_without_cache_is_one_line(tmp_path, offline_env):
+    (tmp_path / "t.txt").write_text(tiny_text())
+    args = [
+        "data/text/prepare.py",
+        "--input",
+        str(tmp_path / "t.txt"),
+        "--tokenizer=gpt2",
+        "--out_dir",
+        str(tmp_path / "o"),
+    ]
+    assert_one_line_error(run(args, env=offline_env), "cannot load the GPT-2 BPE", "set TIKTOKEN_CACHE_DIR")

@@ -2,7 +2,7 @@
 
 import pytest
 
-wandb = pytest.importorskip("wandb")  # in requirements.txt; the guard is for bare checkouts
+wandb = pytest.importorskip("wandb")  # in requirements-dev.txt; the guard is for bare checkouts
 
 
 @pytest.fixture

@@ -63,6 +63,16 @@ def local_files(path: str) -> tuple[str, list[str]] | None:
     return kinds.pop(), files
 
 
+def check_hub(what: str, local_alternative: str):
+    """A DataError at once when the Hub cannot be reached (its client would retry for ~25 s); with
+    HF_HUB_OFFLINE=1, datasets reads its cache instead, so nothing is checked."""
+    if not datasets.config.HF_HUB_OFFLINE and not dataset.hub_reachable():
+        raise DataError(
+            f"could not load {what}: no network to the Hugging Face Hub; connect, set HF_HUB_OFFLINE=1 to use a "
+            f"cached copy, or {local_alternative}"
+        )
+
+
 def load_or_fail(args: tuple, kwargs: dict, what: str, advice: str):
     """datasets.load_dataset(*args, **kwargs); any failure becomes a one-line DataError."""
     try:
@@ -89,6 +99,7 @@ def load(name: str, subset=None, split="train", streaming=False, revision=None, 
             "check the name, --subset and --split, and your network (HF_HUB_OFFLINE=1 allows only cached "
             "datasets), or give local parquet/json/txt files as --dataset"
         )
+        check_hub(what, "give local parquet/json/txt files as --dataset")
     if not streaming:
         kwargs["num_proc"] = num_proc
     return load_or_fail(args, {**kwargs, "split": split, "streaming": streaming, "cache_dir": cache_dir}, what, advice)
@@ -101,9 +112,7 @@ def encode_batch(batch: dict, text_field: str, itos: str | None = None, num_thre
     """GPT-2 BPE ids of each document + EOT, or (itos given) char ids of each document + a blank line."""
     texts = [t or "" for t in batch[text_field]]
     if itos is None:
-        import tiktoken  # per worker process; get_encoding caches, so this is cheap after the first call
-
-        enc = tiktoken.get_encoding("gpt2")
+        enc = dataset.gpt2_encoding()  # per worker process; tiktoken caches it, so this is cheap after the first call
         # encode_ordinary ignores special tokens written in the text; EOT marks where each document ends
         ids = [x + [enc.eot_token] for x in enc.encode_ordinary_batch(texts, num_threads=num_threads)]
     else:  # itos is sorted, so a character's id is where its code point falls among them
@@ -186,6 +195,7 @@ def tokenize_and_write(ds: datasets.Dataset, out_dir: Path, opt: Options, source
         meta = char_vocab_meta(chars["chars"])
         itos = "".join(meta["itos"])
     else:
+        dataset.gpt2_encoding()  # a missing BPE fails here, in one line, rather than in every tokenizing process
         meta = dataset.gpt2_meta()
     meta["dtype"] = dataset.token_dtype(meta["vocab_size"])
     # storing ids as uint16 in the map's cache files keeps them 4x smaller than the default int64;
@@ -333,4 +343,4 @@ if __name__ == "__main__":
     try:
         prepare(**vars(p.parse_args()))
     except DataError as e:
-        sys.exit(f"error: {e}")
+        dataset.exit_with_error(e)

@@ -74,6 +74,7 @@ def load(name: str, revision: str | None, data_files: str | None, num_proc: int,
             "or download the parquet files and pass --data_files 'path/*.parquet'"
         )
         what = f"{name} (revision {revision}) from the Hub"
+        hf.check_hub(what, "download the parquet files and pass --data_files 'path/*.parquet'")
     return hf.load_or_fail(
         args, {**kwargs, "split": "train", "num_proc": num_proc, "cache_dir": cache_dir}, what, advice
     )
@@ -115,4 +116,4 @@ if __name__ == "__main__":
             cache_dir=args.cache_dir,
         )
     except dataset.DataError as e:
-        sys.exit(f"error: {e}")
+        dataset.exit_with_error(e)

@@ -77,6 +77,8 @@ def prepare(
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     folder = dataset.named_dataset_dir(name, out_dir)
+    if tokenizer == "gpt2":
+        dataset.gpt2_encoding()  # fail now, with what to do, rather than after reading a large folder
     ids, meta = encode(read_texts(input_files(input_path)), tokenizer)
     n = int(len(ids) * (1 - val_fraction))
     if n == 0 or n == len(ids):
@@ -96,6 +98,6 @@ if __name__ == "__main__":
     try:
         prepare(args.input, args.name, args.tokenizer, args.val_fraction, args.out_dir)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        dataset.exit_with_error(e)
     how = f"--data_dir={args.out_dir}" if args.out_dir else f"--dataset={args.name}"
     print(f"train on it: python train.py configs/small.py {how}")
