@@ -40,7 +40,8 @@ class PretrainedError(ValueError):
 
 def check_compatible(cfg) -> None:
     """Refuse a config (GPTConfig, TrainConfig, ...) whose architecture GPT-2's weights do not fit."""
-    wrong = {k: getattr(cfg, k) for k, v in GPT2_ARCH.items() if hasattr(cfg, k) and getattr(cfg, k) != v}
+    arch = {k: v for k, v in GPT2_ARCH.items() if k not in SHAPE_KEYS}  # the shape (bias too) is the checkpoint's
+    wrong = {k: getattr(cfg, k) for k, v in arch.items() if hasattr(cfg, k) and getattr(cfg, k) != v}
     if wrong:
         have = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
         need = ", ".join(f"{k}={GPT2_ARCH[k]!r}" for k in wrong)
