@@ -5,13 +5,19 @@ Records written by train.py, each with "step":
     eval       train_loss, val_loss, time, eval_time
     telemetry  grad_attn, grad_mlp, update_attn, update_mlp, rms (lists, one entry per layer)
     probe      probe_init: true, loss, grad_attn, grad_mlp, rms (statistics at initialisation)
+
+Also what train.py prints and logs as it goes: the resolved config (config.json), the eval and step lines,
+and the two things kept on the device between log lines (Meter's clock, RecentLoss's losses).
 """
 
 import json
 import subprocess
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+import config
 
 
 class Logger:
@@ -152,3 +158,67 @@ class RecentLoss:
     def latest(self) -> float | None:
         """The most recent training loss: of the steps since the last read, else the last read one."""
         return self.read()[0] if self.losses else self.last
+
+
+# ----------------------------------------------------------------------------- what train.py prints and logs
+
+
+def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool) -> dict:
+    """Write the resolved config to out_dir/config.json; print what differs from the defaults and the model."""
+    world = rt.world_size
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
+    resolved = {
+        **config.to_dict(cfg),
+        **config.to_dict(model_cfg),  # the model as built (fine-tuning and resume take the checkpoint's shape)
+        "git_commit": git_commit(),
+        "world_size": world,
+        "device": rt.device,
+        "compute_dtype": str(rt.dtype).removeprefix("torch."),
+        "compile": compiled,
+        "tokens_per_step": tokens_per_step,
+        "num_params": num_params,
+        "tokenizer": meta["tokenizer"],
+    }
+    if rt.master:
+        path = Path(cfg.out_dir) / "config.json"
+        path.write_text(json.dumps(resolved, indent=1))
+        changed = " ".join(f"{k}={v!r}" for k, v in config.changed_from_defaults(cfg).items()) or "none"
+        rt.print(textwrap.fill(f"config (all of it in {path}); set differently from the defaults: {changed}", 110))
+    rt.print(
+        f"model: {num_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step on "
+        f"{world} process(es), {rt.device} {resolved['compute_dtype']}, compile={compiled}"
+    )
+    return resolved
+
+
+def log_eval(rt, logger, last: dict, elapsed: float, eval_s: float):
+    rt.print(
+        f"step {last['step']}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
+        f"({elapsed:.1f}s, {eval_s:.1f}s of it in eval)"
+    )
+    record = {"step": last["step"], "train_loss": last["train"], "val_loss": last["val"]}
+    logger.log({**record, "time": elapsed, "eval_time": eval_s})
+
+
+def log_step(rt, logger, step: int, max_iters: int, lr: float, meter, recent, mfu_of, elapsed: float):
+    """The log line and record of the steps since the last one; reading the loss back waits for the device.
+    mfu_of(tokens per second of one GPU) is the MFU, or None where the peak is unknown."""
+    loss, grad_norm = recent.read()
+    ms, tok_s = meter.lap(step)
+    mfu = mfu_of(tok_s / rt.world_size)  # per-GPU tokens
+    eta = format_eta((max_iters - step) * meter.ms_avg / 1000)
+    mfu_txt = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
+    rt.print(
+        f"step {step}/{max_iters} | loss {loss:.4f} | lr {lr:.2e} | {ms:.1f} ms | "
+        f"{tok_s / 1000:.1f}k tok/s{mfu_txt} | eta {eta}"
+    )
+    logger.log(
+        {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
+         "tokens_per_sec": tok_s, "mfu": mfu, "time": elapsed}  # fmt: skip
+    )
+
+
+def format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -14,7 +14,6 @@ import math
 import os
 import shlex
 import sys
-import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -227,34 +226,6 @@ def compile_model(s: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.Batc
     return seconds
 
 
-def describe_run(cfg, rt, s: TrainState, model_cfg: GPTConfig, meta: dict, compiled: bool) -> dict:
-    """Write the resolved config to out_dir/config.json; print what differs from the defaults and the model."""
-    world = rt.world_size
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
-    resolved = {
-        **config.to_dict(cfg),
-        **config.to_dict(model_cfg),  # the model as built (fine-tuning and resume take the checkpoint's shape)
-        "git_commit": metrics.git_commit(),
-        "world_size": world,
-        "device": rt.device,
-        "compute_dtype": str(rt.dtype).removeprefix("torch."),
-        "compile": compiled,
-        "tokens_per_step": tokens_per_step,
-        "num_params": s.raw_model.num_params(),
-        "tokenizer": meta["tokenizer"],
-    }
-    if rt.master:
-        path = Path(cfg.out_dir) / "config.json"
-        path.write_text(json.dumps(resolved, indent=1))
-        changed = " ".join(f"{k}={v!r}" for k, v in config.changed_from_defaults(cfg).items()) or "none"
-        rt.print(textwrap.fill(f"config (all of it in {path}); set differently from the defaults: {changed}", 110))
-    rt.print(
-        f"model: {s.raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step on "
-        f"{world} process(es), {rt.device} {resolved['compute_dtype']}, compile={compiled}"
-    )
-    return resolved
-
-
 # ----------------------------------------------------------------------------- the pieces of the loop
 
 
@@ -376,10 +347,11 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
             s = build_state(cfg, rt, model_cfg, pretrained_model, saved)
             if cfg.probe_init:
-                describe_run(cfg, rt, s, model_cfg, data.meta, compiled=False)
+                metrics.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled=False)
                 return probe_init(s, data, cfg, rt)
             compile_s = compile_model(s, cfg, rt, data.evals["val"])
-            resolved = describe_run(cfg, rt, s, model_cfg, data.meta, compile_s is not None)
+            n_params, compiled = s.raw_model.num_params(), compile_s is not None
+            resolved = metrics.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled)
             wandb_config = resolved if cfg.wandb_log else None
             fresh = cfg.init_from != "resume"
             logger = metrics.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh)
@@ -418,7 +390,7 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
             else:
                 s.last_eval = {"step": s.step, **estimate}
                 is_best, s.best_val = estimate["val"] < s.best_val, min(s.best_val, estimate["val"])
-                log_eval(rt, logger, s.last_eval, time.perf_counter() - t_start, meter.eval_s)
+                metrics.log_eval(rt, logger, s.last_eval, time.perf_counter() - t_start, meter.eval_s)
         periodic = cfg.checkpoint_interval and s.step % cfg.checkpoint_interval == 0
         if s.step > max(first_step, s.saved_step) and (periodic or is_best or done):
             with meter.pause():
@@ -434,43 +406,12 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
         recent.add(loss, grad_norm)
         if s.step % cfg.log_interval == 0 or s.step == cfg.max_iters:
             health.check()
-            log_step(rt, logger, s, cfg, meter, recent, peak, time.perf_counter() - t_start)
+            mfu_of = lambda tok_s: s.raw_model.estimate_mfu(tok_s, peak) if peak else None
+            lr, elapsed = get_lr(s.step - 1, cfg), time.perf_counter() - t_start
+            metrics.log_step(rt, logger, s.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
         if not rt.ddp or s.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
             stopping = stop.agreed()
     return finish(cfg, rt, s, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
-
-
-def log_eval(rt, logger, last: dict, elapsed: float, eval_s: float):
-    rt.print(
-        f"step {last['step']}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
-        f"({elapsed:.1f}s, {eval_s:.1f}s of it in eval)"
-    )
-    record = {"step": last["step"], "train_loss": last["train"], "val_loss": last["val"]}
-    logger.log({**record, "time": elapsed, "eval_time": eval_s})
-
-
-def log_step(rt, logger, s: TrainState, cfg, meter, recent, peak, elapsed: float):
-    """The log line and record of the steps since the last one; reading the loss back waits for the device."""
-    loss, grad_norm = recent.read()
-    ms, tok_s = meter.lap(s.step)
-    mfu = s.raw_model.estimate_mfu(tok_s / rt.world_size, peak) if peak else None  # per-GPU tokens
-    lr = get_lr(s.step - 1, cfg)
-    eta = format_eta((cfg.max_iters - s.step) * meter.ms_avg / 1000)
-    mfu_txt = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
-    rt.print(
-        f"step {s.step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {ms:.1f} ms | "
-        f"{tok_s / 1000:.1f}k tok/s{mfu_txt} | eta {eta}"
-    )
-    logger.log(
-        {"step": s.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
-         "tokens_per_sec": tok_s, "mfu": mfu, "time": elapsed}  # fmt: skip
-    )
-
-
-def format_eta(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def finish(cfg, rt, s: TrainState, recent, stop, meter, total: float, compile_s: float, argv) -> dict:
