@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -212,6 +213,15 @@ def test_sigterm_during_the_first_compile_stops_at_once(char_data, tmp_path):
     assert time.time() - t0 < 15 and proc.returncode == 0, stderr
     assert "stopped by SIGTERM before training began" in stdout
     assert not list((tmp_path / "out").glob("ckpt*.pt"))
+
+
+def test_sigterm_during_data_preparation_stops_at_once(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(dataset, "ensure_prepared", lambda *args: time.sleep(30))  # a long download, say
+    threading.Timer(0.5, os.kill, [os.getpid(), signal.SIGTERM]).start()
+    t0 = time.time()
+    result = train.train(tiny_cfg())
+    assert time.time() - t0 < 10 and result["interrupted"] == "SIGTERM"
+    assert not list(Path(tiny_cfg().out_dir).glob("ckpt*.pt"))
 
 
 def test_a_signal_interrupts_a_phase_marked_interruptible():
