@@ -421,10 +421,12 @@ def finish(cfg, rt, s: TrainState, recent, stop, meter, total: float, compile_s:
     train_txt = f"train loss {train_loss:.4f} (recent steps)" if train_loss is not None else "no step taken"
     timing = f"{total:.1f}s ({meter.eval_s:.1f}s in eval, {compile_s:.1f}s compiling)"
     if stop.requested:
-        rt.print(
-            f"stopped by {stop.requested} at step {s.step}: {train_txt}, {val_txt}; saved "
-            f"{Path(cfg.out_dir) / 'ckpt.pt'} (step {s.saved_step}); {timing}\nresume with: {resume_command(cfg, argv)}"
-        )
+        if s.saved_step >= 0:
+            kept = f"{Path(cfg.out_dir) / 'ckpt.pt'} is at step {s.saved_step}"
+            how = f"resume with: {resume_command(cfg, argv)}"
+        else:
+            kept, how = "nothing saved: no step was completed", "start again with the same command"
+        rt.print(f"stopped by {stop.requested} at step {s.step}: {train_txt}, {val_txt}; {kept}; {timing}\n{how}")
     else:
         rt.print(f"done: step {s.step}, {train_txt}, {val_txt}, {timing}")
     return {
