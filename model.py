@@ -321,7 +321,7 @@ class GPT(nn.Module):
             elif fresh:
                 nxt, fresh = decoder.prefill(idx[:, start:]), False
             else:
-                nxt = decoder.step(idx[:, -1:])
+                nxt = decoder.step(nxt)  # the last token, (B, 1): the same shape and strides every step
             idx = torch.cat((idx, nxt), dim=1)
             yield nxt
 
