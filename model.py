@@ -368,7 +368,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p."""
     if top_k is not None:
         v, _ = torch.topk(logits, top_k)
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))  # a slice: no index tensor to copy
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
