@@ -61,18 +61,20 @@ class Decoder:
         return self.out.clone()  # the next replay overwrites self.out
 
     def _capture(self, tok: torch.Tensor) -> torch.Tensor:
-        """Warm up (compile, cuBLAS workspaces) on a side stream, restore the cache's position, then
-        record one step as a CUDA graph and replay it for this step."""
-        saved = (self.cache.pos.clone(), self.cache.filled.clone())
+        """Warm up (compilation, cuBLAS workspaces) on a side stream, as CUDA graphs require, putting
+        the cache's position back after each run; then record one step as a CUDA graph and replay it
+        for this step. Autocast's cast cache is off while recording: a cached cast made outside the
+        graph could be freed while the graph still reads it (the pre-cast weights need no casts)."""
+        pos, filled = self.cache.pos.clone(), self.cache.filled.clone()
         self.tok, side = tok.clone(), torch.cuda.Stream(tok.device)
         no_cast_cache = torch.autocast("cuda", self.lowp, cache_enabled=False) if self.lowp else nullcontext()
         side.wait_stream(torch.cuda.current_stream(tok.device))
         with torch.cuda.stream(side), no_cast_cache:
-            for _ in range(2):  # each writes the same keys and values at the same slot as the real step
+            for _ in range(2):  # each writes the keys and values the real step writes, at its slot
                 self.fn(self.tok)
+                self.cache.pos.copy_(pos)
+                self.cache.filled.copy_(filled)
         torch.cuda.current_stream(tok.device).wait_stream(side)
-        self.cache.pos.copy_(saved[0])
-        self.cache.filled.copy_(saved[1])
         self.graph = torch.cuda.CUDAGraph()
         with no_cast_cache, torch.cuda.graph(self.graph):
             self.out = self.fn(self.tok)
