@@ -25,7 +25,14 @@ class Decoder:
     (one launch instead of hundreds), and "compile" on CUDA does both. Under autocast the compiled or
     graphed step uses a copy of the model whose matmul weights are pre-cast to the autocast dtype: the
     same numbers autocast would compute, without a cast per weight per step. setup_seconds is the
-    one-time cost (compilation, capture) measured on the first step."""
+    one-time cost (compilation, capture) measured on the first step.
+
+    A step reads the first `span` slots of the cache: eager, the context's length; compiled or
+    graphed, that length rounded up to a multiple of SPAN (at most block_size), and each span gets its
+    own graph or compilation, at most block_size / SPAN of them. With a batch of 64 GPT-2 rows the
+    cache is 2.4 GB in bf16: reading all of it at every step would cost more than reading the weights."""
+
+    SPAN = 256  # compiled or graphed steps: granularity of the slots a step reads
 
     def __init__(self, model: GPT, pick, engine: str, lowp: torch.dtype | None):
         graphed = engine == "graph" or (engine == "compile" and model.lm_head.weight.is_cuda)
@@ -33,7 +40,8 @@ class Decoder:
         self.pick, self.graphed, self.lowp = pick, graphed, lowp
         self.cache = KVCache(model.config)
         self.fn = torch.compile(self._step, dynamic=False) if engine == "compile" else self._step
-        self.graph, self.setup_seconds = None, None
+        self.graphs, self.outs, self.seen, self.setup_seconds = {}, {}, set(), 0.0  # per span
+        self.span_step = 1 if engine == "eager" else self.SPAN
 
     def _step(self, tok: torch.Tensor) -> torch.Tensor:
         logits, _ = self.model(tok, cache=self.cache)  # (B, 1, vocab)
@@ -45,20 +53,23 @@ class Decoder:
         logits, _ = self.model(ctx, cache=self.cache)
         return self.pick(logits)
 
-    def step(self, tok: torch.Tensor) -> torch.Tensor:
-        """Feed the last token of each row (B, 1); the next one (B, 1)."""
-        if self.setup_seconds is None:
-            t0 = time.perf_counter()
-            out = self._capture(tok) if self.graphed else self.fn(tok)
-            if tok.is_cuda:
-                torch.cuda.synchronize(tok.device)
-            self.setup_seconds = time.perf_counter() - t0
-            return out
-        if self.graph is None:
+    def step(self, tok: torch.Tensor, length: int) -> torch.Tensor:
+        """Feed the last token of each row (B, 1), the context being `length` tokens long with it;
+        the next token (B, 1)."""
+        span = self.cache.span = min(self.cache.block_size, -(-length // self.span_step) * self.span_step)
+        if span in self.graphs:
+            self.tok.copy_(tok)
+            self.graphs[span].replay()
+            return self.outs[span].clone()  # the next replay overwrites it
+        if span in self.seen:
             return self.fn(tok)
-        self.tok.copy_(tok)
-        self.graph.replay()
-        return self.out.clone()  # the next replay overwrites self.out
+        t0 = time.perf_counter()  # a new span: its compilation or capture is timed
+        out = self._capture(tok) if self.graphed else self.fn(tok)
+        if tok.is_cuda:
+            torch.cuda.synchronize(tok.device)
+        self.setup_seconds += time.perf_counter() - t0
+        self.seen.add(span)
+        return out
 
     def _capture(self, tok: torch.Tensor) -> torch.Tensor:
         """Warm up (compilation, cuBLAS workspaces) on a side stream, as CUDA graphs require, putting
@@ -66,7 +77,8 @@ class Decoder:
         for this step. Autocast's cast cache is off while recording: a cached cast made outside the
         graph could be freed while the graph still reads it (the pre-cast weights need no casts)."""
         pos, filled = self.cache.pos.clone(), self.cache.filled.clone()
-        self.tok, side = tok.clone(), torch.cuda.Stream(tok.device)
+        self.tok = tok.clone() if not self.graphs else self.tok.copy_(tok)  # one input for every graph
+        side = torch.cuda.Stream(tok.device)
         no_cast_cache = torch.autocast("cuda", self.lowp, cache_enabled=False) if self.lowp else nullcontext()
         side.wait_stream(torch.cuda.current_stream(tok.device))
         with torch.cuda.stream(side), no_cast_cache:
@@ -75,11 +87,11 @@ class Decoder:
                 self.cache.pos.copy_(pos)
                 self.cache.filled.copy_(filled)
         torch.cuda.current_stream(tok.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with no_cast_cache, torch.cuda.graph(self.graph):
-            self.out = self.fn(self.tok)
-        self.graph.replay()
-        return self.out.clone()
+        graph = self.graphs[self.cache.span] = torch.cuda.CUDAGraph()
+        with no_cast_cache, torch.cuda.graph(graph):
+            out = self.outs[self.cache.span] = self.fn(self.tok)
+        graph.replay()
+        return out.clone()
 
 
 def precast_copy(model: GPT, dtype: torch.dtype) -> GPT:

@@ -79,7 +79,8 @@ def make_norm(config: GPTConfig) -> nn.Module:
 class KVCache:
     """Keys and values of every layer, allocated once to block_size and written in place, so that a
     one-token decode step has fixed shapes (a CUDA graph can replay it). A prompt fills slots 0..T-1
-    (reset the cache first); each later token goes to slot `pos` and attends to every filled slot."""
+    (reset the cache first); each later token goes to slot `pos` and attends to the first `span` slots
+    (a Python int, so a step's shapes stay fixed while it holds) through the mask of filled ones."""
 
     def __init__(self, config: GPTConfig):
         self.block_size = config.block_size
@@ -87,6 +88,7 @@ class KVCache:
         self.v = [None] * config.n_layer
         self.pos = None  # (1,) long tensor: the slot of the next token
         self.filled = None  # (1, 1, 1, block_size) bool: the slots that hold the current context
+        self.span = config.block_size  # slots a one-token step reads: a multiple of SPAN past every filled slot
 
     def reset(self, device):
         """Start a new context at slot 0; the old entries stay in place, masked out."""
@@ -137,7 +139,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             keys, values = cache.update(self.layer, k, v, pos)  # (B, nh, block_size, hs)
             if T == 1:  # one new token attends to every filled slot; a prompt (from slot 0) to itself
-                k, v, mask = keys, values, cache.filled
+                span = cache.span
+                k, v, mask = keys[:, :, :span], values[:, :, :span], cache.filled[..., :span]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
@@ -321,7 +324,7 @@ class GPT(nn.Module):
             elif fresh:
                 nxt, fresh = decoder.prefill(idx[:, start:]), False
             else:
-                nxt = decoder.step(nxt)  # the last token, (B, 1): the same shape and strides every step
+                nxt = decoder.step(nxt, idx.size(1) - start)  # the last token (B, 1), the context's length
             idx = torch.cat((idx, nxt), dim=1)
             yield nxt
 

@@ -103,6 +103,24 @@ def test_seeded_sampling_same_with_and_without_cache(top_k, top_p):
     assert not torch.equal(texts[0], model.generate(idx, 40, temperature=1.0, top_k=top_k, top_p=top_p))
 
 
+@pytest.mark.parametrize("length,new,spans", [(3, 10, {4, 8, 12}), (5, 40, {8, 12, 16})], ids=["within", "past-block"])
+def test_steps_read_only_the_span_they_need(length, new, spans):
+    """A step reads the context's length rounded up to a multiple of span_step slots (Decoder.SPAN when
+    compiled or graphed, 1 when eager); 4 here, spans 4, 8, 12, 16: stale and empty slots are masked."""
+    model = sharp_model()
+    idx = prompts(2, length)
+    model.generate(idx, 1, temperature=0)  # makes the decoder (one token: the prompt's, no step yet)
+    (decoder,) = model.decoders.values()
+    decoder.span_step = 4
+    cached = model.generate(idx, new, temperature=0)
+    assert torch.equal(cached, model.generate(idx, new, temperature=0, use_cache=False))
+    assert decoder.seen == spans  # contexts of 4..12 tokens; of 6..16, then 9..16 after the slide
+    stream = model.generate_stream(idx, 6, temperature=0)
+    next(stream)  # the prompt; then each step's context is one token longer
+    spans = [(next(stream), decoder.cache.span)[1] for _ in range(5)]
+    assert spans == [-(-(length + i) // 4) * 4 for i in range(1, 6)]
+
+
 def test_decoders_are_kept_per_batch_and_settings():
     model = sharp_model()
     model.generate(prompts(2, 3), 5, temperature=0)
