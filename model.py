@@ -88,7 +88,7 @@ class KVCache:
         self.v = [None] * config.n_layer
         self.pos = None  # (1,) long tensor: the slot of the next token
         self.filled = None  # (1, 1, 1, block_size) bool: the slots that hold the current context
-        self.span = config.block_size  # slots a one-token step reads: a multiple of SPAN past every filled slot
+        self.span = config.block_size  # slots a one-token step reads (set by the Decoder): all the filled ones
 
     def reset(self, device):
         """Start a new context at slot 0; the old entries stay in place, masked out."""
@@ -344,7 +344,9 @@ class GPT(nn.Module):
 
     def decoder(self, batch: int, engine: str, sampling: tuple, pick):
         """The Decoder for this batch size, engine, sampling settings and autocast state, made once and
-        kept in self.decoders: its cache, compiled code and CUDA graph are reused by later calls."""
+        kept in self.decoders: its cache, compiled code and CUDA graphs are reused by later calls. (A
+        compiled or graphed one under autocast holds pre-cast weights: clear self.decoders after
+        changing the weights.)"""
         device = self.lm_head.weight.device
         lowp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         key = (batch, engine, sampling, device, lowp)
