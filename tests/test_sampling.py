@@ -112,9 +112,13 @@ def test_steps_read_only_the_span_they_need(length, new, spans):
     model.generate(idx, 1, temperature=0)  # makes the decoder (one token: the prompt's, no step yet)
     (decoder,) = model.decoders.values()
     decoder.span_step = 4
-    cached = model.generate(idx, new, temperature=0)
-    assert torch.equal(cached, model.generate(idx, new, temperature=0, use_cache=False))
-    assert decoder.seen == spans  # contexts of 4..12 tokens; of 6..16, then 9..16 after the slide
+    cols, spans_read = [], set()
+    for col in model.generate_stream(idx, new, temperature=0):
+        if cols:  # the first column came from the prompt's forward, not from a step
+            spans_read.add(decoder.cache.span)
+        cols.append(col)
+    assert torch.equal(torch.cat(cols, 1), model.generate(idx, new, temperature=0, use_cache=False)[:, length:])
+    assert spans_read == spans  # contexts of 4..12 tokens; of 6..16, then 9..16 after the slide
     stream = model.generate_stream(idx, 6, temperature=0)
     next(stream)  # the prompt; then each step's context is one token longer
     spans = [(next(stream), decoder.cache.span)[1] for _ in range(5)]
