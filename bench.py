@@ -255,7 +255,7 @@ def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -
         for _ in range(opts.repeats):
             for run in runs:
                 speeds[run].append(tokens_per_s(*run, opts.new_tokens))
-    setup = {key[0]: d.setup_seconds for key, d in model.decoders.items()}
+    setup = {key[0]: d.setup_seconds for key, d in model.decoders.items() if engine != "eager"}  # eager: none
     info = (
         f"{source}, {model.num_params() / 1e6:.2f}M params, block_size {model.config.block_size}, "
         f"{opts.new_tokens} new tokens, engine={engine}, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "

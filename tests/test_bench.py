@@ -106,7 +106,7 @@ def test_sampling_speed_random_model_and_checkpoint(time_to_loss, capsys):
     batched = number(row(out, "batch of 8: tokens/s with KV cache")[0])  # 8 rows by default on a CPU
     assert number(row(out, "batch of 8: time / one sequence's")[0]) == pytest.approx(8 * cached / batched, rel=0.05)
     assert row(out, "batch of 8: tokens/s without") == ["-"]  # timed on CUDA only, unless asked for
-    assert "engine=eager" in out and number(row(out, "engine setup s, batch of 8 (once)")[0]) >= 0
+    assert "engine=eager" in out and row(out, "engine setup s, batch of 8 (once)") == ["-"]  # nothing to set up
     _, out_dir = time_to_loss
     assert bench.main(["--device=cpu", "--sample", "--new_tokens=20", f"--out_dir={out_dir / 'defaults-0'}"]) == 0
     out = capsys.readouterr().out  # in-process: quicker
