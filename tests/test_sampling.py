@@ -2,6 +2,7 @@
 
 GPU-only tests (CUDA graphs, no host sync) skip with a reason on a machine without CUDA."""
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -12,6 +13,7 @@ from conftest import ROOT, assert_one_line_error, run
 
 import config
 import dataset
+import engine
 import sample
 from engine import precast_copy
 from model import GPT, GPTConfig
@@ -166,6 +168,56 @@ def test_compiled_step_equals_eager_on_cpu():
     assert torch.equal(compiled, model.generate(idx, 40, temperature=0, use_cache=False))
     (decoder,) = [d for key, d in model.decoders.items() if key[1] == "compile"]
     assert decoder.setup_seconds > 0
+
+
+class FakeGraph:
+    """torch.cuda.CUDAGraph and torch.cuda.graph on a CPU: recording runs the step, then puts the cache
+    back (a real capture runs nothing); replay runs the step again into the recorded output."""
+
+    decoder = None  # the Decoder capturing now
+
+    def __enter__(self):
+        self.d, self.span = FakeGraph.decoder, FakeGraph.decoder.cache.span
+        self.state = [t.clone() for t in self.tensors()]
+
+    def __exit__(self, *exc):
+        for t, saved in zip(self.tensors(), self.state):
+            t.copy_(saved)
+
+    def tensors(self):
+        c = self.d.cache
+        return c.k + c.v + [c.pos, c.filled]
+
+    def replay(self):
+        assert self.d.cache.span == self.span  # the graph of the span the step needs
+        self.d.outs[self.span].copy_(self.d.fn(self.d.tok))
+
+
+def test_graph_engine_logic_runs_on_cpu_with_a_fake_cuda(monkeypatch):
+    """The graph engine's bookkeeping (one graph per span, one input buffer, warm-up runs that put the
+    cache's position back) with CUDA faked; the real graphs are tested by the CUDA tests below."""
+    stream = type("FakeStream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: graph)
+    capture = engine.Decoder._capture
+
+    def fake_capture(decoder, tok):
+        FakeGraph.decoder = decoder
+        return capture(decoder, tok)
+
+    monkeypatch.setattr(engine.Decoder, "_capture", fake_capture)
+    monkeypatch.setattr(engine.Decoder, "SPAN", 4)
+    model = sharp_model()
+    monkeypatch.setattr(model, "_check_generate_args", lambda *args: None)  # engine=graph needs CUDA otherwise
+    idx = prompts(3, 3)
+    for new in (10, 40):  # within block_size, then past it (the graphs of the first call are replayed)
+        graphed = model.generate(idx, new, temperature=0, engine="graph")
+        assert torch.equal(graphed, model.generate(idx, new, temperature=0, use_cache=False))
+    (decoder,) = [d for key, d in model.decoders.items() if key[1] == "graph"]
+    assert sorted(decoder.graphs) == [4, 8, 12, 16] and decoder.setup_seconds > 0
 
 
 # ----------------------------------------------------------------------------- CUDA: graphs and compile
