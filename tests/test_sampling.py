@@ -218,6 +218,11 @@ def test_graph_engine_logic_runs_on_cpu_with_a_fake_cuda(monkeypatch):
         assert torch.equal(graphed, model.generate(idx, new, temperature=0, use_cache=False))
     (decoder,) = [d for key, d in model.decoders.items() if key[1] == "graph"]
     assert sorted(decoder.graphs) == [4, 8, 12, 16] and decoder.setup_seconds > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the graphed step on pre-cast weights: autocast's tokens
+        graphed = model.generate(idx, 40, temperature=0, engine="graph")
+        assert torch.equal(graphed, model.generate(idx, 40, temperature=0, engine="eager"))
+    (decoder,) = [d for key, d in model.decoders.items() if key[1] == "graph" and key[-1] == torch.bfloat16]
+    assert decoder.model is not model and decoder.model.lm_head.weight.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- CUDA: graphs and compile
