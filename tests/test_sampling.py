@@ -193,6 +193,7 @@ class FakeGraph:
         self.d.outs[self.span].copy_(self.d.fn(self.d.tok))
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # the capture's CUDA autocast, faked
 def test_graph_engine_logic_runs_on_cpu_with_a_fake_cuda(monkeypatch):
     """The graph engine's bookkeeping (one graph per span, one input buffer, warm-up runs that put the
     cache's position back) with CUDA faked; the real graphs are tested by the CUDA tests below."""
