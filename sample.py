@@ -162,9 +162,9 @@ def sample(cfg: SampleConfig, out=sys.stdout, log=sys.stderr) -> list[str]:
             f"---------------  {batch} sample(s) x {steps} tokens in {dt:.2f}s "
             f"({batch * steps / max(dt, 1e-9):.0f} tok/s, engine={engine})\n"
         )
-    setup = [d.setup_seconds for d in getattr(model, "decoders", {}).values() if d.setup_seconds is not None]
-    if engine != "eager" and setup:
-        log.write(f"engine={engine}: one-time setup (compilation / graph capture) {sum(setup):.2f}s\n")
+    if engine != "eager":
+        setup = sum(d.setup_seconds for d in model.decoders.values())
+        log.write(f"engine={engine}: one-time setup (compilation / graph capture) {setup:.2f}s\n")
     return samples
 
 

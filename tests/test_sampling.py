@@ -298,6 +298,13 @@ def test_one_sample_streams_the_same_text(char_ckpt):
     assert u == s
 
 
+def test_compile_engine_prints_its_one_time_cost(char_ckpt):
+    flags = ["--num_samples=2", "--max_new_tokens=6", "--temperature=0", "--engine=compile"]
+    compiled, stdout, log = sample_here(char_ckpt, *flags)
+    assert compiled == sample_here(char_ckpt, *flags[:-1])[0]
+    assert "engine=compile: one-time setup (compilation / graph capture)" in log and "engine=compile" not in stdout
+
+
 def test_max_batch_splits_the_samples(char_ckpt):
     flags = ["--num_samples=5", "--max_new_tokens=20", "--start=Be", "--temperature=0"]
     whole, _, log = sample_here(char_ckpt, *flags)
