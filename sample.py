@@ -63,14 +63,14 @@ class SampleConfig:
 
 def load_model(out_dir: str, device: str, init_from: str = "resume") -> tuple[GPT, dataset.Tokenizer]:
     """The model and tokenizer recorded in out_dir/ckpt.pt, or a pretrained GPT-2 and its BPE."""
-    if init_from != "resume":
-        model = pretrained.load_pretrained(init_from)
-        return model.eval().to(device), dataset.Tokenizer(dataset.gpt2_meta())
+    if init_from != "resume":  # the tokenizer first: offline without the BPE, fail before loading GBs of weights
+        tok = dataset.Tokenizer(dataset.gpt2_meta())
+        return pretrained.load_pretrained(init_from).eval().to(device), tok
     state = checkpoint.load(Path(out_dir) / "ckpt.pt")
+    tok = dataset.Tokenizer(json.loads(state["tokenizer"]))
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
-    model.eval().to(device)
-    return model, dataset.Tokenizer(json.loads(state["tokenizer"]))
+    return model.eval().to(device), tok
 
 
 def prompt_text(start: str) -> str:

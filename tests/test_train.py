@@ -328,16 +328,6 @@ def trained(tmp_path_factory, char_data):
     return out, proc
 
 
-SEPARATOR = re.compile(r"\n---------------  \d+ tokens in [^\n]*\n")
-
-
-def samples_of(stdout: str) -> list[str]:
-    """The samples in sample.py's output: each is followed by a separator line with its timing."""
-    parts = SEPARATOR.split(stdout)
-    assert parts[-1] == "", stdout[-500:]
-    return parts[:-1]
-
-
 def sample_cli(out, *flags):
     return run(["sample.py", f"--out_dir={out}", "--device=cpu", *flags])
 
@@ -345,9 +335,10 @@ def sample_cli(out, *flags):
 def sample_here(out, *flags) -> list[str]:
     """sample.sample in this process; returns the samples."""
     cfg = config.parse_args(sample.SampleConfig, [f"--out_dir={out}", "--device=cpu", *flags], allow_file=False)
-    buf = io.StringIO()
-    samples = sample.sample(cfg, out=buf)
-    assert samples_of(buf.getvalue()) == samples
+    buf, log = io.StringIO(), io.StringIO()
+    samples = sample.sample(cfg, out=buf, log=log)
+    assert buf.getvalue() == "".join(s + "\n" for s in samples)  # only the samples: timings go to log
+    assert "tok/s" in log.getvalue()
     return samples
 
 
@@ -370,7 +361,9 @@ def test_e2e_sample_cli(trained):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout.count("First") >= 2
-    samples = samples_of(proc.stdout)
+    samples = sample_here(out, "--num_samples=2", "--max_new_tokens=50", "--start=First")
+    assert proc.stdout == "".join(s + "\n" for s in samples)  # stdout is the samples, nothing else
+    assert "2 sample(s) x 50 tokens" in proc.stderr
     assert len(samples) == 2
     vocab = set(tiny_text())
     for s in samples:
@@ -384,8 +377,8 @@ def test_e2e_sample_greedy_is_repeatable(trained):
     flags = ["--num_samples=2", "--max_new_tokens=40", "--start=First", "--temperature=0"]
     proc = sample_cli(out, *flags)
     assert proc.returncode == 0, proc.stderr
-    first = samples_of(proc.stdout)
-    assert sample_here(out, *flags) == first  # another run, another process: the same text
+    first = sample_here(out, *flags)
+    assert proc.stdout == "".join(s + "\n" for s in first)  # another run, another process: the same text
     assert first[0] == first[1]  # greedy: both samples of one run agree too
     assert sample_here(out, *flags, "--use_cache=False") == first
 
