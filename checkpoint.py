@@ -72,11 +72,13 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); {EARLIER}") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py")
-    version = state.get("version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    version = state.get("version", 1)  # every train.py checkpoint has one; format 1 had no other
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path} has an unknown checkpoint format ({version!r}); {EARLIER}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format {version!r}, but this code reads formats 1 to {FORMAT_VERSION}; "
-            "it was written by a newer version of this project: update the code (git pull) to read it"
+            f"{path} has checkpoint format {version}, but this code reads formats 1 to {FORMAT_VERSION}: it was "
+            "written by a newer version of this project; update the code (git pull) to read it"
         )
     return state
 
