@@ -5,6 +5,7 @@
     python bench.py configs/small.py --compare=configs/rmsnorm.py          # two configs side by side
     python bench.py configs/small.py --time_to_loss --thresholds=2.0,1.88,1.7 --repeats=3
     python bench.py configs/small.py --sample --out_dir=out --repeats=3   # sampling with and without the KV cache
+    python bench.py configs/gpt2.py --sample --synthetic=True --repeats=2  # on a GPU: CUDA graphs, batch of 64
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
 tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and peak memory after the
@@ -30,7 +31,7 @@ import dataset
 import metrics
 import runtime
 import train
-from model import GPT
+from model import ENGINES, GPT
 
 
 @dataclass
@@ -42,11 +43,14 @@ class BenchOptions:
     time_to_loss: bool = False  # run the config's full training and time it to each val-loss threshold
     thresholds: str = ""  # --time_to_loss: val-loss thresholds, e.g. 2.0,1.88,1.7
     repeats: int = 1  # --time_to_loss, --sample: runs of each measurement; the median is reported
-    sample: bool = False  # sampling speed with and without the KV cache
+    sample: bool = False  # sampling speed with and without the KV cache, one sequence and a batch
     new_tokens: int = 500  # --sample: tokens generated per measurement
     suite: str = ""  # "gpu": every GPU figure of the project in one table, in under 9 minutes (gpu_suite.py)
     nanogpt: str = ""  # --suite: a copy of nanoGPT to measure side by side (e.g. ../shared/reference/nanoGPT)
     logs: str = ""  # --suite: where each measurement's output goes (default: $OUT, else gpu-suite/)
+    engine: str = "auto"  # --sample: the cached decode step, as sample.py's --engine (auto: graph on CUDA)
+    batch: int = 0  # --sample: rows of the batched measurement (0: 64 on CUDA, 8 elsewhere; 1: none)
+    batch_uncached: bool | None = None  # --sample: time the batch without the cache too (None: on CUDA only)
 
     def __post_init__(self):
         for key in ("steps", "repeats", "new_tokens"):
@@ -54,6 +58,9 @@ class BenchOptions:
                 raise config.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         if self.warmup < 0:
             raise config.ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if self.batch < 0:
+            raise config.ConfigError(f"batch must be >= 0, got {self.batch}")
+        config.check_choice("engine", self.engine, ("auto", *ENGINES))
         if self.time_to_loss and self.sample:
             raise config.ConfigError("choose one of --time_to_loss and --sample")
         try:
@@ -207,6 +214,8 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -> dict:
+    """Tokens/s of one sequence and of a batch, with the KV cache (engine as sample.py's) and without;
+    each measurement alternates with the others, so drifting machine load hits all of them."""
     import sample
 
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
@@ -220,29 +229,49 @@ def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model_config()).eval().to(rt.device)
         source = "randomly initialised"
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=rt.device)
-    speeds = {True: [], False: []}
+    engine = sample.choose_engine(opts.engine, rt.device_type, opts.new_tokens)
+    rows = opts.batch or (64 if rt.device_type == "cuda" else 8)
+    plain_batch = opts.batch_uncached if opts.batch_uncached is not None else rt.device_type == "cuda"
+    runs = [(1, True), (1, False)] + [(rows, True)] * (rows > 1) + [(rows, False)] * (rows > 1 and plain_batch)
+
+    def tokens_per_s(batch: int, use_cache: bool, n: int) -> float:
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        prompt = torch.zeros((batch, 1), dtype=torch.long, device=rt.device)
+        model.generate(prompt, n, use_cache=use_cache, engine=engine)[0, -1].item()  # .item() waits for the device
+        return batch * n / (time.perf_counter() - t0)
+
+    speeds = {run: [] for run in runs}
     with rt.autocast():
-        for use_cache in (True, False):
-            model.generate(prompt, 8, use_cache=use_cache)[0, -1].item()  # warm-up
-        for _ in range(opts.repeats):  # alternate, so drifting machine load hits both
-            for use_cache in (True, False):
-                torch.manual_seed(cfg.seed)
-                t0 = time.perf_counter()
-                model.generate(prompt, opts.new_tokens, use_cache=use_cache)[0, -1].item()
-                speeds[use_cache].append(opts.new_tokens / (time.perf_counter() - t0))
+        for run in runs:
+            tokens_per_s(*run, 8)  # warm-up: compilation, graph capture, allocator
+        for _ in range(opts.repeats):
+            for run in runs:
+                speeds[run].append(tokens_per_s(*run, opts.new_tokens))
+    setup = {key[0]: d.setup_seconds for key, d in model.decoders.items()}
     info = (
         f"{source}, {model.num_params() / 1e6:.2f}M params, block_size {model.config.block_size}, "
-        f"{opts.new_tokens} new tokens, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
+        f"{opts.new_tokens} new tokens, engine={engine}, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
         f"{torch.get_num_threads()} threads, median of {opts.repeats}"
     )
-    ratios = [c / u for c, u in zip(speeds[True], speeds[False])]  # each pair ran back to back
-    cached, uncached = statistics.median(speeds[True]), statistics.median(speeds[False])
+    return {"info": info, **sampling_rows(speeds, rows, setup)}
+
+
+def sampling_rows(speeds: dict, rows: int, setup: dict) -> dict:
+    """The --sample table: medians, and ratios of runs that ran back to back (None: not measured)."""
+    med = {run: statistics.median(v) for run, v in speeds.items()}
+    ratio = lambda a, b, k=1.0: statistics.median(k * x / y for x, y in zip(speeds[a], speeds[b])) if b in med else None
+    batched = rows > 1
     return {
-        "info": info,
-        "tokens/s with KV cache": cached,
-        "tokens/s without": uncached,
-        "speed-up": statistics.median(ratios),
+        "tokens/s with KV cache": med[(1, True)],
+        "tokens/s without": med[(1, False)],
+        "speed-up": ratio((1, True), (1, False)),
+        f"batch of {rows}: tokens/s with KV cache": med.get((rows, True)) if batched else None,
+        f"batch of {rows}: tokens/s without": med.get((rows, False)) if batched else None,
+        f"batch of {rows}: speed-up": ratio((rows, True), (rows, False)) if batched else None,
+        f"batch of {rows}: time / one sequence's": ratio((1, True), (rows, True), rows) if batched else None,
+        "engine setup s, one sequence (once)": setup.get(1),
+        f"engine setup s, batch of {rows} (once)": setup.get(rows) if batched else None,
     }
 
 
@@ -269,7 +298,7 @@ def run(argv: list[str]):
         if out_dir and opts.compare:
             raise config.ConfigError("--sample with --out_dir measures one checkpoint; leave out --compare")
         results = [sampling(cfg, opts, out_dir) for cfg in cfgs]
-        title = "sampling speed (one sequence; KV cache vs recomputing the whole context)"
+        title = "sampling speed (KV cache vs recomputing the whole context; one sequence, then a batch)"
     elif opts.time_to_loss:
         per_config = [[] for _ in cfgs]
         with tempfile.TemporaryDirectory() as tmp:

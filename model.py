@@ -24,6 +24,7 @@ import torch.nn.functional as F
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post", "peri")
 INITS = ("gpt2", "xavier")
+ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
 
 
 @dataclass
@@ -76,24 +77,45 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, allocated to block_size."""
+    """Keys and values of every layer, allocated once to block_size and written in place, so that a
+    one-token decode step has fixed shapes (a CUDA graph can replay it). A prompt fills slots 0..T-1
+    (reset the cache first); each later token goes to slot `pos` and attends to the first `span` slots
+    (a Python int, so a step's shapes stay fixed while it holds) through the mask of filled ones."""
 
     def __init__(self, config: GPTConfig):
         self.block_size = config.block_size
         self.k = [None] * config.n_layer  # per layer: (B, nh, block_size, hs), made on first use
         self.v = [None] * config.n_layer
-        self.pos = 0  # number of positions filled
+        self.pos = None  # (1,) long tensor: the slot of the next token
+        self.filled = None  # (1, 1, 1, block_size) bool: the slots that hold the current context
+        self.span = config.block_size  # slots a one-token step reads (set by the Decoder): all the filled ones
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
+    def reset(self, device):
+        """Start a new context at slot 0; the old entries stay in place, masked out."""
+        if self.pos is None:
+            self.pos = torch.zeros(1, dtype=torch.long, device=device)
+            self.filled = torch.zeros(1, 1, 1, self.block_size, dtype=torch.bool, device=device)
+        self.pos.zero_()
+        self.filled.zero_()
+
+    def claim(self, T: int) -> torch.Tensor:
+        """The slots (T,) of the next T tokens, marked filled; pos moves past them (no host sync)."""
+        if self.pos is None:
+            raise ValueError("reset the KV cache before its first use")
+        slots = self.pos + torch.arange(T, device=self.pos.device)
+        self.filled.index_fill_(3, slots, True)
+        self.pos.add_(T)
+        return slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+        """Write k, v (B, nh, T, hs) at slots; return the whole cache of this layer (B, nh, block_size, hs)."""
         if self.k[layer] is None:  # allocate with the dtype autocast gives k and v
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
             self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
-        t0, t1 = self.pos, self.pos + k.size(2)
-        self.k[layer][:, :, t0:t1] = k
-        self.v[layer][:, :, t0:t1] = v
-        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -107,19 +129,20 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        mask = None
         if cache is not None:
-            if cache.pos > 0 and T > 1:
-                raise ValueError("the KV cache takes a prompt at position 0, then one token at a time")
-            k, v = cache.update(self.layer, k, v)  # (B, nh, pos + T, hs)
-        # a single new token may attend to everything before it; otherwise mask the future
+            keys, values = cache.update(self.layer, k, v, pos)  # (B, nh, block_size, hs)
+            if T == 1:  # one new token attends to every filled slot; a prompt (from slot 0) to itself
+                span = cache.span
+                k, v, mask = keys[:, :, :span], values[:, :, :span], cache.filled[..., :span]
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -157,15 +180,15 @@ class Block(nn.Module):
             return 0.0
         return x if self.alpha == 1.0 else self.alpha * x
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None):
         if self.position == "pre":
-            x = self.skip(x) + self.attn(self.ln_1(x), cache)
+            x = self.skip(x) + self.attn(self.ln_1(x), cache, pos)
             x = self.skip(x) + self.mlp(self.ln_2(x))
         elif self.position == "post":
-            x = self.ln_1(self.skip(x) + self.attn(x, cache))
+            x = self.ln_1(self.skip(x) + self.attn(x, cache, pos))
             x = self.ln_2(self.skip(x) + self.mlp(x))
         else:  # peri
-            x = self.skip(x) + self.ln_1_out(self.attn(self.ln_1(x), cache))
+            x = self.skip(x) + self.ln_1_out(self.attn(self.ln_1(x), cache, pos))
             x = self.skip(x) + self.ln_2_out(self.mlp(self.ln_2(x)))
         return x
 
@@ -225,16 +248,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        # positions: 0..T-1, or with a cache the next T slots (the caller keeps them within block_size)
+        pos = torch.arange(T, device=idx.device) if cache is None else cache.claim(T)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, cache, pos)
         x = self.transformer.ln_f(x)
-        if cache is not None:
-            cache.pos += T
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -278,14 +299,36 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         use_cache: bool = True,
+        engine: str = "eager",
     ):
-        """Continue each row of idx (B, T) by max_new_tokens tokens; yields each new (B, 1) column.
+        """Continue each row of idx (B, T) by max_new_tokens tokens; yields each new (B, 1) column,
+        on the device (reading it back is the caller's sync: read a few columns at a time).
 
         temperature=0 is greedy decoding. With use_cache, keys and values are kept so each step runs
-        one token through the model. When the text outgrows block_size, the context is cut to its
-        last block_size // 2 tokens (one forward pass to refill the cache) and fills up again; the
-        uncached path uses exactly the same contexts, so both give the same tokens.
+        one token through the model: engine "eager" as is, "compile" through torch.compile, "graph"
+        (CUDA only) replayed as a CUDA graph; see Decoder. When the text outgrows block_size, the
+        context is cut to its last block_size // 2 tokens (one forward pass refills the cache) and
+        fills up again; the uncached path uses exactly the same contexts, so both give the same tokens.
         """
+        self._check_generate_args(max_new_tokens, temperature, top_k, top_p, engine, idx.device)
+        pick = lambda logits: next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
+        decoder = self.decoder(idx.size(0), engine, (temperature, top_k, top_p), pick) if use_cache else None
+        bs = self.config.block_size
+        start = max(0, idx.size(1) - bs)  # where the current context begins
+        fresh = True  # the cache does not hold the current context yet
+        for _ in range(max_new_tokens):
+            if idx.size(1) - start > bs:
+                start, fresh = idx.size(1) - max(1, bs // 2), True  # slide: keep the last half of the window
+            if decoder is None:
+                nxt = pick(self(idx[:, start:])[0])
+            elif fresh:
+                nxt, fresh = decoder.prefill(idx[:, start:]), False
+            else:
+                nxt = decoder.step(nxt, idx.size(1) - start)  # the last token (B, 1), the context's length
+            idx = torch.cat((idx, nxt), dim=1)
+            yield nxt
+
+    def _check_generate_args(self, max_new_tokens, temperature, top_k, top_p, engine, device):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
@@ -294,23 +337,26 @@ class GPT(nn.Module):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        bs = self.config.block_size
-        start = max(0, idx.size(1) - bs)  # where the current context begins
-        cache, fed = None, 0  # fed: tokens of the context already in the cache
-        for _ in range(max_new_tokens):
-            if idx.size(1) - start > bs:
-                start = idx.size(1) - max(1, bs // 2)  # slide: keep the last half of the window
-                cache = None
-            if not use_cache:
-                logits, _ = self(idx[:, start:])
-            else:
-                if cache is None:
-                    cache, fed = KVCache(self.config), 0
-                logits, _ = self(idx[:, start + fed :], cache=cache)
-                fed = idx.size(1) - start
-            nxt = next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
-            idx = torch.cat((idx, nxt), dim=1)
-            yield nxt
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+        if engine == "graph" and device.type != "cuda":
+            raise ValueError(f"engine='graph' replays CUDA graphs and needs a CUDA device, not {device.type}")
+
+    def decoder(self, batch: int, engine: str, sampling: tuple, pick):
+        """The Decoder for this batch size, engine, sampling settings and autocast state, made once and
+        kept in self.decoders: its cache, compiled code and CUDA graphs are reused by later calls. (A
+        compiled or graphed one under autocast holds pre-cast weights: clear self.decoders after
+        changing the weights.)"""
+        device = self.lm_head.weight.device
+        lowp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (batch, engine, sampling, device, lowp)
+        if not hasattr(self, "decoders"):
+            self.decoders = {}
+        if key not in self.decoders:
+            from engine import Decoder  # the decode machinery; it imports this module
+
+            self.decoders[key] = Decoder(self, pick, engine, lowp)
+        return self.decoders[key]
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
@@ -327,7 +373,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p."""
     if top_k is not None:
         v, _ = torch.topk(logits, top_k)
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))  # a slice: no index tensor to copy
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)

@@ -1,9 +1,11 @@
-"""Sample text from a trained model; tokens stream to stdout as they are generated.
+"""Sample text from a trained model. Only the samples go to stdout (timings go to stderr), so
+`python sample.py > story.txt` keeps clean text; one sample streams as it is generated.
 
 python sample.py                                   # from out/ckpt.pt (configs/small.py's run)
 python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2
 python sample.py --start=FILE:prompt.txt --temperature=0  # greedy, prompt read from a file
 python sample.py --init_from=gpt2 --start="Hello"              # OpenAI's GPT-2 (needs transformers)
+python sample.py --num_samples=64 --engine=graph                # one batch of 64, one CUDA graph per token
 """
 
 import json
@@ -19,7 +21,10 @@ import config
 import dataset
 import pretrained
 import runtime
-from model import GPT, GPTConfig
+from model import ENGINES, GPT, GPTConfig
+
+GRAPH_MIN_TOKENS = 32  # engine=auto: CUDA graphs from this many new tokens on (see choose_engine)
+CHUNK = 16  # tokens read back from the device at a time
 
 
 @dataclass
@@ -27,7 +32,8 @@ class SampleConfig:
     out_dir: str = "out"  # the training run whose ckpt.pt to load
     init_from: str = "resume"  # "resume": out_dir/ckpt.pt | "gpt2" | "gpt2-medium" | ... | a Hugging Face folder
     start: str = "\n"  # prompt text (\n types a newline), or FILE:path to read it from a file
-    num_samples: int = 3  # how many samples to draw
+    num_samples: int = 3  # how many samples to draw, as one batch (see max_batch)
+    max_batch: int = 64  # at most this many samples per batch: bounds the KV cache's memory
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # < 1 sharper, > 1 more random, 0 greedy (always the most likely token)
     top_k: int | None = None  # sample only among the k most likely tokens (None: all)
@@ -36,10 +42,13 @@ class SampleConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     use_cache: bool = True  # KV cache: each new token costs one position, not the whole context
+    engine: str = "auto"  # cached decode step: "eager" | "compile" (torch.compile) | "graph" (CUDA graph) | "auto"
 
     def __post_init__(self):
-        if self.num_samples <= 0:
-            raise config.ConfigError(f"num_samples must be positive, got {self.num_samples}")
+        for key in ("num_samples", "max_batch"):
+            if getattr(self, key) <= 0:
+                raise config.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        config.check_choice("engine", self.engine, ("auto", *ENGINES))
         if self.max_new_tokens < 0:
             raise config.ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -74,47 +83,88 @@ def prompt_text(start: str) -> str:
     return start.replace("\\n", "\n").replace("\\t", "\t")  # a typed \n is a newline
 
 
-def sample(cfg: SampleConfig, out=sys.stdout) -> list[str]:
-    """Write cfg.num_samples samples to out as they are generated; returns them."""
+def choose_engine(engine: str, device_type: str, max_new_tokens: int) -> str:
+    """engine=auto: a CUDA graph on CUDA for GRAPH_MIN_TOKENS new tokens or more, else eager.
+
+    Capturing the graph costs about three eager steps (two warm-up steps and the recording) and then
+    saves most of every step's launch time, so it pays back within a few dozen tokens; the saving is
+    per step whatever the batch, so the rule counts steps, not rows. torch.compile costs tens of
+    seconds of compilation, more than any usual sample takes, so it runs only when asked for
+    (engine=compile). On a CPU there are no launches to save: eager."""
+    if engine != "auto":
+        if engine == "graph" and device_type != "cuda":
+            raise config.ConfigError(f"engine=graph needs a CUDA GPU (device is {device_type}); use eager or compile")
+        return engine
+    return "graph" if device_type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS else "eager"
+
+
+def draw(model: GPT, tok: dataset.Tokenizer, idx: torch.Tensor, cfg: SampleConfig, engine: str, stream=None):
+    """Generate for every row of idx (B, T); a row ends at the tokenizer's end-of-text token (if it
+    has one) or after cfg.max_new_tokens. Reads tokens back CHUNK at a time and stops when every row
+    has ended; writes row 0's text to stream as it comes. Returns each row's new token ids and the
+    number of steps run."""
+    eot = tok.enc.eot_token if tok.kind == "gpt2" else None
+    rows, done = [[] for _ in range(idx.size(0))], [False] * idx.size(0)
+    decode, cols, steps = tok.stream_decoder(), [], 0
+    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache)
+    for steps, col in enumerate(model.generate_stream(idx, cfg.max_new_tokens, engine=engine, **kwargs), 1):
+        cols.append(col)
+        if len(cols) < CHUNK and steps < cfg.max_new_tokens:
+            continue
+        for r, new in enumerate(torch.cat(cols, dim=1).tolist()):  # one host sync per chunk
+            for t in new:
+                done[r] = done[r] or t == eot
+                if done[r]:
+                    break
+                if t < tok.vocab_size:  # a padded vocabulary slot is never a real token
+                    rows[r].append(t)
+                    if stream is not None and r == 0:
+                        stream.write(decode(t))
+        cols = []
+        if stream is not None:
+            stream.flush()
+        if all(done):
+            break
+    return rows, steps
+
+
+def sample(cfg: SampleConfig, out=sys.stdout, log=sys.stderr) -> list[str]:
+    """Write the cfg.num_samples samples to out, each followed by a newline; timings go to log.
+    Returns the samples."""
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
     model, tok = load_model(cfg.out_dir, rt.device, cfg.init_from)
     if cfg.top_k is not None and cfg.top_k > tok.vocab_size:
         raise config.ConfigError(f"top_k={cfg.top_k} is larger than the vocabulary ({tok.vocab_size} tokens)")
+    engine = choose_engine(cfg.engine, rt.device_type, cfg.max_new_tokens) if cfg.use_cache else "eager"
     text = prompt_text(cfg.start)
     ids = tok.encode(text)
     if not ids:
         if tok.kind != "gpt2":
             raise config.ConfigError("the prompt is empty; give --start some text (e.g. --start='\\n')")
         ids = [tok.enc.eot_token]  # GPT-2 starts documents after <|endoftext|>
-    idx = torch.tensor([ids], dtype=torch.long, device=rt.device)
     torch.manual_seed(cfg.seed)
     samples = []
-    for _ in range(cfg.num_samples):
-        out.write(text)
-        decode, pieces = tok.stream_decoder(), []
+    for first in range(0, cfg.num_samples, cfg.max_batch):
+        batch = min(cfg.max_batch, cfg.num_samples - first)
+        idx = torch.tensor([ids] * batch, dtype=torch.long, device=rt.device)
+        streaming = cfg.num_samples == 1
+        if streaming:
+            out.write(text)
         t0 = time.perf_counter()
         with rt.autocast():
-            stream = model.generate_stream(
-                idx,
-                cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                use_cache=cfg.use_cache,
-            )
-            for nxt in stream:
-                token = int(nxt[0, 0])
-                if token >= tok.vocab_size:  # a padded vocabulary slot; never a real token
-                    continue
-                pieces.append(decode(token))
-                out.write(pieces[-1])
-                out.flush()
+            rows, steps = draw(model, tok, idx, cfg, engine, out if streaming else None)
         dt = time.perf_counter() - t0
-        samples.append(text + "".join(pieces))
-        out.write(
-            f"\n---------------  {cfg.max_new_tokens} tokens in {dt:.2f}s "
-            f"({cfg.max_new_tokens / max(dt, 1e-9):.0f} tok/s)\n"
+        for new in rows:
+            samples.append(text + tok.decode(new))
+            out.write("\n" if streaming else samples[-1] + "\n")
+        out.flush()
+        log.write(
+            f"---------------  {batch} sample(s) x {steps} tokens in {dt:.2f}s "
+            f"({batch * steps / max(dt, 1e-9):.0f} tok/s, engine={engine})\n"
         )
+    setup = [d.setup_seconds for d in getattr(model, "decoders", {}).values() if d.setup_seconds is not None]
+    if engine != "eager" and setup:
+        log.write(f"engine={engine}: one-time setup (compilation / graph capture) {sum(setup):.2f}s\n")
     return samples
 
 

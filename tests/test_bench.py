@@ -103,6 +103,10 @@ def test_sampling_speed_random_model_and_checkpoint(time_to_loss, capsys):
     cached, uncached = number(row(out, "tokens/s with KV cache")[0]), number(row(out, "tokens/s without")[0])
     assert cached > 0 and uncached > 0
     assert number(row(out, "speed-up")[0]) == pytest.approx(cached / uncached, rel=0.05)
+    batched = number(row(out, "batch of 8: tokens/s with KV cache")[0])  # 8 rows by default on a CPU
+    assert number(row(out, "batch of 8: time / one sequence's")[0]) == pytest.approx(8 * cached / batched, rel=0.05)
+    assert row(out, "batch of 8: tokens/s without") == ["-"]  # timed on CUDA only, unless asked for
+    assert "engine=eager" in out and number(row(out, "engine setup s, batch of 8 (once)")[0]) >= 0
     _, out_dir = time_to_loss
     assert bench.main(["--device=cpu", "--sample", "--new_tokens=20", f"--out_dir={out_dir / 'defaults-0'}"]) == 0
     out = capsys.readouterr().out  # in-process: quicker
@@ -116,6 +120,14 @@ def test_parse_splits_bench_flags_from_train_flags():
     assert (opts.steps, opts.synthetic, opts.time_to_loss, opts.levels, opts.repeats) == (3, True, True, [2, 1.9], 2)
     assert (opts.warmup, opts.sample, opts.compare) == (5, False, "")  # the defaults
     assert rest == ["configs/small.py", "--n_layer=2", "--device=cpu"]  # train.py's, as given and in order
+
+
+def test_sampling_batch_flags():
+    out = bench_py(*TINY, "--synthetic", "--sample", "--new_tokens=20", "--batch=3", "--batch_uncached=True").stdout
+    speeds = [number(row(out, f"batch of 3: tokens/s {k}")[0]) for k in ("with KV cache", "without")]
+    assert number(row(out, "batch of 3: speed-up")[0]) == pytest.approx(speeds[0] / speeds[1], rel=0.05)
+    out = bench_py(*TINY, "--synthetic", "--sample", "--new_tokens=20", "--batch=1").stdout
+    assert row(out, "batch of 1: tokens/s with KV cache") == ["-"]
 
 
 @pytest.mark.parametrize(
@@ -132,6 +144,9 @@ def test_parse_splits_bench_flags_from_train_flags():
         (["--compare=configs/nothere.py"], "config file 'configs/nothere.py' not found"),
         (["--sample", "--device=cpu", "--out_dir=/nonexistent/run"], "no checkpoint at"),
         (["--sample", "--out_dir=x", "--compare=configs/small.py"], "leave out --compare"),
+        (["--sample", "--engine=fast"], "engine"),
+        (["--sample", "--batch=-1"], "batch must be >= 0"),
+        (["--sample", "--device=cpu", "--synthetic", "--engine=graph"], "engine=graph needs a CUDA GPU"),
         (["--device=cuda:0"], "no CUDA GPU"),
     ],
 )
