@@ -195,7 +195,8 @@ class CausalSelfAttention(nn.Module):
         if self.layer == 0 and "v0" in shared:
             shared["v0"] = v  # the new tokens' values of layer 0, this pass
         elif hasattr(self, "v_lambda"):
-            v = (1 - self.v_lambda) * v + self.v_lambda * shared["v0"]  # a cache stores these mixed values
+            mixed = (1 - self.v_lambda) * v + self.v_lambda * shared["v0"]  # a cache stores these mixed values
+            v = mixed.to(v.dtype)  # under autocast v is bf16 and l_i float32: keep the cache's dtype
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
