@@ -159,6 +159,15 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
+class Shared:
+    """What the layers of one forward pass share besides the stream: rope's angles (cos, sin), each (T, hs/2),
+    and, with value_residual, layer 0's values v0 (B, nh, T, hs), set by layer 0 for the later ones. A plain
+    object, not a dict: FSDP rebuilds the containers in a module's arguments, and layer 0's v0 would be lost."""
+
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.rope, self.v0 = rope, None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -174,14 +183,14 @@ class CausalSelfAttention(nn.Module):
             self.ln_k = make_norm(config, config.n_embd // config.n_head)
         if config.value_residual and layer > 0:  # l_i: how much of layer 0's values this layer takes
             self.v_lambda = nn.Parameter(torch.full((1,), 0.5))
-        self.qk_norm, self.rope = config.qk_norm, config.positions == "rope"
+        self.qk_norm, self.value_residual = config.qk_norm, config.value_residual
 
-    def project(self, x: torch.Tensor, pos: torch.Tensor, shared: dict):
+    def project(self, x: torch.Tensor, pos: torch.Tensor, shared: Shared):
         """Queries, keys and values (B, nh, T, hs) of x (B, T, C) at positions pos (T,). The order follows
         OLMo 2 and nanochat: norm first (qk_norm), then rotary (rope), so the rotation acts on unit-scale
         vectors and the norm never sees positions. No extra scale follows the norm (nanochat multiplies q
         by 1.2): attention keeps SDPA's 1/sqrt(hs), and the norm's learnable gain, when norm_affine, sets
-        the sharpness. With value_residual, layer 0 leaves its values in shared["v0"] for the others."""
+        the sharpness. With value_residual, layer 0 leaves its values in shared.v0 for the others."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -189,19 +198,19 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:
             q, k = self.ln_q(q), self.ln_k(k)
-        if self.rope:
-            cos, sin = shared["rope"]  # (T, hs/2)
+        if shared.rope is not None:
+            cos, sin = shared.rope  # (T, hs/2)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.layer == 0 and "v0" in shared:
-            shared["v0"] = v  # the new tokens' values of layer 0, this pass
-        elif hasattr(self, "v_lambda"):
-            mixed = (1 - self.v_lambda) * v + self.v_lambda * shared["v0"]  # a cache stores these mixed values
+        if self.value_residual and self.layer == 0:
+            shared.v0 = v  # the new tokens' values of layer 0, this pass
+        elif self.value_residual:
+            mixed = (1 - self.v_lambda) * v + self.v_lambda * shared.v0  # a cache stores these mixed values
             v = mixed.to(v.dtype)  # under autocast v is bf16 and l_i float32: keep the cache's dtype
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
         B, T, C = x.size()
-        q, k, v = self.project(x, pos, shared or {})
+        q, k, v = self.project(x, pos, shared or Shared())
         mask = None
         if cache is not None:
             keys, values = cache.update(self.layer, k, v, pos)  # (B, nh, block_size, hs)
@@ -248,7 +257,7 @@ class Block(nn.Module):
         return x if self.alpha == 1.0 else self.alpha * x
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
-        """shared: what the layers of one pass share (rotary angles, layer 0's values); see GPT.forward."""
+        """shared: what the layers of one pass share (rotary angles, layer 0's values); see Shared."""
         if self.position == "pre":
             x = self.skip(x) + self.attn(self.ln_1(x), cache, pos, shared)
             x = self.skip(x) + self.mlp(self.ln_2(x))
@@ -334,11 +343,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(self.transformer.ln_e(x))  # ln_e: embed_norm, else nothing
         x0 = x  # what residual_scalars mixes back in before every block
-        shared = {}  # what every layer of this pass reads: rotary angles, layer 0's values
-        if c.positions == "rope":
-            shared["rope"] = rotary(pos, c.n_embd // c.n_head)  # (T, hs/2) each
-        if c.value_residual:
-            shared["v0"] = None  # set by layer 0
+        shared = Shared(rotary(pos, c.n_embd // c.n_head) if c.positions == "rope" else None)  # and layer 0's values
         for i, block in enumerate(self.transformer.h):
             if c.residual_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0

@@ -13,9 +13,12 @@ What the model's own scalars have learned, after the step (present when the swit
 Measuring is cheap: the hooks exist only on telemetry steps.
 """
 
+import copy
 from contextlib import contextmanager
 
 import torch
+
+from model import Shared
 
 
 def sublayers(block) -> dict[str, list[torch.nn.Parameter]]:
@@ -114,7 +117,7 @@ def max_attention_logit(attn, x, cache, pos, shared) -> float:
     its queries and keys (after qk_norm and rotary, as attention sees them); one row at a time."""
     if cache is not None:
         return 0.0  # measured in training, not while decoding
-    q, k, _ = attn.project(x, pos, dict(shared or {}))  # a copy: layer 0's values stay as they are
+    q, k, _ = attn.project(x, pos, copy.copy(shared or Shared()))  # a copy: layer 0's values stay as they are
     T = q.size(2)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     best = torch.zeros((), device=q.device)
