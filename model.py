@@ -186,11 +186,12 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm, self.value_residual = config.qk_norm, config.value_residual
 
     def project(self, x: torch.Tensor, pos: torch.Tensor, shared: Shared):
-        """Queries, keys and values (B, nh, T, hs) of x (B, T, C) at positions pos (T,). The order follows
-        OLMo 2 and nanochat: norm first (qk_norm), then rotary (rope), so the rotation acts on unit-scale
-        vectors and the norm never sees positions. No extra scale follows the norm (nanochat multiplies q
-        by 1.2): attention keeps SDPA's 1/sqrt(hs), and the norm's learnable gain, when norm_affine, sets
-        the sharpness. With value_residual, layer 0 leaves its values in shared.v0 for the others."""
+        """Queries, keys and values (B, nh, T, hs) of x (B, T, C) at positions pos (T,). Norm first (qk_norm),
+        then rotary (rope), as OLMo 2 and modded-nanogpt: the norm's per-channel gains never see positions.
+        (nanochat rotates first, but its norm has no weights and a rotation keeps the RMS: the same thing.)
+        No extra scale follows the norm (nanochat multiplies q and k by 1.2): attention keeps SDPA's
+        1/sqrt(hs), and the norms' learnable gains, with norm_affine, set the sharpness. With
+        value_residual, layer 0 leaves its values in shared.v0 for the later layers."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
