@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from model import GPTConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -60,6 +62,9 @@ class TrainConfig(GPTConfig):
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    optimizer: str = "adamw"  # "adamw" | "muon": torch.optim.Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (same schedule shape as learning_rate; nanochat: 0.02)
+    scalar_lr: float = 0.5  # peak learning rate of residual_scalars' b_i (a_i: 1/100 of it, l_i: 1/10), no decay
     # -- evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between estimates of train and val loss (and at the end)
     eval_iters: int = 20  # batches per loss estimate
@@ -106,6 +111,13 @@ class TrainConfig(GPTConfig):
         check_choice("parallel", self.parallel, ("ddp", "fsdp"))
         if self.parallel == "fsdp" and self.dtype == "float16":
             raise ConfigError("parallel=fsdp trains in bfloat16 or float32 (float16 would need a sharded GradScaler)")
+        check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), not torch {torch.__version__}")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ConfigError("optimizer='muon' orthogonalizes whole matrices; FSDP shards them: use parallel='ddp'")
+        if self.muon_lr <= 0 or self.scalar_lr <= 0:
+            raise ConfigError(f"muon_lr and scalar_lr must be positive, got {self.muon_lr:g} and {self.scalar_lr:g}")
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, ("auto",))
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.dataset):

@@ -7,9 +7,15 @@ reads it and adds to it; where the norm sits is a switch:
 
     pre-LN  (GPT-2, default):  x = x + f(norm(x))             ... and one final norm before the head
     post-LN (original paper):  x = norm(x + f(x))             ... the stream is renormalised after every add
-    peri-LN (Gemma, OLMo 2):   x = x + norm_out(f(norm(x)))   ... both sides of f, and a final norm
+    peri-LN (Gemma):           x = x + norm_out(f(norm(x)))   ... both sides of f, and a final norm
+    reordered (OLMo 2):        x = x + norm(f(x))             ... the norm on f's output only, and a final norm
     DeepNorm (post-LN variant): x = norm(alpha * x + f(x))    ... alpha = (2 * n_layer) ** 0.25
     no residual (ablation):    x = f(norm(x)) or norm(f(x))   ... what the skip connection is for
+
+More switches, each off by default (GPT-2): qk_norm (queries and keys normalised per head), norm_affine=False
+(norms without weight or bias), embed_norm (a norm on the embeddings), residual_scalars (before block i,
+x = a_i * x + b_i * x0, x0 the embedding output), value_residual (each layer's values mixed with layer 0's),
+positions="rope" (rotary position embeddings instead of wpe), logit_softcap (c * tanh(logits / c)).
 
 Layer names mirror GPT-2's (transformer.wte, h.N.attn.c_attn, ...) so its weights map one to one.
 """
@@ -22,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post", "peri")
+NORM_POSITIONS = ("pre", "post", "peri", "reordered")
+POSITIONS = ("learned", "rope")
+ROPE_BASE = 10000.0  # rotary frequencies base ** (-2i / head_dim), as RoFormer, Llama, nanochat
 INITS = ("gpt2", "xavier")
 ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
 
@@ -37,10 +45,17 @@ class GPTConfig:
     dropout: float = 0.0  # dropout probability (0 for pretraining, 0.1+ for small data)
     bias: bool = True  # bias in Linear and LayerNorm layers (GPT-2: True)
     norm: str = "layernorm"  # normalization type: "layernorm" | "rmsnorm"
-    norm_position: str = "pre"  # where the norm sits: "pre" x+f(norm(x)) | "post" norm(x+f(x)) | "peri" (both)
+    norm_position: str = "pre"  # "pre" x+f(norm(x)) | "post" norm(x+f(x)) | "peri" both | "reordered" x+norm(f(x))
     deepnorm: bool = False  # post-LN only: x = norm(alpha*x + f(x)) and DeepNet's beta-scaled Xavier init
     residual: bool = True  # False removes the skip connections (an ablation: x = f(norm(x)))
     init: str = "gpt2"  # "gpt2": N(0, 0.02), residual projections / sqrt(2 * n_layer) | "xavier"
+    qk_norm: bool = False  # normalize queries and keys per head (the norm type, over head_dim) before attention
+    norm_affine: bool = True  # learnable weight (and bias) in every norm; False: plain normalization (nanochat)
+    embed_norm: bool = False  # normalize the embedding output before the first block
+    residual_scalars: bool = False  # learned per layer: x = a_i * x + b_i * x0 before block i (x0: the embeddings)
+    value_residual: bool = False  # mix each layer's values with layer 0's: v_i = (1 - l_i) * v_i + l_i * v_0
+    positions: str = "learned"  # position embeddings: "learned" (GPT-2's wpe) | "rope" (rotary, no wpe)
+    logit_softcap: float = 0.0  # cap the logits at c * tanh(logits / c), before the loss and sampling (0: off)
 
     def __post_init__(self):
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -58,6 +73,14 @@ class GPTConfig:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
         if self.deepnorm and self.norm_position != "post":
             raise ValueError("deepnorm applies to post-LN only; set norm_position='post' or deepnorm=False")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}; got {self.positions!r}")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("positions='rope' needs an even head size (n_embd / n_head)")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
+        if self.residual_scalars and not self.residual:
+            raise ValueError("residual_scalars scales the skip connection that residual=False removes; drop one")
 
     @property
     def deepnorm_alpha(self) -> float:
@@ -70,10 +93,28 @@ class GPTConfig:
         return (8 * self.n_layer) ** -0.25
 
 
-def make_norm(config: GPTConfig) -> nn.Module:
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over the last dim (default n_embd); with norm_affine=False, without weight or bias."""
+    dim, affine = dim or config.n_embd, config.norm_affine
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        return nn.RMSNorm(dim, eps=1e-5, elementwise_affine=affine)
+    return nn.LayerNorm(dim, eps=1e-5, elementwise_affine=affine, bias=config.bias and affine)
+
+
+def rotary(pos: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, hs/2) of the rotary angles pos * base^(-2i/hs) at positions pos (T,). Computed from
+    the position tensor each pass (no buffer): a cached decode step reads the cache's slot, so its shapes
+    stay fixed for torch.compile and CUDA graphs."""
+    inv_freq = ROPE_BASE ** -(torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
+    angles = pos.float()[:, None] * inv_freq  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair of channels (i, i + hs/2) of x (B, nh, T, hs) by its angle (Llama's half split)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class KVCache:
@@ -118,6 +159,15 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
+class Shared:
+    """What the layers of one forward pass share besides the stream: rope's angles (cos, sin), each (T, hs/2),
+    and, with value_residual, layer 0's values v0 (B, nh, T, hs), set by layer 0 for the later ones. A plain
+    object, not a dict: FSDP rebuilds the containers in a module's arguments, and layer 0's v0 would be lost."""
+
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.rope, self.v0 = rope, None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -128,13 +178,40 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # one norm over head_dim for the queries, one for the keys, shared by the heads
+            self.ln_q = make_norm(config, config.n_embd // config.n_head)
+            self.ln_k = make_norm(config, config.n_embd // config.n_head)
+        if config.value_residual and layer > 0:  # l_i: how much of layer 0's values this layer takes
+            self.v_lambda = nn.Parameter(torch.full((1,), 0.5))
+        self.qk_norm, self.value_residual = config.qk_norm, config.value_residual
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None):
+    def project(self, x: torch.Tensor, pos: torch.Tensor, shared: Shared):
+        """Queries, keys and values (B, nh, T, hs) of x (B, T, C) at positions pos (T,). Norm first (qk_norm),
+        then rotary (rope), as OLMo 2 and modded-nanogpt: the norm's per-channel gains never see positions.
+        (nanochat rotates first, but its norm has no weights and a rotation keeps the RMS: the same thing.)
+        No extra scale follows the norm (nanochat multiplies q and k by 1.2): attention keeps SDPA's
+        1/sqrt(hs), and the norms' learnable gains, with norm_affine, set the sharpness. With
+        value_residual, layer 0 leaves its values in shared.v0 for the later layers."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = self.ln_q(q), self.ln_k(k)
+        if shared.rope is not None:
+            cos, sin = shared.rope  # (T, hs/2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.value_residual and self.layer == 0:
+            shared.v0 = v  # the new tokens' values of layer 0, this pass
+        elif self.value_residual:
+            mixed = (1 - self.v_lambda) * v + self.v_lambda * shared.v0  # a cache stores these mixed values
+            v = mixed.to(v.dtype)  # under autocast v is bf16 and l_i float32: keep the cache's dtype
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
+        B, T, C = x.size()
+        q, k, v = self.project(x, pos, shared or Shared())
         mask = None
         if cache is not None:
             keys, values = cache.update(self.layer, k, v, pos)  # (B, nh, block_size, hs)
@@ -180,16 +257,20 @@ class Block(nn.Module):
             return 0.0
         return x if self.alpha == 1.0 else self.alpha * x
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
+        """shared: what the layers of one pass share (rotary angles, layer 0's values); see Shared."""
         if self.position == "pre":
-            x = self.skip(x) + self.attn(self.ln_1(x), cache, pos)
+            x = self.skip(x) + self.attn(self.ln_1(x), cache, pos, shared)
             x = self.skip(x) + self.mlp(self.ln_2(x))
         elif self.position == "post":
-            x = self.ln_1(self.skip(x) + self.attn(x, cache, pos))
+            x = self.ln_1(self.skip(x) + self.attn(x, cache, pos, shared))
             x = self.ln_2(self.skip(x) + self.mlp(x))
-        else:  # peri
-            x = self.skip(x) + self.ln_1_out(self.attn(self.ln_1(x), cache, pos))
+        elif self.position == "peri":
+            x = self.skip(x) + self.ln_1_out(self.attn(self.ln_1(x), cache, pos, shared))
             x = self.skip(x) + self.ln_2_out(self.mlp(self.ln_2(x)))
+        else:  # reordered (OLMo 2): the norm on the sub-layer's output only
+            x = self.skip(x) + self.ln_1(self.attn(x, cache, pos, shared))
+            x = self.skip(x) + self.ln_2(self.mlp(x))
         return x
 
 
@@ -200,13 +281,18 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                # rope rotates queries and keys instead (see CausalSelfAttention.project)
+                wpe=nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None,
+                ln_e=make_norm(config) if config.embed_norm else nn.Identity(),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                # post-LN blocks already end in a norm; pre- and peri-LN need a final one
+                # post-LN blocks already end in a norm; pre-, peri-LN and reordered need a final one
                 ln_f=make_norm(config) if config.norm_position != "post" else nn.Identity(),
             )
         )
+        if config.residual_scalars:  # nanochat: a_i = 1 (the plain residual) and b_i = 0 (no x0) at init
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))  # a_i (n_layer,)
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))  # b_i (n_layer,)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
@@ -242,7 +328,7 @@ class GPT(nn.Module):
         """Parameter count; by default without the position embeddings (the token embedding is
         tied to the head, so it counts as a real weight)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.transformer.wpe is not None:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -252,27 +338,37 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         # positions: 0..T-1, or with a cache the next T slots (the caller keeps them within block_size)
         pos = torch.arange(T, device=idx.device) if cache is None else cache.claim(T)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, cache, pos)
+        c = self.config
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(self.transformer.ln_e(x))  # ln_e: embed_norm, else nothing
+        x0 = x  # what residual_scalars mixes back in before every block
+        shared = Shared(rotary(pos, c.n_embd // c.n_head) if c.positions == "rope" else None)  # and layer 0's values
+        for i, block in enumerate(self.transformer.h):
+            if c.residual_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            x = block(x, cache, pos, shared)
         x = self.transformer.ln_f(x)
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, vocab)
+            logits = self.softcap(self.lm_head(x))  # (B, T, vocab)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        return self.lm_head(x[:, -1:, :]), None  # only the last position is needed to generate
+        return self.softcap(self.lm_head(x[:, -1:, :])), None  # only the last position is needed to generate
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """logit_softcap c > 0: c * tanh(logits / c), smooth and bounded by c (Gemma 2, modded-nanogpt)."""
+        c = self.config.logit_softcap
+        return c * torch.tanh(logits / c) if c else logits
 
     # ---------------------------------------------------------------- training helpers
 
-    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas, device_type: str):
-        """AdamW; weight decay on 2-D weights (matmuls, embeddings) only, not on biases and norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas, device_type: str, **choice):
+        """AdamW; weight decay on 2-D weights (matmuls, embeddings) only, not on biases and norms. The learned
+        scalars, and optimizer="muon" (with muon_lr, scalar_lr in choice): see optim.build."""
+        import optim
+
+        return optim.build(self, weight_decay, learning_rate, betas, device_type, **choice)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention (PaLM paper, appendix B)."""

@@ -32,6 +32,10 @@ SKIPPED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older tr
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 # what GPT-2 is, in our GPTConfig's terms
 GPT2_ARCH = {"norm": "layernorm", "norm_position": "pre", "deepnorm": False, "residual": True, "bias": True}
+# ... and none of the switches its weights have nothing for (no norm on q, k or the embeddings, learned
+# positions, norms with weights, no residual or value scalars, plain logits)
+GPT2_ARCH |= {"qk_norm": False, "norm_affine": True, "embed_norm": False, "residual_scalars": False}
+GPT2_ARCH |= {"value_residual": False, "positions": "learned", "logit_softcap": 0.0}
 
 
 class PretrainedError(ValueError):

@@ -5,12 +5,20 @@ For each block i (0 = the first):
     update_attn[i], update_mlp[i]  ||weights after the optimizer step - before|| / ||weights before||
     rms[i]                         RMS of the residual stream: rms[0] entering block 0 (the
                                    embeddings), rms[i + 1] leaving block i (n_layer + 1 entries)
+    attn_logit_max[i]              the largest attention logit |q.k| / sqrt(hs) of block i (over the causal
+                                   pairs of the first micro-batch), with or without qk_norm
+What the model's own scalars have learned, after the step (present when the switch is on):
+    resid_a[i], resid_b[i]         residual_scalars: x = a_i * x + b_i * x0 before block i
+    v_lambda[i]                    value_residual: block i's share of layer 0's values (0 for block 0)
 Measuring is cheap: the hooks exist only on telemetry steps.
 """
 
+import copy
 from contextlib import contextmanager
 
 import torch
+
+from model import Shared
 
 
 def sublayers(block) -> dict[str, list[torch.nn.Parameter]]:
@@ -28,13 +36,24 @@ def _norm(tensors) -> float:
 
 class Telemetry:
     def __init__(self, model):
+        self.model = model
         self.blocks = list(model.transformer.h)
         self.rms: list[float] = []
+        self.attn_logit_max: list[float] = []
 
     @contextmanager
     def capture_rms(self):
-        """Record the RMS of the residual stream entering block 0 and leaving every block."""
+        """Record the RMS of the residual stream entering block 0 and leaving every block, and the
+        largest attention logit of every block (in the first forward pass of the context)."""
         rms = [0.0] * (len(self.blocks) + 1)
+        logit_max = [None] * len(self.blocks)
+
+        def attn_hook(i):
+            def fn(module, args, output):
+                if logit_max[i] is None and len(args) >= 4:
+                    logit_max[i] = max_attention_logit(module, *args[:4])
+
+            return fn
 
         def hook(i):
             def fn(module, args, output):
@@ -45,12 +64,25 @@ class Telemetry:
             return fn
 
         handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(self.blocks)]
+        handles += [b.attn.register_forward_hook(attn_hook(i)) for i, b in enumerate(self.blocks)]
         try:
             yield rms
         finally:
             for h in handles:
                 h.remove()
             self.rms = rms
+            self.attn_logit_max = [v or 0.0 for v in logit_max]
+
+    def learned(self) -> dict[str, list[float]]:
+        """The learned scalars (residual_scalars' a_i, b_i; value_residual's l_i) and, after capture_rms,
+        the largest attention logit of every block."""
+        out = {"attn_logit_max": self.attn_logit_max} if self.attn_logit_max else {}
+        if hasattr(self.model, "resid_lambdas"):
+            out["resid_a"] = _values(self.model.resid_lambdas)
+            out["resid_b"] = _values(self.model.x0_lambdas)
+        if self.model.config.value_residual:
+            out["v_lambda"] = [_values(b.attn.v_lambda)[0] if hasattr(b.attn, "v_lambda") else 0.0 for b in self.blocks]
+        return out
 
     def grad_norms(self) -> dict[str, list[float]]:
         out = {"grad_attn": [], "grad_mlp": []}
@@ -64,12 +96,35 @@ class Telemetry:
         return [{k: [p.detach().clone() for p in v] for k, v in sublayers(b).items()} for b in self.blocks]
 
     def update_ratios(self, before) -> dict[str, list[float]]:
+        """Each sub-layer's relative update, and (train.py's step logs this dict) what learned() reads."""
         out = {"update_attn": [], "update_mlp": []}
         for b, old in zip(self.blocks, before):
             for name, params in sublayers(b).items():
                 delta = _norm([p.detach() - q for p, q in zip(params, old[name])])
                 out[f"update_{name}"].append(delta / max(_norm(old[name]), 1e-12))
-        return out
+        return {**out, **self.learned()}
+
+
+def _values(p: torch.Tensor) -> list[float]:
+    """A parameter's values as floats (a sharded DTensor gathered first)."""
+    p = p.detach()
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).float().tolist()
+
+
+@torch.no_grad()
+def max_attention_logit(attn, x, cache, pos, shared) -> float:
+    """max |q.k| / sqrt(hs) over the causal pairs of one attention module's input x (B, T, C), recomputing
+    its queries and keys (after qk_norm and rotary, as attention sees them); one row at a time."""
+    if cache is not None:
+        return 0.0  # measured in training, not while decoding
+    q, k, _ = attn.project(x, pos, copy.copy(shared or Shared()))  # a copy: layer 0's values stay as they are
+    T = q.size(2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    best = torch.zeros((), device=q.device)
+    for b in range(q.size(0)):
+        scores = (q[b].float() @ k[b].float().transpose(-2, -1)) / q.size(-1) ** 0.5  # (nh, T, T)
+        best = torch.maximum(best, scores.abs().masked_fill(~causal, 0).max())
+    return best.item()
 
 
 def probe(model, batches, autocast) -> dict:
@@ -80,7 +135,7 @@ def probe(model, batches, autocast) -> dict:
         with tele.capture_rms() as rms, autocast():
             _, loss = model(x, y)
         loss.backward()
-        for key, values in {**tele.grad_norms(), "rms": rms, "loss": [loss.item()]}.items():
+        for key, values in {**tele.grad_norms(), **tele.learned(), "rms": rms, "loss": [loss.item()]}.items():
             sums[key] = [a + b for a, b in zip(sums.get(key, [0.0] * len(values)), values)]
         model.zero_grad(set_to_none=True)
     result = {k: [v / len(batches) for v in vals] for k, vals in sums.items()}

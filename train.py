@@ -167,7 +167,8 @@ class TrainState:
 def build_state(cfg, rt, model_cfg: GPTConfig, model: GPT | None, saved: dict | None) -> TrainState:
     """Model (sharded under FSDP), optimizer and GradScaler, restored from the checkpoint if there is one."""
     model = runtime.parallelize((model or GPT(model_cfg)).to(rt.device), cfg.parallel, rt)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
+                                          optimizer=cfg.optimizer, muon_lr=cfg.muon_lr, scalar_lr=cfg.scalar_lr)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     torch.manual_seed(cfg.seed + rt.rank)  # dropout differs per rank
     state = TrainState(model, model, optimizer, scaler, model)

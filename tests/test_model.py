@@ -368,7 +368,8 @@ def test_post_ln_differs_from_pre_ln():
 @pytest.mark.parametrize("norm", model_module.NORMS)
 @pytest.mark.parametrize("position", model_module.NORM_POSITIONS)
 def test_block_follows_the_documented_formula(norm, position):
-    """pre: x + f(norm(x)); post: norm(x + f(x)); peri: x + norm_out(f(norm(x))), for attention then MLP."""
+    """pre: x + f(norm(x)); post: norm(x + f(x)); peri: x + norm_out(f(norm(x))); reordered: x + norm(f(x)),
+    for attention then MLP."""
     model = make_model(norm=norm, norm_position=position)
     block = model.transformer.h[0]
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(6))
@@ -379,9 +380,12 @@ def test_block_follows_the_documented_formula(norm, position):
         elif position == "post":
             h = block.ln_1(x + block.attn(x))
             expected = block.ln_2(h + block.mlp(h))
-        else:
+        elif position == "peri":
             h = x + block.ln_1_out(block.attn(block.ln_1(x)))
             expected = h + block.ln_2_out(block.mlp(block.ln_2(h)))
+        else:  # reordered (OLMo 2)
+            h = x + block.ln_1(block.attn(x))
+            expected = h + block.ln_2(block.mlp(h))
         assert torch.allclose(block(x), expected, atol=1e-6, rtol=0)
 
 
