@@ -119,6 +119,12 @@ def check_resume(cfg: config.TrainConfig, saved: dict):
                 f"the checkpoint's model has {key}={old!r} but the config says {new!r}; "
                 f"use --{key}={old!r} to resume, or a new out_dir to start over"
             )
+    old = saved["config"].get("optimizer", "adamw")
+    if old != getattr(cfg, "optimizer", "adamw"):
+        raise checkpoint.CheckpointError(
+            f"the checkpoint was trained with optimizer={old!r}, whose state does not fit {cfg.optimizer!r}; "
+            f"use --optimizer={old} to resume, or a new out_dir to start over"
+        )
     old = saved.get("data", {}).get("dataset", cfg.dataset)
     if old != cfg.dataset:
         raise checkpoint.CheckpointError(

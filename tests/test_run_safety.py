@@ -117,6 +117,13 @@ def test_resume_refuses_another_dataset(tiny_cfg, char_data):
     assert_one_line_error(proc, "dataset 'shakespeare_char'", "'mine'", "--dataset=shakespeare_char")
 
 
+def test_resume_refuses_another_optimizer(tiny_cfg, char_data):
+    cfg = tiny_cfg(max_iters=5)
+    train.train(cfg)
+    proc = run(cli(char_data, Path(cfg.out_dir), "--init_from=resume", "--max_iters=10", "--optimizer=muon"))
+    assert_one_line_error(proc, "optimizer='adamw'", "--optimizer=adamw")
+
+
 def record_reads(monkeypatch) -> list[int]:
     """The first sample of every training micro-batch read (the training sampler's seed only)."""
     reads, real = [], dataset.BatchSampler.read
