@@ -105,9 +105,9 @@ class Meter:
     is read at log time, after the loss was read back (which waited for the device), so steps between
     log lines never wait for it."""
 
-    def __init__(self, rt, tokens_per_step: int):
+    def __init__(self, rt, tokens_per_step: int, first_step: int):
         self.rt, self.tokens_per_step = rt, tokens_per_step
-        self.t0, self.paused, self.last_step, self.ms_avg, self.eval_s = time.perf_counter(), 0.0, None, None, 0.0
+        self.t0, self.paused, self.last_step, self.ms_avg, self.eval_s = time.perf_counter(), 0.0, first_step, None, 0.0
 
     @contextmanager
     def pause(self, eval_time: bool = False):
@@ -124,10 +124,9 @@ class Meter:
             self.eval_s += seconds if eval_time else 0.0
 
     def lap(self, step: int) -> tuple[float, float]:
-        """Milliseconds per step and tokens per second since the last lap (or the first step)."""
+        """Milliseconds per step and tokens per second since the last lap (or first_step)."""
         now = time.perf_counter()
-        steps = step - (self.last_step if self.last_step is not None else step - 1)
-        ms = max(now - self.t0 - self.paused, 1e-9) * 1000 / max(steps, 1)
+        ms = max(now - self.t0 - self.paused, 1e-9) * 1000 / max(step - self.last_step, 1)
         self.t0, self.paused, self.last_step = now, 0.0, step
         self.ms_avg = ms if self.ms_avg is None else 0.9 * self.ms_avg + 0.1 * ms
         return ms, self.tokens_per_step * 1000 / ms

@@ -380,7 +380,7 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
     batches = dataset.micro_batches(data.train, s.samples_seen, rt.rank, world, rt.device, ahead)
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
     tele, health = telemetry.Telemetry(s.raw_model), Health(rt.device, not s.scaler.is_enabled())
-    meter = metrics.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world)
+    meter = metrics.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, s.step)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     recent, stopping, first_eval = metrics.RecentLoss(rt), False, True
     while True:

@@ -22,6 +22,7 @@ from conftest import ROOT, assert_one_line_error, metrics_records, run
 import checkpoint
 import config
 import dataset
+import metrics
 import runtime
 import train
 
@@ -312,3 +313,11 @@ def test_an_empty_val_split_is_a_one_line_error(char_data, tmp_path):
     (data / "val.bin").write_bytes(b"")  # e.g. a text too short for a val split
     proc = run(["train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *ARGS, "--max_iters=2"])
     assert_one_line_error(proc, "val split has 0 tokens", "block_size")
+
+
+def test_the_meter_divides_by_the_steps_since_the_last_line(monkeypatch):
+    clock = iter([100.0, 101.0, 103.0])  # created at 100 s; 10 steps by 101 s; 5 more by 103 s
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    meter = metrics.Meter(runtime.Runtime(0, 0, 1, "cpu", torch.float32, False), 1000, first_step=20)
+    assert meter.lap(30) == (pytest.approx(100.0), pytest.approx(10_000))  # 1 s / 10 steps; 1000 tokens each
+    assert meter.lap(35)[0] == pytest.approx(400.0)
