@@ -186,6 +186,8 @@ def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
 def time_to_loss(cfg: config.TrainConfig, levels: list[float]) -> dict:
     """Train as configured; times from metrics.jsonl. "train s" leaves out the evaluation time."""
     result = train.train(cfg)
+    if result["interrupted"]:  # Ctrl-C or SIGTERM stopped the run: stop the benchmark, not just this run
+        raise KeyboardInterrupt
     records = metrics.read(cfg.out_dir)
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "tokens_per_sec" in r][1:] or [r for r in records if "tokens_per_sec" in r]
