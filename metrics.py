@@ -3,7 +3,8 @@
 Records written by train.py, each with "step":
     train      loss, lr, grad_norm, ms_per_step, tokens_per_sec, mfu, time
     eval       train_loss, val_loss, time, eval_time
-    telemetry  grad_attn, grad_mlp, update_attn, update_mlp, rms (lists, one entry per layer)
+    telemetry  grad_attn, grad_mlp, update_attn, update_mlp, rms, attn_logit_max, and with the switches
+               resid_a, resid_b, v_lambda (lists, one entry per layer)
     probe      probe_init: true, loss, grad_attn, grad_mlp, rms (statistics at initialisation)
 
 Also what train.py prints and logs as it goes: the resolved config (config.json), the eval and step lines,
