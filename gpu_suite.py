@@ -167,15 +167,9 @@ def sampling_rows(logs: Path) -> list[tuple[str, object, object, str]]:
     return rows
 
 
-def fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
-
-
 def print_table(rows, header: str):
+    from bench import fmt  # the same number format as bench.py's tables
+
     body = [(what, fmt(a), fmt(b), fmt(a / b) if isinstance(a, float) and isinstance(b, float) and b else "-", t)
             for what, a, b, t in rows]  # fmt: skip
     head = ("", "ours", "nanoGPT", "ratio", "target")
