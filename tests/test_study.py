@@ -347,6 +347,7 @@ def test_reach_and_at_interpolate_between_evaluations():
         ([2.6, 3.3, 3.34], [2.6, 2.7, 3.34], "post-LN: widens (2 of 3 with qk_norm, 1 without)"),
         ([2.6, 3.3, 3.34], [2.6, 3.2, 3.34], "post-LN: same range (1 of 3 with qk_norm, 1 without)"),
         ([2.6, 2.7, 3.34], [2.6, "diverged", 3.34], "post-LN: narrows (1 of 3 with qk_norm, 2 without)"),
+        ([2.6, 2.7, 3.34], [2.6, "missing", 3.34], "post-LN: incomplete (no run at learning rate 0.003)"),
     ],
 )
 def test_q6_range_is_the_learning_rates_that_train(post_plain, post_qk, answer):
@@ -354,6 +355,8 @@ def test_q6_range_is_the_learning_rates_that_train(post_plain, post_qk, answer):
     for pos, qk, losses in (("pre", False, [2.4] * 3), ("pre", True, [2.4] * 3), ("post", False, post_plain),
                             ("post", True, post_qk)):  # fmt: skip
         for lr, loss in zip(study.Q6_LRS, losses):
+            if loss == "missing":  # not run: not counted as "did not train"
+                continue
             job = fake_run(f"lr-{pos}-{qk}-{lr}", {"norm_position": pos, "qk_norm": qk, "learning_rate": lr}, [loss])
             if loss == "diverged":
                 job.rc, job.error, job.evals = 1, "error: step 9: loss is not finite (nan)", []
