@@ -138,12 +138,11 @@ def q6(r: Results) -> list[str]:
     for pos in ("pre", "post"):
         plain, qk = cells[f"{pos}-LN"], cells[f"{pos}-LN + qk_norm"]
         ok, ok_qk = ranges[f"{pos}-LN"], ranges[f"{pos}-LN + qk_norm"]
-        if gone := [f"{lr:g}" for lr in lrs if lr not in plain or lr not in qk]:
-            verdicts.append(f"{pos}-LN: incomplete (no run at learning rate {', '.join(gone)})")
-            continue
-        verdicts.append(f"{pos}-LN: {widens(ok, ok_qk)} ({len(ok_qk)} of {len(lrs)} with qk_norm, {len(ok)} without)")
         diffs = ", ".join(f"{final(qk[lr]) - final(plain[lr]):+.4f} at {lr:g}" for lr in ok if lr in ok_qk)
         md.append(f"- {pos}-LN, final val loss with qk_norm minus without where both train: {diffs or 'none'}")
+        counts = f"{widens(ok, ok_qk)} ({len(ok_qk)} of {len(lrs)} with qk_norm, {len(ok)} without)"
+        gone = [f"{lr:g}" for lr in lrs if lr not in plain or lr not in qk]
+        verdicts.append(f"{pos}-LN: " + (f"incomplete (no run at learning rate {', '.join(gone)})" if gone else counts))
     md += [f"- Answer (learning rates at which it trains; one seed): **{'; '.join(verdicts)}**", ""]
     return md + r.figure("q6_qk_norm_lr", plot_sweep, cells, r.unigram)
 
