@@ -260,17 +260,26 @@ def first_reach(points: list[tuple[float, float]], level: float) -> float:
     return x1 if y0 == y1 else x0 + (x1 - x0) * (y0 - level) / (y0 - y1)
 
 
-def test_questions_6_to_9_from_the_runs_records(tmp_path, char_data):
-    flags = ["--variants=pre_ln,rope,muon,modern", "--seeds=1", "--max_iters=20", "--name=t", "--jobs=2"]
-    proc = study_py(tmp_path, char_data, *flags, "--questions=6,7,8,9")
+@pytest.fixture(scope="module")
+def tricks(tmp_path_factory, char_data) -> tuple[str, Path, float]:
+    """One tiny study of questions 6-9 for the tests below: its report, its runs' folder, the unigram loss."""
+    tmp_path = tmp_path_factory.mktemp("tricks")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.chdir(ROOT)
+        flags = ["--variants=pre_ln,rope,muon,modern", "--seeds=1", "--max_iters=20", "--name=t", "--jobs=2"]
+        proc = study_py(tmp_path, char_data, *flags, "--questions=6,7,8,9")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "t"
-    report, runs = (out / "report.md").read_text(), out / "runs"
-    unigram = float(re.search(r"\(unigram\): (\d+\.\d+)", report).group(1))
+    report = (out / "report.md").read_text()
     for name in ("q6_qk_norm_lr", "q7_scalars", "q8_muon", "q9_rope_modern"):
         assert (out / f"{name}.png").read_bytes().startswith(PNG) and f"![{name}]({name}.png)" in report, name
+    return report, out / "runs", float(re.search(r"\(unigram\): (\d+\.\d+)", report).group(1))
 
-    # 6: every cell is its run's last val loss; "trains at" and the answer follow from them
+
+def test_q6_from_the_runs_records(tricks):
+    """Every cell is its run's last val loss; "trains at", the attention logits and the answer follow from them."""
+    report, runs, unigram = tricks
     q6, ranges = section(report, "## Question 6:"), {}
     for setting, pos, qk in (("pre-LN", "pre", ""), ("pre-LN + qk_norm", "pre", "-qk"), ("post-LN", "post", "")):
         cells, ok = row(q6, setting), []
@@ -289,7 +298,10 @@ def test_questions_6_to_9_from_the_runs_records(tmp_path, char_data):
     answer = f"pre-LN: {{}} ({ranges['pre-LN + qk_norm']} of 3 with qk_norm, {ranges['pre-LN']} without)"
     assert re.search(re.escape(answer).replace(r"\{\}", r"[a-z ]+"), q6), q6
 
-    # 7: a_i, b_i, l_i per block are the run's last telemetry record
+
+def test_q7_from_the_runs_records(tricks):
+    """a_i, b_i, l_i per block are the run's last telemetry record."""
+    report, runs, _ = tricks
     q7, tele = section(report, "## Question 7:"), [r for r in metrics_records(runs / "q-scalars") if "rms" in r]
     assert f"(step {tele[-1]['step']})" in q7 and len(tele) >= 10
     for i in range(study.Q_BASE["n_layer"]):
@@ -297,7 +309,10 @@ def test_questions_6_to_9_from_the_runs_records(tmp_path, char_data):
         assert [float(c) for c in row(q7, str(i))[1:]] == pytest.approx(want, abs=6e-5), i
     assert tele[-1]["v_lambda"][0] == 0 and tele[-1]["resid_a"] != tele[0]["resid_a"]  # they moved
 
-    # 8: the level is the worse run's final val loss; steps and seconds to it, from the curves
+
+def test_q8_from_the_runs_records(tricks):
+    """The level is the worse run's final val loss; steps, tokens and seconds to it, from the curves."""
+    report, runs, _ = tricks
     q8, curves = section(report, "## Question 8:"), {}
     for name, variant in (("AdamW", "pre_ln"), ("Muon", "muon")):
         curves[name] = val_curve(metrics_records(runs / f"{variant}-s1337"))
@@ -312,7 +327,10 @@ def test_questions_6_to_9_from_the_runs_records(tmp_path, char_data):
     muon_cfg = json.loads((runs / "muon-s1337/config.json").read_text())
     assert muon_cfg["optimizer"] == "muon" and metrics_records(runs / "pre_ln-s1337")[0]
 
-    # 9: final val losses and the differences; the run that stopped first is at its own final loss at t
+
+def test_q9_from_the_runs_records(tricks):
+    """Final val losses and their differences; the run that stopped first is at its own final loss at t."""
+    report, runs, _ = tricks
     q9 = section(report, "## Question 9:")
     curves = {v: val_curve(metrics_records(runs / f"{v}-s1337")) for v in ("pre_ln", "rope", "modern")}
     first = min(curves, key=lambda v: curves[v][-1][1])
