@@ -48,8 +48,7 @@ def numbers(text: str) -> list[float]:
 
 def test_study_runs_variants_and_questions_1_to_5(tmp_path, char_data, monkeypatch, capsys):
     # rmsnorm: question 5 in full; --jobs=2: two runs at once on two cores; questions 6-9: the next test
-    flags = ["--variants=pre_ln,rmsnorm", "--seeds=1", "--max_iters=20", "--name=t", "--jobs=2"]
-    flags += ["--questions=1,2,3,4,5"]
+    flags = "--variants=pre_ln,rmsnorm --seeds=1 --max_iters=20 --name=t --jobs=2 --questions=1,2,3,4,5".split()
     proc = study_py(tmp_path, char_data, *flags)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\[\d+/14\] pre_ln probe \.\.\. loss at init \d", proc.stdout, re.M), proc.stdout
