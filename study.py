@@ -1,4 +1,4 @@
-"""Train norm and residual variants under one budget, answer five questions about them with small extra
+"""Train norm and residual variants under one budget, answer nine questions about them with small extra
 experiments, and write a report of tables, figures and a reading computed from the measurements.
 
     python study.py configs/small.py                                   # default variants, all questions
@@ -25,12 +25,17 @@ from pathlib import Path
 import config
 import metrics
 import study_report
+import study_tricks
 
 ROOT = Path(__file__).resolve().parent
 NAN = float("nan")
 
 # ----------------------------------------------------------------------------- what to run
 
+# nanochat's stack: pre-LN, weightless RMSNorm, QK-norm, a norm on the embeddings, rotary positions, the
+# learned residual and value scalars, a logit cap, and Muon for the blocks' matrices
+MODERN = dict(norm="rmsnorm", norm_affine=False, qk_norm=True, embed_norm=True, positions="rope")
+MODERN |= dict(residual_scalars=True, value_residual=True, logit_softcap=15.0, optimizer="muon")
 VARIANTS = {  # name: TrainConfig overrides on top of the config file; a new variant is one line here
     "pre_ln": {},
     "post_ln": {"norm_position": "post"},
@@ -41,8 +46,22 @@ VARIANTS = {  # name: TrainConfig overrides on top of the config file; a new var
     "post_rmsnorm": {"norm_position": "post", "norm": "rmsnorm"},
     "xavier": {"init": "xavier"},
     "post_xavier": {"norm_position": "post", "init": "xavier"},
+    "qk_norm": {"qk_norm": True},
+    "no_affine": {"norm_affine": False},
+    "embed_norm": {"embed_norm": True},
+    "reordered": {"norm_position": "reordered"},
+    "residual_scalars": {"residual_scalars": True},
+    "value_residual": {"value_residual": True},
+    "rope": {"positions": "rope"},
+    # a char model's confident guess needs a logit gap of ~9 (p = 0.99 over 65 characters: ln(0.99 * 64 / 0.01));
+    # at 15, tanh bends logits of 9 by 10%: the cap (nanochat's value) trims outliers, not the usual predictions
+    "softcap": {"logit_softcap": 15.0},
+    "muon": {"optimizer": "muon"},
+    "modern": MODERN,
 }
-DEFAULT_VARIANTS = "pre_ln,post_ln,rmsnorm,peri_ln,no_residual"
+# The default study fits about 20 minutes on a 2-core CPU (OMP_NUM_THREADS=1): GPT-2's pre-LN, RMSNorm
+# (question 5), and what questions 8 and 9 read; the other variants: --variants
+DEFAULT_VARIANTS = "pre_ln,rmsnorm,rope,muon,modern"
 DEFAULT_MAX_ITERS = 500  # for the variants (a config's max_iters is for one long run); --max_iters overrides
 # the config file, then these, then overrides; every cosine ends at its run's own max_iters
 EVERY_RUN = dict(eval_iters=10, checkpoint_interval=0, keep_checkpoints=1, lr_decay_iters=0)
@@ -58,13 +77,22 @@ Q_RUNS = {  # name: (overrides on top of Q_BASE, the questions that read it); th
     "init-pre-xavier": ({"init": "xavier", **PROBE}, {2}),
     "init-post-xavier": ({"norm_position": "post", "init": "xavier", **PROBE}, {2}),
     "init-no_residual": ({"residual": False, **PROBE}, {4}),
-    "pre-warmup": ({}, {1, 3, 4}),
+    "pre-warmup": ({}, {1, 3, 4, 6, 7}),
     "pre-nowarmup": ({"warmup_iters": 0}, {1}),
-    "post-warmup": ({"norm_position": "post"}, {1, 3}),
+    "post-warmup": ({"norm_position": "post"}, {1, 3, 6}),
     "post-nowarmup": ({"norm_position": "post", "warmup_iters": 0}, {1}),
     "no_residual-warmup": ({"residual": False}, {4}),
+    "scalars": ({"residual_scalars": True, "value_residual": True}, {7}),
 }
-QUESTIONS = study_report.QUESTIONS  # number: (title, the function that writes its section)
+Q6_LRS = (1e-3, 3e-3, 1e-2)  # question 6's sweep; its plain cells at Q_BASE's learning rate are question 1's runs
+Q_RUNS |= {
+    f"lr-{pos}{'-qk' if qk else ''}-{lr:g}": ({"norm_position": pos, "qk_norm": qk, "learning_rate": lr}, {6})
+    for pos in ("pre", "post")
+    for qk in (False, True)
+    for lr in Q6_LRS
+    if qk or lr != Q_BASE["learning_rate"]
+}
+QUESTIONS = study_report.QUESTIONS | study_tricks.QUESTIONS  # number: (title, the function that writes its section)
 
 
 class StudyError(ValueError):
@@ -77,7 +105,7 @@ class StudyOptions:
 
     variants: str = DEFAULT_VARIANTS  # the variants to train, comma-separated (the list is below)
     seeds: int = 2  # runs per variant, seeds seed, seed+1, ...: the same for every variant
-    questions: str = "all"  # all | none | some of 1,2,3,4,5
+    questions: str = "all"  # all | none | some of 1,2,...,9
     name: str = ""  # the study's folder under study_dir (default: the config file's stem)
     study_dir: str = "study"  # where studies go
     reuse: bool = False  # keep runs already done with the same settings: resume a study, or redraw its report
@@ -327,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     cfg = config.parse_args(config.TrainConfig, [config_file, *user])
     command, measured = f"python study.py {' '.join(argv)}", measure(opts, cfg, jobs)
-    report = study_report.write(out, jobs, opts, command, where, started, measured)
+    report = study_report.write(out, jobs, opts, command, where, started, measured, QUESTIONS)
     print(f"report: {report} ({(time.perf_counter() - started[0]) / 60:.1f} min)")
     return 1 if any(j.status == "failed" for j in jobs) else 0
 

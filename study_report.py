@@ -1,4 +1,5 @@
-"""The study's report: its numbers, tables, figures and the five questions, from the runs study.py made.
+"""The study's report: its numbers, tables, figures and questions 1-5, from the runs study.py made
+(questions 6-9: study_tricks.py).
 
 Each question is a function that reads Results and returns its markdown lines; QUESTIONS at the end
 lists them. A new question is one function here, one line in QUESTIONS and its runs in study.py's Q_RUNS.
@@ -360,9 +361,11 @@ QUESTIONS = {  # number: (title, its section); its runs are study.py's Q_RUNS th
 # ----------------------------------------------------------------------------- the report
 
 
-def write(out: Path, jobs: list["Job"], opts, command: str, where: list, started: tuple, measured: tuple) -> Path:
+def write(out: Path, jobs: list["Job"], opts, command: str, where: list, started: tuple, measured: tuple,
+          questions: dict = QUESTIONS) -> Path:  # fmt: skip
     """out/report.md and its figures: the header (machine, load, time), the variants, then each question.
-    opts: the StudyOptions; started: (perf_counter, load average); measured: (unigram loss, norm_bench)."""
+    opts: the StudyOptions; started: (perf_counter, load average); measured: (unigram loss, norm_bench);
+    questions: number: (title, section), these five and study_tricks' (study.QUESTIONS)."""
     (t0, load0), (unigram, bench) = started, measured
     groups = {v: [j for j in jobs if j.group == v] for v in opts.variant_names}
     q = {j.name.removeprefix("q-"): j for j in jobs if j.group == "q"}
@@ -378,7 +381,7 @@ def write(out: Path, jobs: list["Job"], opts, command: str, where: list, started
     md += [f"- val loss of a model that knows only the token frequencies (unigram): {fmt(r.unigram, 4)}", ""]
     md += ["## Variants", "", *variants_section(r)]
     for n in sorted(opts.question_numbers):
-        title, section = QUESTIONS[n]
+        title, section = questions[n]
         md += [f"## Question {n}: {title}", "", *section(r)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out / "report.md"

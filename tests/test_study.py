@@ -11,6 +11,7 @@ from conftest import ROOT, metrics_records, run
 
 import study
 import study_report
+import study_tricks
 from study import main as study_main
 
 TINY = ["--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=4", "--eval_iters=2", "--log_interval=5"]
@@ -45,9 +46,9 @@ def numbers(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"(?<![\w.])[-+]?\d+\.\d+(?:e[-+]\d+)?", text)]
 
 
-def test_study_runs_every_variant_and_question(tmp_path, char_data, monkeypatch, capsys):
-    # rmsnorm: question 5 in full; --jobs=2: two runs at once on two cores
-    flags = ["--variants=pre_ln,rmsnorm", "--seeds=1", "--max_iters=20", "--name=t", "--jobs=2"]
+def test_study_runs_variants_and_questions_1_to_5(tmp_path, char_data, monkeypatch, capsys):
+    # rmsnorm: question 5 in full; --jobs=2: two runs at once on two cores; questions 6-9: the next test
+    flags = "--variants=pre_ln,rmsnorm --seeds=1 --max_iters=20 --name=t --jobs=2 --questions=1,2,3,4,5".split()
     proc = study_py(tmp_path, char_data, *flags)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\[\d+/14\] pre_ln probe \.\.\. loss at init \d", proc.stdout, re.M), proc.stdout
@@ -131,7 +132,7 @@ def test_unknown_variant_is_one_line(tmp_path):
     [
         ("--n_layr=3", "unknown config key 'n_layr'"),
         ("--norm_position=side", "norm_position must be one of pre, post, peri"),
-        ("--questions=1,7", "--questions must be all, none or some of 1,2,3,4,5"),
+        ("--questions=1,10", "--questions must be all, none or some of 1,2,3,4,5,6,7,8,9"),
         ("--seeds=0", "--seeds must be a positive integer"),
         ("--name", "flag '--name' needs a value"),
         ("--jobs=two", "config key 'jobs' expects int, got 'two'"),
@@ -149,7 +150,7 @@ def test_parse_splits_study_flags_from_train_flags():
     """config.split_flags, as bench.py uses it: a bare bool flag, dashes or underscores, the rest in order."""
     opts, config_file, user = study.parse(["--n_layer=3", "configs/small.py", "--reuse", "--study-dir=x", "--seeds=3"])
     assert (opts.reuse, opts.study_dir, opts.seeds, opts.questions, opts.variant_names[:2]) == (
-        True, "x", 3, "1,2,3,4,5", ["pre_ln", "post_ln"]
+        True, "x", 3, "1,2,3,4,5,6,7,8,9", ["pre_ln", "rmsnorm"]
     )  # fmt: skip
     assert (config_file, user) == ("configs/small.py", ["--n_layer=3"])
     assert study.parse(["configs/small.py", "--questions=none"])[0].question_numbers == set()
@@ -218,7 +219,7 @@ def test_q1_answers_the_committed_report_from_its_own_numbers():
     text = q1_section(finals)
     answer = next(ln for ln in committed.splitlines() if ln.startswith("- Answer"))
     assert answer.endswith("**yes: post-LN needed warmup, pre-LN did not**") and answer in text, text
-    for pos, diff in (("pre", 2.4715 - 2.4395), ("post", 2.7761 - 2.5787)):  # without minus with: worse without
+    for pos, diff in (("pre", 2.4715 - 2.4395), ("post", 3.1173 - 2.5787)):  # without minus with: worse without
         assert diff > 0 and f"- {pos}-LN: final val loss without warmup minus with: {diff:+.4f} nats" in text
 
 
@@ -240,3 +241,143 @@ def test_q1_needs_warmup_when_it_ends_worse_stuck_or_diverged(pre_off, post_on, 
     assert f"pre-LN: final val loss without warmup minus with: {pre_off - 2.44:+.4f} nats" in text
     if post_off != "diverged":
         assert f"post-LN: final val loss without warmup minus with: {post_off - post_on:+.4f} nats" in text
+
+
+# ----------------------------------------------------------------------------- questions 6-9
+
+
+def val_curve(recs: list[dict]) -> list[tuple[float, float, float]]:
+    """(step, training seconds, val loss) at each evaluation of a run's metrics.jsonl."""
+    return [(r["step"], r["time"] - r["eval_time"], r["val_loss"]) for r in recs if "val_loss" in r]
+
+
+def first_reach(points: list[tuple[float, float]], level: float) -> float:
+    """Where a piecewise-linear curve first falls to level (the test's own computation)."""
+    if points[0][1] <= level:
+        return points[0][0]
+    (x0, y0), (x1, y1) = next((a, b) for a, b in zip(points, points[1:]) if b[1] <= level)
+    return x1 if y0 == y1 else x0 + (x1 - x0) * (y0 - level) / (y0 - y1)
+
+
+@pytest.fixture(scope="module")
+def tricks(tmp_path_factory, char_data) -> tuple[str, Path, float]:
+    """One tiny study of questions 6-9 for the tests below: its report, its runs' folder, the unigram loss."""
+    tmp_path = tmp_path_factory.mktemp("tricks")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.chdir(ROOT)
+        flags = ["--variants=pre_ln,rope,muon,modern", "--seeds=1", "--max_iters=20", "--name=t", "--jobs=2"]
+        proc = study_py(tmp_path, char_data, *flags, "--questions=6,7,8,9")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "t"
+    report = (out / "report.md").read_text()
+    for name in ("q6_qk_norm_lr", "q7_scalars", "q8_muon", "q9_rope_modern"):
+        assert (out / f"{name}.png").read_bytes().startswith(PNG) and f"![{name}]({name}.png)" in report, name
+    return report, out / "runs", float(re.search(r"\(unigram\): (\d+\.\d+)", report).group(1))
+
+
+def test_q6_from_the_runs_records(tricks):
+    """Every cell is its run's last val loss; "trains at", the attention logits and the answer follow from them."""
+    report, runs, unigram = tricks
+    q6, ranges = section(report, "## Question 6:"), {}
+    for setting, pos, qk in (("pre-LN", "pre", ""), ("pre-LN + qk_norm", "pre", "-qk"), ("post-LN", "post", "")):
+        cells, ok = row(q6, setting), []
+        for k, lr in enumerate(study.Q6_LRS):
+            name = f"q-{pos}-warmup" if not qk and lr == study.Q_BASE["learning_rate"] else f"q-lr-{pos}{qk}-{lr:g}"
+            recs = metrics_records(runs / name)
+            loss = [r["val_loss"] for r in recs if "val_loss" in r][-1]
+            assert float(cells[1 + k].split()[0]) == pytest.approx(loss, abs=6e-5), (setting, lr, cells)
+            assert json.loads((runs / name / "config.json").read_text())["learning_rate"] == lr
+            ok += [f"{lr:g}"] if loss < unigram - study_tricks.LEARNED else []
+            assert cells[1 + k].endswith("✗") == (loss >= unigram - study_tricks.LEARNED)
+            top = max([r for r in recs if "rms" in r][-1]["attn_logit_max"])
+            assert float(row(q6.split("| largest attention logit")[1], setting)[1 + k]) == pytest.approx(top, abs=0.06)
+        assert cells[-1] == (", ".join(ok) or "none")
+        ranges[setting] = len(ok)
+    answer = f"pre-LN: {{}} ({ranges['pre-LN + qk_norm']} of 3 with qk_norm, {ranges['pre-LN']} without)"
+    assert re.search(re.escape(answer).replace(r"\{\}", r"[a-z ]+"), q6), q6
+
+
+def test_q7_from_the_runs_records(tricks):
+    """a_i, b_i, l_i per block are the run's last telemetry record."""
+    report, runs, _ = tricks
+    q7, tele = section(report, "## Question 7:"), [r for r in metrics_records(runs / "q-scalars") if "rms" in r]
+    assert f"(step {tele[-1]['step']})" in q7 and len(tele) >= 10
+    for i in range(study.Q_BASE["n_layer"]):
+        want = [tele[-1][k][i] for k in ("resid_a", "resid_b", "v_lambda")]
+        assert [float(c) for c in row(q7, str(i))[1:]] == pytest.approx(want, abs=6e-5), i
+    assert tele[-1]["v_lambda"][0] == 0 and tele[-1]["resid_a"] != tele[0]["resid_a"]  # they moved
+
+
+def test_q8_from_the_runs_records(tricks):
+    """The level is the worse run's final val loss; steps, tokens and seconds to it, from the curves."""
+    report, runs, _ = tricks
+    q8, curves = section(report, "## Question 8:"), {}
+    for name, variant in (("AdamW", "pre_ln"), ("Muon", "muon")):
+        curves[name] = val_curve(metrics_records(runs / f"{variant}-s1337"))
+    level = max(c[-1][2] for c in curves.values())
+    assert f"Level: val loss {level:.4f}." in q8
+    for name, c in curves.items():
+        cells = row(q8, name)
+        steps, secs = (first_reach([(p[x], p[2]) for p in c], level) for x in (0, 1))
+        assert float(cells[1]) == pytest.approx(steps, abs=0.06) and float(cells[3]) == pytest.approx(secs, abs=0.06)
+        assert float(cells[2].replace(",", "")) == pytest.approx(steps * 4 * 16, abs=4)  # tokens: x batch x block
+        assert float(cells[5]) == pytest.approx(c[-1][2], abs=6e-5)
+    muon_cfg = json.loads((runs / "muon-s1337/config.json").read_text())
+    assert muon_cfg["optimizer"] == "muon" and metrics_records(runs / "pre_ln-s1337")[0]
+
+
+def test_q9_from_the_runs_records(tricks):
+    """Final val losses and their differences; the run that stopped first is at its own final loss at t."""
+    report, runs, _ = tricks
+    q9 = section(report, "## Question 9:")
+    curves = {v: val_curve(metrics_records(runs / f"{v}-s1337")) for v in ("pre_ln", "rope", "modern")}
+    first = min(curves, key=lambda v: curves[v][-1][1])
+    assert float(row(q9, first)[4]) == pytest.approx(curves[first][-1][2], abs=6e-5)
+    for v, c in curves.items():
+        assert float(row(q9, v)[1]) == pytest.approx(c[-1][2], abs=6e-5)
+    for v in ("rope", "modern"):
+        assert f"- {v} minus pre_ln: final val loss {curves[v][-1][2] - curves['pre_ln'][-1][2]:+.4f} nats" in q9
+    modern = json.loads((runs / "modern-s1337/config.json").read_text())
+    assert {k: modern[k] for k in study.MODERN} == study.MODERN
+
+
+def fake_run(name: str, config: dict, losses: list[float], every: int = 10) -> study.Job:
+    evals = [
+        {"step": i * every, "time": 2.0 * i * every + 1, "eval_time": 1.0, "train_loss": x, "val_loss": x}
+        for i, x in enumerate(losses)
+    ]
+    return study.Job(name, "q", 1337, [], rc=0, config=config, evals=evals)
+
+
+def test_reach_and_at_interpolate_between_evaluations():
+    job = fake_run("x", {"batch_size": 4, "block_size": 8}, [4.0, 3.0, 2.0, 2.5])
+    assert study_tricks.reach(job, 2.5, "step") == 15 and study_tricks.reach(job, 2.5, "tokens") == 15 * 32
+    assert study_tricks.reach(job, 2.5, "seconds") == 30  # 2 s per step, eval time left out
+    assert study_tricks.reach(job, 4.5, "step") == 0 and math.isnan(study_tricks.reach(job, 1.9, "step"))
+    assert study_tricks.at(job, 5, "step") == 3.5 and math.isnan(study_tricks.at(job, 31, "step"))
+
+
+@pytest.mark.parametrize(
+    "post_plain, post_qk, answer",
+    [
+        ([2.6, 3.3, 3.34], [2.6, 2.7, 3.34], "post-LN: widens (2 of 3 with qk_norm, 1 without)"),
+        ([2.6, 3.3, 3.34], [2.6, 3.2, 3.34], "post-LN: same range (1 of 3 with qk_norm, 1 without)"),
+        ([2.6, 2.7, 3.34], [2.6, "diverged", 3.34], "post-LN: narrows (1 of 3 with qk_norm, 2 without)"),
+        ([2.6, 2.7, 3.34], [2.6, "missing", 3.34], "post-LN: incomplete (no run at learning rate 0.003)"),
+    ],
+)
+def test_q6_range_is_the_learning_rates_that_train(post_plain, post_qk, answer):
+    q = {}
+    for pos, qk, losses in (("pre", False, [2.4] * 3), ("pre", True, [2.4] * 3), ("post", False, post_plain),
+                            ("post", True, post_qk)):  # fmt: skip
+        for lr, loss in zip(study.Q6_LRS, losses):
+            if loss == "missing":  # not run: not counted as "did not train"
+                continue
+            job = fake_run(f"lr-{pos}-{qk}-{lr}", {"norm_position": pos, "qk_norm": qk, "learning_rate": lr}, [loss])
+            if loss == "diverged":
+                job.rc, job.error, job.evals = 1, "error: step 9: loss is not finite (nan)", []
+            q[job.name] = job
+    text = "\n".join(study_tricks.q6(study_report.Results(Path("unused"), None, {}, q, 3.3473, {})))
+    assert f"**pre-LN: same range (3 of 3 with qk_norm, 3 without); {answer}**" in text, text
+    assert "post-LN, final val loss with qk_norm minus without where both train: +0.0000 at 0.001" in text

@@ -1,0 +1,267 @@
+"""The report's questions 6-9: today's residual and normalization tricks (QK-norm, the learned residual
+scalars, Muon, RoPE, the modern stack), from the runs study.py made; the helpers are study_report's.
+
+Like questions 1-5, each is a function that reads Results and returns its markdown lines; QUESTIONS
+at the end lists them, and study.py adds them to study_report's.
+"""
+
+import math
+import statistics
+import typing
+
+import study_report as sr
+from study_report import NAN, TOL, Results, final, finite, fmt, last, mean, mean_std, table
+
+if typing.TYPE_CHECKING:
+    from study import Job
+
+LEARNED = 0.5  # nats: a run "trains" when its final val loss is at least this far below the unigram loss
+SETTINGS = {"pre-LN": ("pre", False), "pre-LN + qk_norm": ("pre", True)}
+SETTINGS |= {"post-LN": ("post", False), "post-LN + qk_norm": ("post", True)}
+
+# ----------------------------------------------------------------------------- val-loss curves
+
+
+def curve(job: "Job", x: str) -> list[tuple[float, float]]:
+    """(x, val loss) at each evaluation; x: "step", "tokens" or "seconds" (training time, eval left out)."""
+    per_step = (job.config.get("batch_size", 0) * job.config.get("block_size", 0)) * job.config.get(
+        "gradient_accumulation_steps", 1
+    )
+    value = {"step": lambda e: e["step"], "tokens": lambda e: e["step"] * per_step}
+    value["seconds"] = lambda e: e["time"] - e["eval_time"]
+    return [(value[x](e), e["val_loss"]) for e in job.evals if math.isfinite(e["val_loss"])]
+
+
+def reach(job: "Job", level: float, x: str) -> float:
+    """The x at which the val loss first falls to level, linear between evaluations; NAN if it never does."""
+    pts = curve(job, x)
+    if pts and pts[0][1] <= level:
+        return pts[0][0]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if y1 <= level:
+            return x0 + (x1 - x0) * (y0 - level) / (y0 - y1)
+    return NAN
+
+
+def at(job: "Job", where: float, x: str) -> float:
+    """The val loss at x = where, linear between evaluations; NAN outside the run."""
+    pts = curve(job, x)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= where <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (where - x0) / (x1 - x0)
+    return NAN
+
+
+def seeds(r: Results, variant: str) -> list["Job"]:
+    return [j for j in r.groups.get(variant, []) if not j.probe]
+
+
+def noise(*groups: list["Job"]) -> float:
+    """Twice the largest seed-to-seed std of the groups' final val losses; TOL with fewer than 2 seeds."""
+    stds = [statistics.stdev(xs) if len(xs := finite(final(j) for j in g)) > 1 else NAN for g in groups]
+    return 2 * max(stds) if all(math.isfinite(s) for s in stds) else TOL
+
+
+def compare(diff: float, tol: float) -> str:
+    if not math.isfinite(diff):
+        return "no measurement"
+    return "no difference within noise" if abs(diff) <= tol else "lower" if diff < 0 else "higher"
+
+
+def missing(r: Results, *variants: str) -> list[str]:
+    gone = [v for v in variants if not seeds(r, v)]
+    return [f"- (add {', '.join(gone)} to --variants for this question)", ""] if gone else []
+
+
+# ----------------------------------------------------------------------------- question 6
+
+
+def trains(job: "Job", unigram: float) -> bool:
+    return job.status == "ok" and final(job) < unigram - LEARNED
+
+
+def sweep(r: Results) -> dict[str, dict[float, "Job"]]:
+    """Question 6's cells by setting and learning rate, read from the runs' own configs; the plain runs at
+    Q_BASE's learning rate are question 1's warmup runs."""
+    cells = {s: {} for s in SETTINGS}
+    for name, job in r.q.items():
+        c = job.config
+        if name.startswith("lr-") or name in ("pre-warmup", "post-warmup"):
+            for s, key in SETTINGS.items():
+                if (c.get("norm_position"), c.get("qk_norm")) == key:
+                    cells[s][c.get("learning_rate")] = job
+    return {s: dict(sorted(by_lr.items())) for s, by_lr in cells.items()}
+
+
+def widens(plain: list[float], qk: list[float]) -> str:
+    if set(qk) == set(plain):
+        return "same range"
+    return "widens" if set(qk) > set(plain) else "narrows" if set(qk) < set(plain) else "a different range"
+
+
+def plot_sweep(plt, cells: dict, unigram: float):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (setting, by_lr) in enumerate(cells.items()):
+        lrs = list(by_lr)
+        style = "--s" if setting.endswith("qk_norm") else "-o"
+        ax.plot(lrs, [final(by_lr[lr]) for lr in lrs], style, color=f"C{i // 2}", label=setting)
+    ax.axhline(unigram, color="gray", lw=0.8, label="unigram loss")
+    ax.axhline(unigram - LEARNED, color="gray", ls=":", lw=0.8, label=f"unigram - {LEARNED} (trains below)")
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def sweep_cell(job: "Job", trained: bool) -> str:
+    return job.status if job.status != "ok" else fmt(final(job), 4) + ("" if trained else " ✗")
+
+
+def q6(r: Results) -> list[str]:
+    cells = sweep(r)
+    lrs = sorted({lr for by_lr in cells.values() for lr in by_lr})
+    c = next((j.config for by_lr in cells.values() for j in by_lr.values()), {})
+    setup = f"{c.get('n_layer')} layers, n_embd {c.get('n_embd')}, {c.get('max_iters')} steps, warmup "
+    md = [setup + f"{c.get('warmup_iters')}, one seed; trains: final val loss more than {LEARNED} nats below the"]
+    md += [f"unigram loss ({fmt(r.unigram - LEARNED, 4)}); ✗: did not. Attention logit: the largest |q.k|/sqrt(hs)"]
+    md += ["over the layers, at the last telemetry record.", ""]
+    rows, logits, ranges = [], [], {}
+    for setting, by_lr in cells.items():
+        ok = ranges[setting] = [lr for lr, j in by_lr.items() if trains(j, r.unigram)]
+        cell = {lr: sweep_cell(j, lr in ok) for lr, j in by_lr.items()}
+        rows.append([setting, *(cell.get(lr, "—") for lr in lrs), ", ".join(f"{lr:g}" for lr in ok) or "none"])
+        top = {lr: max(last(j).get("attn_logit_max") or [NAN]) for lr, j in by_lr.items()}
+        logits.append([setting, *(fmt(top.get(lr, NAN), 1) for lr in lrs)])
+    md += table(["setting", *(f"lr {lr:g}" for lr in lrs), "trains at"], rows)
+    md += table(["largest attention logit, end", *(f"lr {lr:g}" for lr in lrs)], logits)
+    verdicts = []
+    for pos in ("pre", "post"):
+        plain, qk = cells[f"{pos}-LN"], cells[f"{pos}-LN + qk_norm"]
+        ok, ok_qk = ranges[f"{pos}-LN"], ranges[f"{pos}-LN + qk_norm"]
+        diffs = ", ".join(f"{final(qk[lr]) - final(plain[lr]):+.4f} at {lr:g}" for lr in ok if lr in ok_qk)
+        md.append(f"- {pos}-LN, final val loss with qk_norm minus without where both train: {diffs or 'none'}")
+        counts = f"{widens(ok, ok_qk)} ({len(ok_qk)} of {len(lrs)} with qk_norm, {len(ok)} without)"
+        gone = [f"{lr:g}" for lr in lrs if lr not in plain or lr not in qk]
+        verdicts.append(f"{pos}-LN: " + (f"incomplete (no run at learning rate {', '.join(gone)})" if gone else counts))
+    md += [f"- Answer (learning rates at which it trains; one seed): **{'; '.join(verdicts)}**", ""]
+    return md + r.figure("q6_qk_norm_lr", plot_sweep, cells, r.unigram)
+
+
+# ----------------------------------------------------------------------------- question 7
+
+SCALARS = {"resid_a": "a_i (x's weight)", "resid_b": "b_i (x0's weight)", "v_lambda": "l_i (v0's share)"}
+
+
+def plot_scalars(plt, tele: list[dict]):
+    """One panel per scalar, one line per block over the steps (dark: block 0, light: the last)."""
+    fig, axes = plt.subplots(1, len(SCALARS), figsize=(15, 4))
+    for ax, (key, title) in zip(axes, SCALARS.items()):
+        recs = [t for t in tele if key in t]
+        n = len(recs[0][key]) if recs else 0
+        for i in range(n):
+            color = plt.cm.viridis(i / max(1, n - 1))
+            ax.plot([t["step"] for t in recs], [t[key][i] for t in recs], color=color, label=f"block {i}")
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        if n:
+            ax.legend(fontsize=6, ncol=2)
+    return fig
+
+
+def q7(r: Results) -> list[str]:
+    job, base = r.q["scalars"], r.q["pre-warmup"]
+    end = last(job)
+    c, step = job.config, end.get("step")
+    md = [f"A {c.get('n_layer')}-layer pre-LN run with residual_scalars and value_residual (otherwise question 1's"]
+    md += [f"with warmup), one seed; scalar_lr {c.get('scalar_lr')}. Before block i: x = a_i * x + b_i * x0 (x0: the"]
+    md += ["embeddings); in block i's attention: v = (1 - l_i) * v + l_i * v0 (v0: block 0's values).", ""]
+    if not all(k in end for k in SCALARS):
+        return md + ["- (no telemetry of the scalars in this run: it failed, or telemetry was off)", ""]
+    cols = {k: end[k] for k in SCALARS}
+    rows = [[i, *(fmt(cols[k][i], 4) for k in SCALARS)] for i in range(len(cols["resid_a"]))]
+    md += [f"At the last telemetry record (step {step}); at init a_i = 1, b_i = 0, l_i = 0.5:", ""]
+    md += table(["block", *SCALARS.values()], rows)
+    for key, title in SCALARS.items():
+        vals = cols[key][1:] if key == "v_lambda" else cols[key]  # block 0 has no l_i
+        first = 1 if key == "v_lambda" else 0
+        hi, lo = max(range(len(vals)), key=vals.__getitem__), min(range(len(vals)), key=vals.__getitem__)
+        md.append(
+            f"- {title}: from {fmt(vals[0], 4)} (block {first}) to {fmt(vals[-1], 4)} (block {len(vals) - 1 + first}); "
+            f"largest {fmt(vals[hi], 4)} at block {hi + first}, smallest {fmt(vals[lo], 4)} at block {lo + first}"
+        )
+    diff = final(job) - final(base)
+    md.append(f"- Final val loss {fmt(final(job), 4)}, minus plain pre-LN's (question 1's, warmup): {diff:+.4f} nats")
+    return md + [""] + r.figure("q7_scalars", plot_scalars, job.tele)
+
+
+# ----------------------------------------------------------------------------- question 8
+
+
+def plot_level(plt, curves: dict[str, list["Job"]], level: float):
+    fig = sr.plot_curves(plt, curves)
+    for ax in fig.axes:
+        ax.axhline(level, color="gray", ls=":", lw=0.8)
+    return fig
+
+
+def q8(r: Results) -> list[str]:
+    md = ["From the variants pre_ln (AdamW) and muon (torch.optim.Muon for the blocks' matrices, AdamW for the"]
+    md += ["rest): same model, data order, budget and seeds. The level: the highest final val loss of any of their"]
+    md += ["runs, so every run reaches it; steps, tokens and seconds (training time, eval left out) to reach it,"]
+    md += ["linear between evaluations, mean over seeds.", ""]
+    if gone := missing(r, "pre_ln", "muon"):
+        return md + gone
+    runs = {"AdamW": seeds(r, "pre_ln"), "Muon": seeds(r, "muon")}
+    level = max(finite(final(j) for rs in runs.values() for j in rs), default=NAN)
+    got, rows = {}, []
+    for name, rs in runs.items():
+        got[name] = {x: mean(reach(j, level, x) for j in rs) for x in ("step", "tokens", "seconds")}
+        ms = sr.step_stat(sr.fastest(rs), "ms_per_step")
+        rows.append([name, *(fmt(got[name][x], 1) for x in ("step", "tokens", "seconds")), fmt(ms, 1)])
+        rows[-1].append(mean_std(final(j) for j in rs))
+    md += [f"Level: val loss {fmt(level, 4)}.", ""]
+    md += table(["optimizer", "steps to level", "tokens to level", "seconds to level", "ms/step", "final val"], rows)
+    steps, secs = (got["Muon"][x] / got["AdamW"][x] for x in ("step", "seconds"))
+    diff, tol = mean(map(final, runs["Muon"])) - mean(map(final, runs["AdamW"])), noise(*runs.values())
+    md.append(f"- Muon needed {fmt(steps)}x AdamW's steps (and tokens) and {fmt(secs)}x its training time to the level")
+    md.append(f"- Final val loss, Muon minus AdamW: {diff:+.4f} nats ({compare(diff, tol)}; 2 std = {fmt(tol, 4)})")
+    md += ["- Times depend on the machine and its load: see the header.", ""]
+    return md + r.figure("q8_muon", plot_level, runs, level)
+
+
+# ----------------------------------------------------------------------------- question 9
+
+
+def q9(r: Results) -> list[str]:
+    md = ["From the variants pre_ln (GPT-2: LayerNorm, learned positions, AdamW), rope (rotary positions, else"]
+    md += ["pre_ln) and modern (RMSNorm without weights, qk_norm, embed_norm, rope, residual_scalars,"]
+    md += ["value_residual, logit softcap, Muon). Same budget and seeds. At the same time: the val loss at the"]
+    md += ["shortest of their runs' training times (eval left out), linear between evaluations.", ""]
+    if gone := missing(r, "pre_ln", "rope", "modern"):
+        return md + gone
+    runs = {v: seeds(r, v) for v in ("pre_ln", "rope", "modern")}
+    ends = [curve(j, "seconds")[-1][0] for rs in runs.values() for j in rs if curve(j, "seconds")]
+    t = min(ends, default=NAN)
+    at_t = {v: mean(at(j, t, "seconds") for j in rs) for v, rs in runs.items()}
+    rows = []
+    for v, rs in runs.items():
+        secs = mean(curve(j, "seconds")[-1][0] for j in rs if curve(j, "seconds"))
+        ms = sr.step_stat(sr.fastest(rs), "ms_per_step")
+        rows.append([v, mean_std(final(j) for j in rs), fmt(ms, 1), fmt(secs, 1), fmt(at_t[v], 4)])
+    md += table(["variant", "final val", "ms/step", "training seconds", f"val at {fmt(t, 1)} s"], rows)
+    for v in ("rope", "modern"):
+        diff, tol = mean(map(final, runs[v])) - mean(map(final, runs["pre_ln"])), noise(runs[v], runs["pre_ln"])
+        md.append(
+            f"- {v} minus pre_ln: final val loss {diff:+.4f} nats ({compare(diff, tol)}; 2 std = {fmt(tol, 4)}), "
+            f"at {fmt(t, 1)} s {at_t[v] - at_t['pre_ln']:+.4f} nats"
+        )
+    md += ["- Times depend on the machine and its load: see the header.", ""]
+    return md + r.figure("q9_rope_modern", sr.plot_curves, runs)
+
+
+QUESTIONS = {  # number: (title, its section); its runs are study.py's Q_RUNS or the variants it names
+    6: ("Does QK-norm widen the range of learning rates at which a 12-layer model trains?", q6),
+    7: ("What do the learned residual scalars and value-residual weights converge to, layer by layer?", q7),
+    8: ("Muon vs AdamW: steps, tokens and time to the same val loss, and the final loss", q8),
+    9: ("RoPE vs learned positions, and the modern stack vs GPT-2's pre-LN, at the same budget and time", q9),
+}
