@@ -70,6 +70,9 @@ EVERY_RUN = dict(eval_iters=10, checkpoint_interval=0, keep_checkpoints=1, lr_de
 # in 300 steps at 3e-3 or 1e-2, with warmup or without; at 1e-3 it trains with warmup.
 Q_BASE = dict(n_layer=12, n_embd=64, n_head=4, batch_size=16, max_iters=300, learning_rate=1e-3, min_lr=1e-4)
 Q_BASE |= dict(warmup_iters=100, norm="layernorm", norm_position="pre", residual=True, deepnorm=False, init="gpt2")
+# --preset=gpu: the questions' model at GPT-2 small's width, for one GPU (with configs/study_gpu.py's data,
+# context and dtype); its runs are short, so they run uncompiled (a compile per run would cost more)
+PRESETS = {"cpu": {}, "gpu": dict(n_embd=768, n_head=12, batch_size=32)}
 PROBE = {"probe_init": True}
 Q_RUNS = {  # name: (overrides on top of Q_BASE, the questions that read it); the questions: study_report.py
     "init-pre-gpt2": (PROBE, {2, 3, 4}),
@@ -110,8 +113,10 @@ class StudyOptions:
     study_dir: str = "study"  # where studies go
     reuse: bool = False  # keep runs already done with the same settings: resume a study, or redraw its report
     jobs: int = 1  # runs at once on the CPU (1: step times compare); with several GPUs, one run per GPU
+    preset: str = "cpu"  # the questions' 12-layer model: "cpu" 64 wide | "gpu" 768 wide (use configs/study_gpu.py)
 
     def __post_init__(self):
+        config.check_choice("preset", self.preset, PRESETS)
         bad = [v for v in self.variant_names if v not in VARIANTS]
         if bad:
             raise config.ConfigError(f"unknown variant '{','.join(bad)}'; valid variants: {', '.join(VARIANTS)}")
@@ -223,7 +228,8 @@ def plan(opts: StudyOptions, config_file: str, user: list[str]) -> list[Job]:
         overrides = {"max_iters": DEFAULT_MAX_ITERS, **VARIANTS[v]}
         grid.append((f"{v}-init", v, overrides | PROBE, seed))
         grid += [(f"{v}-s{s}", v, overrides, s) for s in range(seed, seed + opts.seeds)]
-    grid += [(f"q-{n}", "q", Q_BASE | ov, seed) for n, (ov, qs) in Q_RUNS.items() if qs & opts.question_numbers]
+    base = Q_BASE | PRESETS[opts.preset]
+    grid += [(f"q-{n}", "q", base | ov, seed) for n, (ov, qs) in Q_RUNS.items() if qs & opts.question_numbers]
     return [make_job(config_file, user, *g) for g in grid]
 
 

@@ -137,6 +137,7 @@ def test_unknown_variant_is_one_line(tmp_path):
         ("--name", "flag '--name' needs a value"),
         ("--jobs=two", "config key 'jobs' expects int, got 'two'"),
         ("config/other.py", "give one config file"),
+        ("--preset=tpu", "preset must be one of cpu, gpu"),
     ],
 )
 def test_bad_flags_fail_in_one_line(tmp_path, capsys, flag, needle):
@@ -381,3 +382,14 @@ def test_q6_range_is_the_learning_rates_that_train(post_plain, post_qk, answer):
     text = "\n".join(study_tricks.q6(study_report.Results(Path("unused"), None, {}, q, 3.3473, {})))
     assert f"**pre-LN: same range (3 of 3 with qk_norm, 3 without); {answer}**" in text, text
     assert "post-LN, final val loss with qk_norm minus without where both train: +0.0000 at 0.001" in text
+
+
+def test_the_gpu_preset_studies_gpt2_small_width_on_bpe_shakespeare():
+    """study.py configs/study_gpu.py --preset=gpu: every run, variants and questions alike, is 12 x 768 on the
+    BPE data and uncompiled; the CPU study's questions keep their narrow model."""
+    jobs = study.plan(*study.parse(["configs/study_gpu.py", "--preset=gpu"]))
+    shapes = {(j.resolved["n_layer"], j.resolved["n_embd"], j.resolved["dataset"], j.resolved["compile"]) for j in jobs}
+    assert shapes == {(12, 768, "shakespeare", False)}
+    assert {j.group for j in jobs} >= {"q", "pre_ln", "modern"}
+    cpu = study.plan(*study.parse(["configs/small.py"]))
+    assert {j.resolved["n_embd"] for j in cpu if j.group == "q"} == {64}

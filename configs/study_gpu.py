@@ -1,0 +1,26 @@
+# The study on one GPU: python study.py configs/study_gpu.py --preset=gpu
+# The variants train GPT-2 small's shape (12 layers, 768 wide) on TinyShakespeare with the GPT-2 BPE; the
+# questions' runs take the same width (--preset=gpu). Every run is short (500 steps for the variants, 300 for
+# the questions), so none is compiled: a compile per run would cost more than it saves. Meant to answer the
+# study's questions in under 15 minutes on one H100 (not yet measured: no GPU was lent when it was written).
+out_dir = "out-study-gpu"
+dataset = "shakespeare"
+
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 256
+dropout = 0.0
+bias = False
+
+batch_size = 32
+max_iters = 500
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 50
+beta2 = 0.99
+
+eval_interval = 50
+eval_iters = 20
+log_interval = 25
+compile = False
