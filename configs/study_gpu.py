@@ -2,7 +2,7 @@
 # The variants train GPT-2 small's shape (12 layers, 768 wide) on TinyShakespeare with the GPT-2 BPE; the
 # questions' runs take the same width (--preset=gpu). Every run is short (500 steps for the variants, 300 for
 # the questions), so none is compiled: a compile per run would cost more than it saves. Meant to answer the
-# study's questions in under 15 minutes on one H100 (not yet measured: no GPU was lent when it was written).
+# study's questions in under 15 minutes on one H100 (not yet measured on a GPU).
 out_dir = "out-study-gpu"
 dataset = "shakespeare"
 
