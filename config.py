@@ -81,6 +81,7 @@ class TrainConfig(GPTConfig):
     dtype: str = "auto"  # "auto" (CUDA: bf16 if supported, else fp16; else float32) | float32 | bfloat16 | float16
     parallel: str = "ddp"  # under torchrun: "ddp" (replicate the model) | "fsdp" (FSDP2: shard it per block)
     compile: bool | str = "auto"  # torch.compile the model: True | False | "auto" (on for CUDA)
+    compile_scope: str = "blocks"  # "blocks": each block and the head apart (one compile serves every block) | "model"
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: looked up from the GPU's name)
 
     def __post_init__(self):
@@ -120,6 +121,7 @@ class TrainConfig(GPTConfig):
             raise ConfigError(f"muon_lr and scalar_lr must be positive, got {self.muon_lr:g} and {self.scalar_lr:g}")
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, ("auto",))
+        check_choice("compile_scope", self.compile_scope, ("blocks", "model"))
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.dataset):
             raise ConfigError(f"dataset must be a folder name under data/, got {self.dataset!r}")
 

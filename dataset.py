@@ -304,10 +304,10 @@ class BatchSampler:
             self._epochs = {e: (int(rng.integers(self.T)), rng.permutation(self.n))}  # keep one epoch
         return self._epochs[e]
 
-    def window_starts(self, first: int) -> np.ndarray:
-        """Token offsets of samples first, first + 1, ..., first + B - 1."""
-        out = np.empty(self.B, dtype=np.int64)
-        for i, k in enumerate(range(first, first + self.B)):
+    def window_starts(self, first: int, rows: int | None = None) -> np.ndarray:
+        """Token offsets of samples first, first + 1, ..., first + B - 1 (or of `rows` samples)."""
+        out = np.empty(rows or self.B, dtype=np.int64)
+        for i, k in enumerate(range(first, first + len(out))):
             shift, perm = self._epoch(k // self.n)
             out[i] = shift + perm[k % self.n] * self.T
         return out
@@ -316,16 +316,30 @@ class BatchSampler:
         """Start offsets of the B windows of micro-batch g."""
         return self.window_starts(g * self.B)
 
-    def read(self, first: int, pin: bool = False) -> torch.Tensor:
+    def read(self, first: int, pin: bool = False, rows: int | None = None) -> torch.Tensor:
         """Samples [first, first + B) as a (B, T + 1) tensor in the tokens' own narrow dtype (uint16 for
-        vocabularies up to 65,536): a quarter of the bytes of int64 to copy to the device."""
-        idx = self.window_starts(first)[:, None] + np.arange(self.T + 1)
+        vocabularies up to 65,536): a quarter of the bytes of int64 to copy to the device. rows: fewer."""
+        idx = self.window_starts(first, rows)[:, None] + np.arange(self.T + 1)
         data = torch.from_numpy(self.tokens[idx])
         return data.pin_memory() if pin else data
 
-    def get(self, g: int, device: str = "cpu"):
-        """Micro-batch g as (x, y) on device."""
-        return to_device(self.read(g * self.B, pin=device.startswith("cuda")), device)
+    def get(self, g: int, device: str = "cpu", rows: int | None = None):
+        """Micro-batch g as (x, y) on device (its first `rows` samples only, when given)."""
+        return to_device(self.read(g * self.B, device.startswith("cuda"), rows), device)
+
+    def estimate_samples(self, batches: int) -> int:
+        """How many samples a loss estimate of `batches` batches reads: that many batches' worth, or, when
+        the split holds fewer windows, each window of epoch 0 once. Those are the split's non-overlapping
+        windows from one offset: the estimate is then the loss over the whole split (all but < block_size
+        tokens at each end), exact, and cheaper than reading windows twice."""
+        return min(batches * self.B, self.n)
+
+    def describe_estimate(self, batches: int) -> str:
+        """'the whole split (7 batches)' or '20 fixed batches': what estimate_samples reads."""
+        samples = self.estimate_samples(batches)
+        if samples < batches * self.B:
+            return f"the whole split ({-(-samples // self.B)} batches)"
+        return f"{batches} fixed batches"
 
 
 def to_device(data: torch.Tensor, device: str):

@@ -172,7 +172,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.layer = layer
+        self.layer, self.first = layer, layer == 0  # compiled blocks branch on first, not on the index
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -202,7 +202,7 @@ class CausalSelfAttention(nn.Module):
         if shared.rope is not None:
             cos, sin = shared.rope  # (T, hs/2)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.value_residual and self.layer == 0:
+        if self.value_residual and self.first:
             shared.v0 = v  # the new tokens' values of layer 0, this pass
         elif self.value_residual:
             mixed = (1 - self.v_lambda) * v + self.v_lambda * shared.v0  # a cache stores these mixed values
@@ -349,12 +349,18 @@ class GPT(nn.Module):
             if c.residual_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             x = block(x, cache, pos, shared)
+        return self.head(x, targets)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        """The final norm and the logits (B, T, vocab) of the stream x, and with targets the loss; without
+        them only the last position's logits (B, 1, vocab), all that generation needs. A method of its
+        own so that compile_regions can compile it apart from the blocks."""
         x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.softcap(self.lm_head(x))  # (B, T, vocab)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            return logits, loss
-        return self.softcap(self.lm_head(x[:, -1:, :])), None  # only the last position is needed to generate
+        if targets is None:
+            return self.softcap(self.lm_head(x[:, -1:, :])), None
+        logits = self.softcap(self.lm_head(x))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """logit_softcap c > 0: c * tanh(logits / c), smooth and bounded by c (Gemma 2, modded-nanogpt)."""
@@ -369,6 +375,14 @@ class GPT(nn.Module):
         import optim
 
         return optim.build(self, weight_decay, learning_rate, betas, device_type, **choice)
+
+    def compile_regions(self):
+        """torch.compile every block and the head in place (regional compilation, as torchtitan does): the
+        blocks share one compiled graph, so compiling costs about one block's time, not n_layer blocks',
+        and the parameter names stay as they are. The embeddings between them run eagerly."""
+        for block in self.transformer.h:
+            block.compile()
+        self.head = torch.compile(self.head)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention (PaLM paper, appendix B)."""

@@ -10,7 +10,8 @@ For each block i (0 = the first):
 What the model's own scalars have learned, after the step (present when the switch is on):
     resid_a[i], resid_b[i]         residual_scalars: x = a_i * x + b_i * x0 before block i
     v_lambda[i]                    value_residual: block i's share of layer 0's values (0 for block 0)
-Measuring is cheap: the hooks exist only on telemetry steps.
+Measuring is cheap: the hooks exist only on telemetry steps, and a compiled model runs those steps
+eagerly (torch.compiler.set_stance("force_eager")), so the hooks neither recompile it nor break its graphs.
 """
 
 import copy
@@ -66,7 +67,8 @@ class Telemetry:
         handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(self.blocks)]
         handles += [b.attn.register_forward_hook(attn_hook(i)) for i, b in enumerate(self.blocks)]
         try:
-            yield rms
+            with torch.compiler.set_stance("force_eager"):  # compiled code would recompile for the hooks
+                yield rms
         finally:
             for h in handles:
                 h.remove()

@@ -205,12 +205,16 @@ def restore(s: TrainState, saved: dict, cfg: config.TrainConfig, rt: runtime.Run
 
 
 def compile_model(s: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.BatchSampler) -> float | None:
-    """torch.compile (compile=auto: on CUDA) and wrap in DDP. Compilation happens here, announced and
-    timed, by one forward in eval mode and one forward and backward in train mode (gradients dropped,
-    random state untouched) on a batch of sampler, not inside the first evaluation or step. Returns the
-    seconds it took (None: not compiled)."""
+    """torch.compile (compile=auto: on CUDA) and wrap in DDP. compile_scope="blocks" compiles each block
+    and the head in place (GPT.compile_regions: one compile serves every block), "model" the whole model.
+    Compilation happens here, announced and timed, by one forward in eval mode and one forward and
+    backward in train mode (gradients dropped, random state untouched) on a batch of sampler, not inside
+    the first evaluation or step. Returns the seconds it took (None: not compiled)."""
     use = cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
-    s.model = runtime.wrap_ddp(torch.compile(s.raw_model) if use else s.raw_model, cfg.parallel, rt)
+    if use and cfg.compile_scope == "blocks":
+        s.raw_model.compile_regions()
+    whole = use and cfg.compile_scope == "model"
+    s.model = runtime.wrap_ddp(torch.compile(s.raw_model) if whole else s.raw_model, cfg.parallel, rt)
     s.sync_target = s.raw_model if cfg.parallel == "fsdp" else s.model
     if not use:
         return None
@@ -238,22 +242,26 @@ def compile_model(s: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.Batc
 
 @torch.no_grad()
 def evaluate(model, samplers: dict, cfg, rt: runtime.Runtime, stop: runtime.GracefulStop) -> dict | None:
-    """Mean loss over the same eval_iters batches of each split every time; ranks share the work.
-    Returns None, abandoning the estimate, as soon as a stop is requested (checked between batches)."""
+    """Mean loss over the same samples of each split every time: eval_iters batches, or the whole split
+    when it holds fewer windows (BatchSampler.estimate_samples); ranks share the work. Returns None,
+    abandoning the estimate, as soon as a stop is requested (checked between batches)."""
     model.eval()
     try:
         out = {}
         for split, sampler in samplers.items():
-            total = torch.zeros(2, device=rt.device)  # (sum of losses, count)
-            for i in range(-(-cfg.eval_iters // rt.world_size)):  # the same number of forwards on every rank
+            samples = sampler.estimate_samples(cfg.eval_iters)
+            batches = -(-samples // sampler.B)  # the last may be partial
+            total = torch.zeros(2, device=rt.device)  # (sum of losses weighted by rows, rows)
+            for i in range(-(-batches // rt.world_size)):  # the same number of forwards on every rank
                 if stop.agreed():  # under DDP every rank checks at the same batch, so all abandon together
                     return None
-                g = i * rt.world_size + rt.rank  # (FSDP gathers weights in each forward: ranks must stay in step)
-                x, y = sampler.get(min(g, cfg.eval_iters - 1), rt.device)
+                g = min(i * rt.world_size + rt.rank, batches - 1)  # (FSDP: every rank must run each forward)
+                rows = min(sampler.B, samples - g * sampler.B)
+                x, y = sampler.get(g, rt.device, rows)
                 with rt.autocast():
                     _, loss = model(x, y)
-                if g < cfg.eval_iters:  # a batch beyond eval_iters only kept this rank in step
-                    total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+                if i * rt.world_size + rt.rank < batches:  # a batch beyond the last only kept this rank in step
+                    total += torch.stack([loss.float() * rows, torch.full((), float(rows), device=rt.device)])
             if rt.ddp:
                 dist.all_reduce(total)
             out[split] = (total[0] / total[1]).item()
@@ -388,7 +396,8 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
         is_best = False
         if (s.step % cfg.eval_interval == 0 or s.step >= cfg.max_iters) and not stopping:
             if first_eval:
-                rt.print(f"step {s.step}: estimating the loss on {cfg.eval_iters} batches of each split ...")
+                plan = "; ".join(f"{k}: {v.describe_estimate(cfg.eval_iters)}" for k, v in data.evals.items())
+                rt.print(f"step {s.step}: estimating the loss ({plan}) ...")
             with meter.pause(eval_time=True):
                 estimate = evaluate(s.model, data.evals, cfg, rt, stop)
             first_eval = False

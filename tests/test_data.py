@@ -210,6 +210,22 @@ def test_sampler_ranks_partition_the_batches():
     assert all((other.starts(i * W + 1) == ranks[1][i]).all() for i in range(k))
 
 
+def test_a_small_split_is_estimated_whole_each_window_once():
+    """When eval_iters batches would hold more windows than the split has, the estimate reads each window of
+    epoch 0 once: the split's non-overlapping windows from one offset, the last batch partial."""
+    T, B = 8, 4
+    s = BatchSampler(tokens(1000), T, B, seed=6)
+    assert s.estimate_samples(5) == 20 and s.describe_estimate(5) == "5 fixed batches"
+    samples = s.estimate_samples(1000)
+    assert samples == s.n == 124 and s.describe_estimate(1000) == "the whole split (31 batches)"
+    rows = [s.read(g * B, rows=min(B, samples - g * B)) for g in range(-(-samples // B))]
+    starts = sorted(torch.cat(rows)[:, 0].tolist())  # token i is i: a window's first token is its start
+    assert starts == [starts[0] + T * i for i in range(s.n)] and starts[0] < T  # every window once
+    assert starts[-1] + T + 1 > 1000 - T  # ... up to the end, but for fewer than block_size tokens
+    partial = BatchSampler(tokens(1000 - 2 * T), T, B, seed=6)  # 122 windows: 30 batches of 4 and one of 2
+    assert partial.get(30, rows=2)[0].shape == (2, T)
+
+
 def test_sampler_too_short():
     with pytest.raises(DataError, match="val split"):
         BatchSampler(tokens(15), 8, 2, seed=0, name="val split")

@@ -33,8 +33,9 @@ def gpu_cfg(tiny_cfg):
     return make
 
 
-def test_bf16_compiled_training_resumes_where_it_stopped(gpu_cfg, tmp_path):
-    common = dict(compile=True, checkpoint_interval=0, lr_decay_iters=20)
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_bf16_compiled_training_resumes_where_it_stopped(gpu_cfg, tmp_path, scope):
+    common = dict(compile=True, compile_scope=scope, checkpoint_interval=0, lr_decay_iters=20)
     straight = gpu_cfg(max_iters=20, out_dir=str(tmp_path / "straight"), **common)
     result = train.train(straight)
     assert result["compile_time"] > 0 and result["val_loss"] < 3.3

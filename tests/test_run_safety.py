@@ -194,7 +194,7 @@ def test_sigterm_during_a_long_evaluation_stops_within_seconds_and_saves(tiny_cf
     cfg = tiny_cfg(max_iters=10, eval_interval=10, checkpoint_interval=0)
     train.train(cfg)
     out = Path(cfg.out_dir)
-    # resumed at step 10; at step 15 an evaluation of 200,000 batches begins (minutes)
+    # resumed at step 10; at step 15 an evaluation of the whole train split begins (~15,000 batches)
     args = cli(char_data, out, "--init_from=resume", "--max_iters=40", "--eval_interval=15", "--eval_iters=200000",
                "--log_interval=1", "--checkpoint_interval=0")  # fmt: skip
     proc = start(args)
@@ -250,22 +250,25 @@ def test_a_signal_interrupts_a_phase_marked_interruptible():
 def test_compile_is_announced_timed_and_not_counted_as_evaluation(tiny_cfg, monkeypatch, capsys):
     calls = []
 
-    def slow_compile(model, **kwargs):  # stands in for torch.compile: the first call is the slow one
+    def slow_compile(fn, **kwargs):  # stands in for torch.compile: the first call is the slow one
         def run(*args, **kw):
             if not calls:
                 time.sleep(1.0)
             calls.append(1)
-            return model(*args, **kw)
+            return fn(*args, **kw)
 
-        run.train, run.eval = model.train, model.eval
+        if isinstance(fn, torch.nn.Module):  # compile_scope="model"; "blocks" compiles methods
+            run.train, run.eval = fn.train, fn.eval
         return run
 
     monkeypatch.setattr(torch, "compile", slow_compile)
-    result = train.train(tiny_cfg(compile=True, max_iters=4))
-    out = capsys.readouterr().out
-    assert "compiling the model" in out and "compiled in 1." in out
-    assert result["compile_time"] >= 1.0 and result["eval_time"] < 0.5
-    assert out.index("compiled in") < out.index("estimating the loss")
+    for scope in ("blocks", "model"):
+        calls.clear()
+        result = train.train(tiny_cfg(compile=True, compile_scope=scope, max_iters=4, overwrite=True))
+        out = capsys.readouterr().out
+        assert "compiling the model" in out and "compiled in 1." in out
+        assert result["compile_time"] >= 1.0 and result["eval_time"] < 0.5
+        assert out.index("compiled in") < out.index("estimating the loss")
 
 
 # ----------------------------------------------------------------------------- a sensible default

@@ -108,3 +108,26 @@ def test_xavier_trains(tiny_cfg, char_data):
     vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]
     result = train.train(tiny_cfg(init="xavier", max_iters=30))
     assert result["val_loss"] < math.log(vocab) - 0.3  # clearly better than uniform
+
+
+def test_compiled_blocks_train_with_telemetry_and_compile_once(tiny_cfg, tmp_path):
+    """compile_scope="blocks" (the default): the blocks share one compiled graph whatever n_layer, also with
+    the switches whose code branches on the layer (value_residual: layer 0 differs). Telemetry steps run
+    eagerly, so their hooks neither recompile the blocks nor change what is measured: the records equal
+    an uncompiled run's."""
+    from torch._dynamo.utils import counters
+
+    switches = dict(max_iters=4, telemetry_interval=2, n_layer=4, value_residual=True, positions="rope")
+    records = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = tiny_cfg(**switches, compile=compiled, out_dir=str(tmp_path / f"compiled-{compiled}"))
+        train.train(cfg)
+        records[compiled] = [r for r in metrics_records(cfg.out_dir) if "grad_attn" in r]
+    # block and head, each in eval mode (the evaluation) and in train mode; layer 0 of value_residual twice
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    assert [r["step"] for r in records[True]] == [0, 2]
+    for eager, compiled in zip(records[False], records[True]):
+        for key in ("rms", "grad_attn", "grad_mlp", "v_lambda", "attn_logit_max"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-6), key

@@ -16,6 +16,7 @@ from conftest import assert_one_line_error, metrics_records, run, tiny_text
 import checkpoint
 import config
 import dataset
+import runtime
 import sample
 import train
 from model import GPT, GPTConfig
@@ -129,12 +130,13 @@ def test_checkpoint_keys_unprefixed_when_compiled(tiny_cfg, monkeypatch):
     """With compile=True the saved state dict is the raw module's (no '_orig_mod.' prefix)."""
     real = torch.compile
     monkeypatch.setattr(torch, "compile", functools.partial(real, backend="eager"))  # no C++ toolchain needed
-    cfg = tiny_cfg(compile=True, max_iters=2, eval_interval=2, log_interval=1)
-    train.train(cfg)
-    assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["compile"] is True
-    keys = load_weights(Path(cfg.out_dir) / "ckpt.pt").keys()
-    assert "transformer.wte.weight" in keys
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+    for scope in ("blocks", "model"):
+        cfg = tiny_cfg(compile=True, compile_scope=scope, max_iters=2, eval_interval=2, log_interval=1, overwrite=True)
+        train.train(cfg)
+        assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["compile"] is True
+        keys = load_weights(Path(cfg.out_dir) / "ckpt.pt").keys()
+        assert "transformer.wte.weight" in keys
+        assert not any(k.startswith(("_orig_mod.", "module.", "_compiled")) for k in keys)
 
 
 def test_checkpoint_interval(tiny_cfg, monkeypatch, tmp_path):
@@ -435,3 +437,18 @@ def test_sample_empty_prompt_hint_works(trained, capsys):
     assert m, proc.stderr
     proc = call_main(sample, [*base, f"--start={m.group(1)}"], capsys)
     assert proc.returncode == 0, f"the suggested --start={m.group(1)} fails: {proc.stderr.strip()}"
+
+
+def test_evaluation_of_a_small_split_is_its_exact_loss(tiny_cfg):
+    """The whole-split estimate weights each window once, the partial last batch by its rows: it equals the
+    mean loss over all the split's windows computed in one pass."""
+    cfg = tiny_cfg(eval_iters=10_000, batch_size=7)
+    rt = runtime.init_runtime("cpu", "float32")
+    data = train.load_data(cfg, rt)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65)).eval()
+    got = train.evaluate(model, {"val": data.evals["val"]}, cfg, rt, runtime.GracefulStop(rt))["val"]
+    sampler = data.evals["val"]
+    assert sampler.n % sampler.B, "the last batch should be partial for this test"
+    x, y = dataset.to_device(sampler.read(0, rows=sampler.n), "cpu")  # every window in one batch
+    with torch.no_grad():
+        assert got == pytest.approx(model(x, y)[1].item(), rel=1e-5)
