@@ -31,7 +31,8 @@ import dataset
 import metrics
 import runtime
 import train
-from model import ENGINES, GPT
+from engine import ENGINES
+from model import GPT
 
 
 @dataclass

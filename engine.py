@@ -1,11 +1,11 @@
-"""The decode machinery behind GPT.generate_stream's KV cache: a static-shape step that runs eager,
-through torch.compile, or replayed as a CUDA graph.
+"""Generation: the loop behind GPT.generate_stream, how a token is picked, and the decode machinery of
+the KV cache: a static-shape step that runs eager, through torch.compile, or replayed as a CUDA graph.
 
 Each generated token is one forward pass of one position per row. Run eagerly, that is hundreds of
 small kernel launches per token, and on a GPU the launches, not the arithmetic, set the speed. The
-KV cache is allocated once to block_size and written in place at a position tensor, so every decode
-step has the same shapes and touches the same memory: it can be captured once as a CUDA graph and
-replayed with one launch per token, with sampling on the device and no host sync.
+KV cache (model.KVCache) is allocated once to block_size and written in place at a position tensor, so
+every decode step has the same shapes and touches the same memory: it can be captured once as a CUDA
+graph and replayed with one launch per token, with sampling on the device and no host sync.
 """
 
 import time
@@ -13,8 +13,104 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import GPT, KVCache
+
+ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    engine: str = "eager",
+):
+    """Continue each row of idx (B, T) by max_new_tokens tokens; yields each new (B, 1) column,
+    on the device (reading it back is the caller's sync: read a few columns at a time).
+
+    temperature=0 is greedy decoding. With use_cache, keys and values are kept so each step runs
+    one token through the model: engine "eager" as is, "compile" through torch.compile, "graph"
+    (CUDA only) replayed as a CUDA graph; see Decoder. When the text outgrows block_size, the
+    context is cut to its last block_size // 2 tokens (one forward pass refills the cache) and
+    fills up again; the uncached path uses exactly the same contexts, so both give the same tokens.
+    """
+    check_generate_args(model, max_new_tokens, temperature, top_k, top_p, engine, idx.device)
+    pick = lambda logits: next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
+    decoder = decoder_for(model, idx.size(0), engine, (temperature, top_k, top_p), pick) if use_cache else None
+    bs = model.config.block_size
+    start = max(0, idx.size(1) - bs)  # where the current context begins
+    fresh = True  # the cache does not hold the current context yet
+    for _ in range(max_new_tokens):
+        if idx.size(1) - start > bs:
+            start, fresh = idx.size(1) - max(1, bs // 2), True  # slide: keep the last half of the window
+        if decoder is None:
+            nxt = pick(model(idx[:, start:])[0])
+        elif fresh:
+            nxt, fresh = decoder.prefill(idx[:, start:]), False
+        else:
+            nxt = decoder.step(nxt, idx.size(1) - start)  # the last token (B, 1), the context's length
+        idx = torch.cat((idx, nxt), dim=1)
+        yield nxt
+
+
+def check_generate_args(model: GPT, max_new_tokens, temperature, top_k, top_p, engine, device):
+    vocab = model.config.vocab_size
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be between 1 and the vocabulary size {vocab}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "graph" and device.type != "cuda":
+        raise ValueError(f"engine='graph' replays CUDA graphs and needs a CUDA device, not {device.type}")
+
+
+def decoder_for(model: GPT, batch: int, engine: str, sampling: tuple, pick) -> "Decoder":
+    """The Decoder for this batch size, engine, sampling settings and autocast state, made once and
+    kept in model.decoders: its cache, compiled code and CUDA graphs are reused by later calls. (A
+    compiled or graphed one under autocast holds pre-cast weights: clear model.decoders after
+    changing the weights.)"""
+    device = model.lm_head.weight.device
+    lowp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (batch, engine, sampling, device, lowp)
+    if not hasattr(model, "decoders"):
+        model.decoders = {}
+    if key not in model.decoders:
+        model.decoders[key] = Decoder(model, pick, engine, lowp)
+    return model.decoders[key]
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
+    """One token per row of logits (B, vocab): the most likely at temperature 0, else a random draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    # argmax of p / Exp(1) noise is a draw from p (the exponential race); faster than torch.multinomial
+    noise = torch.empty_like(probs).exponential_().clamp_(min=1e-30)  # never 0: 0/0 would be NaN
+    return (probs / noise).argmax(dim=-1, keepdim=True)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p."""
+    if top_k is not None:
+        v, _ = torch.topk(logits, top_k)
+        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))  # a slice: no index tensor to copy
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p  # tokens after the nucleus is full
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return logits
 
 
 class Decoder:

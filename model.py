@@ -18,6 +18,7 @@ x = a_i * x + b_i * x0, x0 the embedding output), value_residual (each layer's v
 positions="rope" (rotary position embeddings instead of wpe), logit_softcap (c * tanh(logits / c)).
 
 Layer names mirror GPT-2's (transformer.wte, h.N.attn.c_attn, ...) so its weights map one to one.
+Generation (GPT.generate's loop, sampling, the KV cache's decode engines) lives in engine.py.
 """
 
 import math
@@ -32,7 +33,6 @@ NORM_POSITIONS = ("pre", "post", "peri", "reordered")
 POSITIONS = ("learned", "rope")
 ROPE_BASE = 10000.0  # rotary frequencies base ** (-2i / head_dim), as RoFormer, Llama, nanochat
 INITS = ("gpt2", "xavier")
-ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
 
 
 @dataclass
@@ -165,7 +165,16 @@ class Shared:
     object, not a dict: FSDP rebuilds the containers in a module's arguments, and layer 0's v0 would be lost."""
 
     def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.rope, self.v0 = rope, None
+        self.rope, self.v0, self.mask = rope, None, None
+
+    def decode_mask(self, cache: KVCache, dtype: torch.dtype) -> torch.Tensor:
+        """The cache's filled slots among the first span as an additive mask (1, 1, 1, span), 0 or -inf in the
+        queries' dtype, made once per pass: given a boolean mask, SDPA would convert it in every layer (three
+        more kernels per layer and token, which a decode step's launches are made of)."""
+        if self.mask is None:
+            filled = cache.filled[..., : cache.span]
+            self.mask = torch.zeros(filled.shape, dtype=dtype, device=filled.device).masked_fill_(~filled, -math.inf)
+        return self.mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -211,13 +220,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
         B, T, C = x.size()
-        q, k, v = self.project(x, pos, shared or Shared())
+        shared = shared or Shared()
+        q, k, v = self.project(x, pos, shared)
         mask = None
         if cache is not None:
             keys, values = cache.update(self.layer, k, v, pos)  # (B, nh, block_size, hs)
             if T == 1:  # one new token attends to every filled slot; a prompt (from slot 0) to itself
                 span = cache.span
-                k, v, mask = keys[:, :, :span], values[:, :, :span], cache.filled[..., :span]
+                k, v, mask = keys[:, :, :span], values[:, :, :span], shared.decode_mask(cache, q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
@@ -393,100 +403,16 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
         return self.flops_per_token() * tokens_per_second / peak_flops
 
-    # ---------------------------------------------------------------- generation
+    # ---------------------------------------------------------------- generation: engine.py
 
     @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """idx (B, T) followed by max_new_tokens generated tokens; see generate_stream."""
         return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
 
-    @torch.inference_mode()
-    def generate_stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        engine: str = "eager",
-    ):
-        """Continue each row of idx (B, T) by max_new_tokens tokens; yields each new (B, 1) column,
-        on the device (reading it back is the caller's sync: read a few columns at a time).
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, **kwargs):
+        """Continue each row of idx (B, T) by max_new_tokens tokens, yielding each new (B, 1) column on the
+        device; temperature, top_k, top_p, use_cache and engine as engine.generate_stream documents."""
+        import engine  # the sampling engine; it imports this module
 
-        temperature=0 is greedy decoding. With use_cache, keys and values are kept so each step runs
-        one token through the model: engine "eager" as is, "compile" through torch.compile, "graph"
-        (CUDA only) replayed as a CUDA graph; see Decoder. When the text outgrows block_size, the
-        context is cut to its last block_size // 2 tokens (one forward pass refills the cache) and
-        fills up again; the uncached path uses exactly the same contexts, so both give the same tokens.
-        """
-        self._check_generate_args(max_new_tokens, temperature, top_k, top_p, engine, idx.device)
-        pick = lambda logits: next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
-        decoder = self.decoder(idx.size(0), engine, (temperature, top_k, top_p), pick) if use_cache else None
-        bs = self.config.block_size
-        start = max(0, idx.size(1) - bs)  # where the current context begins
-        fresh = True  # the cache does not hold the current context yet
-        for _ in range(max_new_tokens):
-            if idx.size(1) - start > bs:
-                start, fresh = idx.size(1) - max(1, bs // 2), True  # slide: keep the last half of the window
-            if decoder is None:
-                nxt = pick(self(idx[:, start:])[0])
-            elif fresh:
-                nxt, fresh = decoder.prefill(idx[:, start:]), False
-            else:
-                nxt = decoder.step(nxt, idx.size(1) - start)  # the last token (B, 1), the context's length
-            idx = torch.cat((idx, nxt), dim=1)
-            yield nxt
-
-    def _check_generate_args(self, max_new_tokens, temperature, top_k, top_p, engine, device):
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k must be between 1 and the vocabulary size {self.config.vocab_size}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-        if engine == "graph" and device.type != "cuda":
-            raise ValueError(f"engine='graph' replays CUDA graphs and needs a CUDA device, not {device.type}")
-
-    def decoder(self, batch: int, engine: str, sampling: tuple, pick):
-        """The Decoder for this batch size, engine, sampling settings and autocast state, made once and
-        kept in self.decoders: its cache, compiled code and CUDA graphs are reused by later calls. (A
-        compiled or graphed one under autocast holds pre-cast weights: clear self.decoders after
-        changing the weights.)"""
-        device = self.lm_head.weight.device
-        lowp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = (batch, engine, sampling, device, lowp)
-        if not hasattr(self, "decoders"):
-            self.decoders = {}
-        if key not in self.decoders:
-            from engine import Decoder  # the decode machinery; it imports this module
-
-            self.decoders[key] = Decoder(self, pick, engine, lowp)
-        return self.decoders[key]
-
-
-def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
-    """One token per row of logits (B, vocab): the most likely at temperature 0, else a random draw."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    # argmax of p / Exp(1) noise is a draw from p (the exponential race); faster than torch.multinomial
-    noise = torch.empty_like(probs).exponential_().clamp_(min=1e-30)  # never 0: 0/0 would be NaN
-    return (probs / noise).argmax(dim=-1, keepdim=True)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p."""
-    if top_k is not None:
-        v, _ = torch.topk(logits, top_k)
-        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))  # a slice: no index tensor to copy
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p  # tokens after the nucleus is full
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    return logits
+        return engine.generate_stream(self, idx, max_new_tokens, **kwargs)

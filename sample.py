@@ -21,7 +21,8 @@ import config
 import dataset
 import pretrained
 import runtime
-from model import ENGINES, GPT, GPTConfig
+from engine import ENGINES
+from model import GPT, GPTConfig
 
 GRAPH_MIN_TOKENS = 32  # engine=auto: CUDA graphs from this many new tokens on (see choose_engine)
 CHUNK = 16  # tokens read back from the device at a time

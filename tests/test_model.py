@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import model as model_module
 import train
-from model import GPT, GPTConfig, filter_logits, next_token
+from engine import filter_logits, next_token
+from model import GPT, GPTConfig
 
 # every norm at every position, with and without bias; then DeepNorm and the no-residual ablation
 VARIANTS = [

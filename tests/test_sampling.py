@@ -108,6 +108,30 @@ def test_seeded_sampling_same_with_and_without_cache(top_k, top_p):
     assert not torch.equal(texts[0], model.generate(idx, 40, temperature=1.0, top_k=top_k, top_p=top_p))
 
 
+def test_a_decode_step_makes_one_additive_mask_for_every_layer(monkeypatch):
+    """SDPA converts a boolean mask in each call (kernels a decode step is made of): a step passes every layer
+    the same 0/-inf mask in the queries' dtype, made once, that masks exactly the unfilled slots."""
+    model, seen = sharp_model(n_layer=3), []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q.shape[2], attn_mask, q.dtype))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    model.generate(prompts(2, 5), 1, temperature=0)  # makes the decoder
+    (decoder,) = model.decoders.values()
+    decoder.span_step = 4  # as a graphed step: it reads 8 slots for a context of 6
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    stream = model.generate_stream(prompts(2, 5), 2, temperature=0)
+    next(stream)  # the prompt (causal, no mask)
+    assert [m for t, m, _ in seen] == [None] * 3
+    seen.clear()
+    next(stream)  # one step: 6 filled slots
+    masks = [m for _, m, _ in seen]
+    assert len(masks) == 3 and all(m is masks[0] for m in masks) and masks[0].dtype == seen[0][2]
+    assert masks[0].tolist() == [[[[0.0] * 6 + [float("-inf")] * 2]]]
+
+
 @pytest.mark.parametrize("length,new,spans", [(3, 10, {4, 8, 12}), (5, 40, {8, 12, 16})], ids=["within", "past-block"])
 def test_steps_read_only_the_span_they_need(length, new, spans):
     """A step reads the context's length rounded up to a multiple of span_step slots (Decoder.SPAN when
@@ -215,7 +239,7 @@ def test_graph_engine_logic_runs_on_cpu_with_a_fake_cuda(monkeypatch):
     monkeypatch.setattr(engine.Decoder, "_capture", fake_capture)
     monkeypatch.setattr(engine.Decoder, "SPAN", 4)
     model = sharp_model()
-    monkeypatch.setattr(model, "_check_generate_args", lambda *args: None)  # engine=graph needs CUDA otherwise
+    monkeypatch.setattr(engine, "check_generate_args", lambda *args: None)  # engine=graph needs CUDA otherwise
     idx = prompts(3, 3)
     for new in (10, 40):  # within block_size, then past it (the graphs of the first call are replayed)
         graphed = model.generate(idx, new, temperature=0, engine="graph")
