@@ -8,15 +8,20 @@ Records written by train.py, each with "step":
     probe      probe_init: true, loss, grad_attn, grad_mlp, rms (statistics at initialisation)
 
 Also what train.py prints and logs as it goes: the resolved config (config.json), the eval and step lines,
-and the two things kept on the device between log lines (Meter's clock, RecentLoss's losses).
+the three things kept on the device between log lines (Meter's clock, RecentLoss's losses, Health's
+first non-finite step), and the last line: how the run ended, and how to resume it if it was stopped.
 """
 
 import json
+import shlex
 import subprocess
 import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 import config
 
@@ -145,9 +150,6 @@ class RecentLoss:
 
     def read(self) -> tuple[float, float]:
         """The mean loss over every rank's micro-batches since the last read, and the last gradient norm."""
-        import torch
-        import torch.distributed as dist
-
         mean = torch.stack(self.losses).mean()
         if self.rt.ddp:  # gloo has no AVG: sum, then divide
             dist.all_reduce(mean)
@@ -158,6 +160,34 @@ class RecentLoss:
     def latest(self) -> float | None:
         """The most recent training loss: of the steps since the last read, else the last read one."""
         return self.read()[0] if self.losses else self.last
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); printed as one line."""
+
+
+class Health:
+    """Remembers, on the device, the first step whose loss or gradient norm was not finite; check()
+    reads it back (at log time and before any checkpoint) and stops the run before bad weights are saved.
+    Under fp16 the GradScaler skips such steps itself, so nothing is tracked."""
+
+    def __init__(self, device: str, enabled: bool):
+        self.enabled = enabled
+        self.first = torch.full((3,), -1.0, device=device)  # (step, loss, gradient norm), step -1: none yet
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor):
+        if self.enabled:
+            now = torch.stack([torch.full_like(loss, step), loss.float(), grad_norm.float()])
+            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] < 0)
+            self.first = torch.where(bad, now, self.first)
+
+    def check(self):
+        step, loss, grad_norm = self.first.tolist()
+        if step >= 0:
+            raise TrainingError(
+                f"step {int(step)}: loss {loss:.4g}, gradient norm {grad_norm:.4g} is not finite; the last "
+                "checkpoint is kept; lower learning_rate or use float32/bfloat16, then resume"
+            )
 
 
 # ----------------------------------------------------------------------------- what train.py prints and logs
@@ -222,3 +252,39 @@ def format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def summarize(cfg, rt, s, recent, stop, meter, total: float, compile_s: float, argv) -> dict:
+    """The last line: where the run stopped and its most recent losses; for an interrupted run, how to resume."""
+    train_loss, last = recent.latest(), s.last_eval
+    val_txt = f"val loss {last['val']:.4f} (step {last['step']})" if last else "no val loss yet"
+    train_txt = f"train loss {train_loss:.4f} (recent steps)" if train_loss is not None else "no step taken"
+    timing = f"{total:.1f}s ({meter.eval_s:.1f}s in eval, {compile_s:.1f}s compiling)"
+    if stop.requested:
+        if s.saved_step >= 0:
+            kept = f"{Path(cfg.out_dir) / 'ckpt.pt'} is at step {s.saved_step}"
+            how = f"resume with: {resume_command(cfg, argv)}"
+        else:
+            kept, how = "nothing saved: no step was completed", "start again with the same command"
+        rt.print(f"stopped by {stop.requested} at step {s.step}: {train_txt}, {val_txt}; {kept}; {timing}\n{how}")
+    else:
+        rt.print(f"done: step {s.step}, {train_txt}, {val_txt}, {timing}")
+    return {
+        "step": s.step,
+        "train_loss": last.get("train"),
+        "val_loss": last.get("val"),
+        "best_val_loss": s.best_val,
+        "recent_train_loss": train_loss,
+        "time": total,
+        "eval_time": meter.eval_s,
+        "compile_time": compile_s,
+        "interrupted": stop.requested,
+    }
+
+
+def resume_command(cfg, argv: list[str] | None) -> str:
+    """The command that continues an interrupted run: argv, without init_from and overwrite, resuming."""
+    if argv is None:
+        return f"the same command with --init_from=resume (out_dir={cfg.out_dir})"
+    kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
+    return shlex.join(["python", "train.py", *kept, "--init_from=resume"])

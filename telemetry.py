@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
+import metrics
 from model import Shared
 
 
@@ -152,3 +153,16 @@ def table(record: dict) -> str:
     for i, rms in enumerate(record["rms"][1:]):
         lines.append(f"{i:>5} " + " ".join(f"{record[k][i]:>12.4g}" for k in keys) + f" {rms:>12.4g}")
     return "\n".join(lines)
+
+
+def probe_init(model, sampler, step: int, cfg, rt) -> dict:
+    """Telemetry of the untrained model over eval_iters batches of sampler (the training batches), logged to
+    out_dir/metrics.jsonl; train.py then stops (probe_init=True)."""
+    batches = [sampler.get(g * rt.world_size + rt.rank, rt.device) for g in range(cfg.eval_iters)]
+    record = {"step": step, "probe_init": True, **probe(model, batches, rt.autocast)}
+    rt.print(f"at initialisation, mean of {cfg.eval_iters} batches (loss {record['loss']:.4f}):")
+    rt.print(table(record))
+    logger = metrics.Logger(cfg.out_dir, rt.master, fresh=cfg.init_from != "resume")
+    logger.log(record)
+    logger.close()
+    return record

@@ -12,7 +12,6 @@ micro-batches, clip, step, log, checkpoint. Each piece is a function, so tests c
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -30,10 +29,6 @@ import pretrained
 import runtime
 import telemetry
 from model import GPT, GPTConfig
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); printed as one line."""
 
 
 def get_lr(step: int, cfg: config.TrainConfig) -> float:
@@ -57,30 +52,6 @@ def padded_vocab(meta: dict) -> int:
 
 
 # ----------------------------------------------------------------------------- setup: out_dir, data, model
-
-
-def prepare_out_dir(cfg: config.TrainConfig, rt: runtime.Runtime):
-    """out_dir must be writable, and a new run never replaces the checkpoints of another one unasked."""
-    out_dir = Path(cfg.out_dir)
-    found = checkpoint.existing_run(out_dir) if cfg.init_from != "resume" else None
-    if found and not cfg.overwrite:
-        raise config.ConfigError(
-            f"out_dir '{out_dir}' already holds a run ({checkpoint.describe(found)}); continue it with "
-            "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it"
-        )
-    if not rt.master:
-        return
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".write_test").touch()
-        (out_dir / ".write_test").unlink()
-        checkpoint.remove_stale_temps(out_dir)
-    except OSError as e:
-        msg = f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir"
-        raise config.ConfigError(msg) from None
-    if found:
-        rt.print(f"--overwrite=True: deleting the checkpoints of the run in {out_dir} ({checkpoint.describe(found)})")
-        checkpoint.remove_run(out_dir)
 
 
 @dataclass
@@ -107,38 +78,12 @@ def load_data(cfg: config.TrainConfig, rt: runtime.Runtime) -> Data:
     return Data(meta, dataset.BatchSampler(tokens["train"], T, B, seed, "train split"), evals)
 
 
-def check_resume(cfg: config.TrainConfig, saved: dict):
-    """A resumed run keeps its model and its dataset; the schedule, batch and the like may change."""
-    fine_tuned = saved["config"].get("init_from") not in ("scratch", "resume")
-    for key, old in saved["model_config"].items():
-        if key in ("dropout", "vocab_size") or (fine_tuned and key in pretrained.SHAPE_KEYS):
-            continue  # a fine-tuned model's shape is GPT-2's, whatever the config says
-        new = getattr(cfg, key, old)
-        if new != old:
-            raise checkpoint.CheckpointError(
-                f"the checkpoint's model has {key}={old!r} but the config says {new!r}; "
-                f"use --{key}={old!r} to resume, or a new out_dir to start over"
-            )
-    old = saved["config"].get("optimizer", "adamw")
-    if old != getattr(cfg, "optimizer", "adamw"):
-        raise checkpoint.CheckpointError(
-            f"the checkpoint was trained with optimizer={old!r}, whose state does not fit {cfg.optimizer!r}; "
-            f"use --optimizer={old} to resume, or a new out_dir to start over"
-        )
-    old = saved.get("data", {}).get("dataset", cfg.dataset)
-    if old != cfg.dataset:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint was trained on dataset '{old}' but the config says '{cfg.dataset}'; use "
-            f"--dataset={old} to resume, or --init_from=scratch with a new out_dir for '{cfg.dataset}'"
-        )
-
-
 def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tuple[GPTConfig, GPT | None]:
     """The model's config: the checkpoint's when resuming, GPT-2's when fine-tuning (with the loaded
     model), else the config's keys with the dataset's vocabulary."""
     model = None
     if saved is not None:
-        check_resume(cfg, saved)
+        checkpoint.check_resume(cfg, saved)
         model_cfg = GPTConfig(**{**saved["model_config"], "dropout": cfg.dropout})
     elif cfg.init_from == "scratch":
         model_cfg = replace(cfg.model_config(), vocab_size=padded_vocab(meta))
@@ -302,31 +247,7 @@ def train_step(s: TrainState, batches, lr: float, cfg, rt: runtime.Runtime, tele
     return loss_sum, grad_norm, record if tele else None
 
 
-class Health:
-    """Remembers, on the device, the first step whose loss or gradient norm was not finite; check()
-    reads it back (at log time and before any checkpoint) and stops the run before bad weights are saved.
-    Under fp16 the GradScaler skips such steps itself, so nothing is tracked."""
-
-    def __init__(self, device: str, enabled: bool):
-        self.enabled = enabled
-        self.first = torch.full((3,), -1.0, device=device)  # (step, loss, gradient norm), step -1: none yet
-
-    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor):
-        if self.enabled:
-            now = torch.stack([torch.full_like(loss, step), loss.float(), grad_norm.float()])
-            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] < 0)
-            self.first = torch.where(bad, now, self.first)
-
-    def check(self):
-        step, loss, grad_norm = self.first.tolist()
-        if step >= 0:
-            raise TrainingError(
-                f"step {int(step)}: loss {loss:.4g}, gradient norm {grad_norm:.4g} is not finite; the last "
-                "checkpoint is kept; lower learning_rate or use float32/bfloat16, then resume"
-            )
-
-
-def save(s: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: Health, is_best: bool):
+def save(s: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: metrics.Health, is_best: bool):
     health.check()
     fields = dict(
         step=s.step,
@@ -355,7 +276,7 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
     try:
         with stop.interruptible():  # nothing to save yet: a signal ends the run at once
             cfg = cfg.for_world(rt.world_size)
-            prepare_out_dir(cfg, rt)
+            checkpoint.prepare_out_dir(cfg, rt)
             data = load_data(cfg, rt)
             saved = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt") if cfg.init_from == "resume" else None
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -363,7 +284,7 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             s = build_state(cfg, rt, model_cfg, pretrained_model, saved)
             if cfg.probe_init:
                 metrics.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled=False)
-                return probe_init(s, data, cfg, rt)
+                return telemetry.probe_init(s.raw_model, data.train, s.step, cfg, rt)
             compile_s = compile_model(s, cfg, rt, data.evals["val"])
             n_params, compiled = s.raw_model.num_params(), compile_s is not None
             resolved = metrics.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled)
@@ -387,7 +308,7 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
     ahead = 4 if rt.device_type == "cuda" else 0  # gather and pin batches in a background thread on GPUs
     batches = dataset.micro_batches(data.train, s.samples_seen, rt.rank, world, rt.device, ahead)
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
-    tele, health = telemetry.Telemetry(s.raw_model), Health(rt.device, not s.scaler.is_enabled())
+    tele, health = telemetry.Telemetry(s.raw_model), metrics.Health(rt.device, not s.scaler.is_enabled())
     meter = metrics.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, s.step)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     recent, stopping, first_eval = metrics.RecentLoss(rt), False, True
@@ -427,54 +348,7 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
             metrics.log_step(rt, logger, s.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
         if not rt.ddp or s.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
             stopping = stop.agreed()
-    return finish(cfg, rt, s, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
-
-
-def finish(cfg, rt, s: TrainState, recent, stop, meter, total: float, compile_s: float, argv) -> dict:
-    """The last line: where the run stopped and its most recent losses; for an interrupted run, how to resume."""
-    train_loss, last = recent.latest(), s.last_eval
-    val_txt = f"val loss {last['val']:.4f} (step {last['step']})" if last else "no val loss yet"
-    train_txt = f"train loss {train_loss:.4f} (recent steps)" if train_loss is not None else "no step taken"
-    timing = f"{total:.1f}s ({meter.eval_s:.1f}s in eval, {compile_s:.1f}s compiling)"
-    if stop.requested:
-        if s.saved_step >= 0:
-            kept = f"{Path(cfg.out_dir) / 'ckpt.pt'} is at step {s.saved_step}"
-            how = f"resume with: {resume_command(cfg, argv)}"
-        else:
-            kept, how = "nothing saved: no step was completed", "start again with the same command"
-        rt.print(f"stopped by {stop.requested} at step {s.step}: {train_txt}, {val_txt}; {kept}; {timing}\n{how}")
-    else:
-        rt.print(f"done: step {s.step}, {train_txt}, {val_txt}, {timing}")
-    return {
-        "step": s.step,
-        "train_loss": last.get("train"),
-        "val_loss": last.get("val"),
-        "best_val_loss": s.best_val,
-        "recent_train_loss": train_loss,
-        "time": total,
-        "eval_time": meter.eval_s,
-        "compile_time": compile_s,
-        "interrupted": stop.requested,
-    }
-
-
-def resume_command(cfg, argv: list[str] | None) -> str:
-    if argv is None:
-        return f"the same command with --init_from=resume (out_dir={cfg.out_dir})"
-    kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
-    return shlex.join(["python", "train.py", *kept, "--init_from=resume"])
-
-
-def probe_init(s: TrainState, data: Data, cfg, rt) -> dict:
-    """Telemetry of the untrained model over eval_iters training batches, then stop (probe_init=True)."""
-    batches = [data.train.get(g * rt.world_size + rt.rank, rt.device) for g in range(cfg.eval_iters)]
-    record = {"step": s.step, "probe_init": True, **telemetry.probe(s.raw_model, batches, rt.autocast)}
-    rt.print(f"at initialisation, mean of {cfg.eval_iters} batches (loss {record['loss']:.4f}):")
-    rt.print(telemetry.table(record))
-    logger = metrics.Logger(cfg.out_dir, rt.master, fresh=cfg.init_from != "resume")
-    logger.log(record)
-    logger.close()
-    return record
+    return metrics.summarize(cfg, rt, s, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
 
 
 USER_ERRORS = (
@@ -483,7 +357,7 @@ USER_ERRORS = (
     runtime.DeviceError,
     checkpoint.CheckpointError,
     pretrained.PretrainedError,
-    TrainingError,
+    metrics.TrainingError,
 )
 
 
@@ -497,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, TrainingError) else 2
+        return 1 if isinstance(e, metrics.TrainingError) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
