@@ -106,6 +106,23 @@ def git_commit() -> str | None:
         return None
 
 
+class Laps:
+    """Seconds spent in each named phase of start-up, for one line: "set up in 2.1s (device 1.2s, ...)"."""
+
+    def __init__(self):
+        self.t, self.phases = time.perf_counter(), []
+
+    def __call__(self, name: str):
+        """The phase called name ends now."""
+        now = time.perf_counter()
+        self.phases.append((name, now - self.t))
+        self.t = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f}s" for name, s in self.phases)
+        return f"{sum(s for _, s in self.phases):.1f}s ({parts})"
+
+
 class Meter:
     """Training speed between log lines: wall time minus the time spent evaluating and saving. The clock
     is read at log time, after the loss was read back (which waited for the device), so steps between

@@ -270,18 +270,22 @@ def save(s: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: metri
 def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
     """Run training as configured; returns the final losses and timings. argv, when given, is the
     command line, quoted back in the resume hint of an interrupted run."""
-    t_start = time.perf_counter()
+    t_start, lap = time.perf_counter(), metrics.Laps()
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
     stop, logger = runtime.GracefulStop(rt), None
     try:
         with stop.interruptible():  # nothing to save yet: a signal ends the run at once
             cfg = cfg.for_world(rt.world_size)
+            lap("device")
             checkpoint.prepare_out_dir(cfg, rt)
             data = load_data(cfg, rt)
             saved = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt") if cfg.init_from == "resume" else None
+            lap("data")
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
             s = build_state(cfg, rt, model_cfg, pretrained_model, saved)
+            lap("model")
+            rt.print(f"set up in {lap}")
             if cfg.probe_init:
                 metrics.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled=False)
                 return telemetry.probe_init(s.raw_model, data.train, s.step, cfg, rt)

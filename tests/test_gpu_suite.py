@@ -31,14 +31,17 @@ def test_reads_bench_tables_and_nanogpt_lines():
 def test_time_to_loss_stops_the_run_once_it_crosses(tmp_path):
     script = (
         "import time\n"
+        "print('compiling the model ...', flush=True)\n"
         "for step, loss in enumerate([2.0, 1.6, 1.46, 1.3]):\n"
         "    print(f'step {step * 250}: train loss 9.0, val loss {loss:.4f}', flush=True)\n"
         "    time.sleep(0.2 if step < 2 else 30)\n"
     )
-    seconds, best = gpu_suite.time_to_loss([sys.executable, "-c", script], tmp_path / "log", target=1.47, limit=60)
+    cmd = [sys.executable, "-c", script]
+    seconds, best, setup = gpu_suite.time_to_loss(cmd, tmp_path / "log", target=1.47, limit=60)
     assert 0.3 < seconds < 5 and best == 1.46  # stopped at 1.46: the 30 s sleep and 1.3 never came
+    assert 0 < setup < seconds - 0.3  # the compile began before the first 0.4 s of steps
     assert "val loss 1.4600" in (tmp_path / "log").read_text()
-    seconds, best = gpu_suite.time_to_loss([sys.executable, "-c", script], tmp_path / "log", target=1.0, limit=1)
+    seconds, best, _ = gpu_suite.time_to_loss(cmd, tmp_path / "log", target=1.0, limit=1)
     assert seconds is None and best == 1.46  # gave up at the limit
 
 
