@@ -284,7 +284,7 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
             s = build_state(cfg, rt, model_cfg, pretrained_model, saved)
-            lap("model")
+            lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 s)
             rt.print(f"set up in {lap}")
             if cfg.probe_init:
                 metrics.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled=False)
