@@ -391,7 +391,7 @@ class GPT(nn.Module):
         blocks share one compiled graph, so compiling costs about one block's time, not n_layer blocks',
         and the parameter names stay as they are. The embeddings between them run eagerly."""
         for block in self.transformer.h:
-            block.compile()
+            block.forward = torch.compile(block.forward)  # hooks on the block (FSDP's) run outside, eagerly
         self.head = torch.compile(self.head)
 
     def flops_per_token(self) -> float:

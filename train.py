@@ -171,10 +171,11 @@ def compile_model(s: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.Batc
         with torch.no_grad(), rt.autocast():
             s.model(x, y)
         s.model.train()
-        with runtime.no_grad_sync(s.sync_target, True):
-            with rt.autocast():
-                _, loss = s.model(x, y)
-            loss.backward()
+        with rt.autocast():
+            _, loss = s.model(x, y)
+        # synced like a last micro-step on every rank, then dropped: FSDP would keep an unsynced backward's
+        # gradients (unsharded, out of zero_grad's reach) and add them to the first step's
+        loss.backward()
         s.optimizer.zero_grad(set_to_none=True)
     runtime.synchronize(rt)
     seconds = time.perf_counter() - t0

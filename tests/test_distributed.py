@@ -139,14 +139,19 @@ def runs(char_data, tmp_path_factory):
         # an even eval split here: an uneven one hangs FSDP (test_fsdp_eval_with_an_uneven_split)
         "fsdp": (WORLD, [f"--gradient_accumulation_steps={K}", "--parallel=fsdp", "--eval_iters=4"]),
     }
+    # compile=True with TORCH_COMPILE_DISABLE=1: compile_model's warm-up runs as it does on a GPU, dynamo passes through
+    for parallel in ("ddp", "fsdp"):
+        world, extra = specs[parallel]
+        specs[f"{parallel}-compiled"] = (world, [*extra, "--compile=True"], {"TORCH_COMPILE_DISABLE": "1"})
     done: dict[str, Run] = {}
 
     def get(name: str) -> Run:
         if name not in done:
-            world, extra = specs[name]
+            world, extra, *env = specs[name]
             out, rec = root / name, root / f"{name}-rec"
             rec.mkdir()
-            proc = launch(script, [*base, *extra, f"--out_dir={out}"], world, {"RECORD_DIR": str(rec)})
+            env = {"RECORD_DIR": str(rec), **(env[0] if env else {})}
+            proc = launch(script, [*base, *extra, f"--out_dir={out}"], world, env)
             done[name] = Run(proc, out, rec).ok()
         return done[name]
 
@@ -173,6 +178,18 @@ def test_two_ranks_reach_the_single_process_weights(runs, parallel):
     for a, b in zip(multi.train_records(), single.train_records(), strict=True):
         assert a["step"] == b["step"] and a["lr"] == b["lr"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_the_compile_warm_up_leaves_no_gradient_behind(runs, parallel):
+    """compile=True warms up with one forward and backward before the first step. A backward without
+    gradient sync under FSDP keeps its unsharded gradients for the next synced one (zero_grad does not clear
+    them): the first step would add the warm-up's gradient to its own."""
+    single, compiled = runs("single"), runs(f"{parallel}-compiled")
+    assert "compiled in" in compiled.proc.stdout
+    for a, b in zip(compiled.train_records(), single.train_records(), strict=True):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
+    assert_close_weights(compiled.weights(), single.weights())
 
 
 def test_fsdp_logs_what_ddp_logs(runs):
