@@ -7,7 +7,8 @@ Each measurement runs in a process of its own (its own CUDA context and compile)
      with the whole model compiled as one graph (the config's compile_scope) and with the blocks apart;
      ours and nanoGPT's bench.py at nanoGPT's shape (12 x 1024, bias=False), in the same call
   2. configs/shakespeare_char.py: wall seconds from process start to val loss <= 1.47, and nanoGPT's
-     config/train_shakespeare_char.py timed the same way (each stopped once it crosses, or at its limit)
+     config/train_shakespeare_char.py timed the same way (each stopped once it crosses, or at its limit);
+     ours once more uncompiled
   3. sampling GPT-2 124M and shakespeare_char's model: one sequence and a batch, with and without the cache
 Every process's output is kept under --logs (default: $OUT when set, else gpu-suite/), and one table is
 printed last. nanoGPT is never copied into this repository: give the path of a copy (its data/ folder
@@ -153,6 +154,9 @@ def measure(nanogpt: Path | None, logs: Path) -> list[tuple[str, object, object,
     rows.append(("shakespeare_char: s from start to val <= 1.47", ours[0], theirs[0], "<= 25"))
     rows.append(("  best val loss seen", ours[1], theirs[1], ""))
     rows.append(("  s from start until the compile began", ours[2], theirs[2], ""))
+    # uncompiled: no compile to wait for, slower steps (given up at 90 s: past that it is no lever)
+    eager = time_to_loss([*cmd, "--compile=False"], logs / "shakespeare-char-eager.log", limit=90)
+    rows.append(("  ... compile=False: s from start to val <= 1.47", eager[0], None, ""))
     print("3/3 sampling ...", flush=True)
     rows += sampling_rows(logs)
     return rows
