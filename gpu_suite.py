@@ -11,8 +11,9 @@ Each measurement runs in a process of its own (its own CUDA context and compile)
      ours once more uncompiled
   3. sampling GPT-2 124M and shakespeare_char's model: one sequence and a batch, with and without the cache
 Every process's output is kept under --logs (default: $OUT when set, else gpu-suite/), and one table is
-printed last. nanoGPT is never copied into this repository: give the path of a copy (its data/ folder
-gets TinyShakespeare from data/shakespeare_char/input.txt, so nothing is downloaded).
+printed last (and kept in table.txt, written after each section too). nanoGPT is never copied into this
+repository: give the path of a copy (its data/ folder gets TinyShakespeare from
+data/shakespeare_char/input.txt, so nothing is downloaded).
 """
 
 import os
@@ -143,6 +144,7 @@ def measure(nanogpt: Path | None, logs: Path) -> list[tuple[str, object, object,
     for name in ("tokens/s", "MFU (%)"):
         what = f"GPT-2 124M {name}, 12 x 1024 (nanoGPT's bench)"
         rows.append((what, table_row(ours12, name), theirs12.get(name), ""))
+    save_partial(rows, logs)
     print("2/3 time to val loss 1.47, shakespeare_char ...", flush=True)
     out_dir = logs / "out-shakespeare-char"
     cmd = [py, "train.py", "configs/shakespeare_char.py", f"--out_dir={out_dir}", "--overwrite=True"]
@@ -157,9 +159,15 @@ def measure(nanogpt: Path | None, logs: Path) -> list[tuple[str, object, object,
     # uncompiled: no compile to wait for, slower steps (given up at 90 s: past that it is no lever)
     eager = time_to_loss([*cmd, "--compile=False"], logs / "shakespeare-char-eager.log", limit=90)
     rows.append(("  ... compile=False: s from start to val <= 1.47", eager[0], None, ""))
+    save_partial(rows, logs)
     print("3/3 sampling ...", flush=True)
     rows += sampling_rows(logs)
     return rows
+
+
+def save_partial(rows, logs: Path):
+    """The rows so far into logs/table.txt: a suite stopped at a time limit still leaves its figures."""
+    (logs / "table.txt").write_text(format_table(rows, "GPU suite, partial: the sections measured so far") + "\n")
 
 
 def sampling_rows(logs: Path) -> list[tuple[str, object, object, str]]:
@@ -182,16 +190,16 @@ def sampling_rows(logs: Path) -> list[tuple[str, object, object, str]]:
     return rows
 
 
-def print_table(rows, header: str):
+def format_table(rows, header: str) -> str:
     from bench import fmt  # the same number format as bench.py's tables
 
     body = [(what, fmt(a), fmt(b), fmt(a / b) if isinstance(a, float) and isinstance(b, float) and b else "-", t)
             for what, a, b, t in rows]  # fmt: skip
     head = ("", "ours", "nanoGPT", "ratio", "target")
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(5)]
-    print(f"\n{header}")
-    for r in [head, *body]:
-        print("  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    lines = ["  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in [head, *body]]  # fmt: skip
+    return "\n".join([header, *lines])
 
 
 def main(nanogpt: str, logs: str):
@@ -208,4 +216,6 @@ def main(nanogpt: str, logs: str):
     rows = measure(folder, out)
     gpu = torch.cuda.get_device_name()
     header = f"GPU suite: {gpu}, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s; logs in {out}"
-    print_table(rows, header)
+    table = format_table(rows, header)
+    (out / "table.txt").write_text(table + "\n")
+    print(f"\n{table}")

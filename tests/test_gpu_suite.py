@@ -49,3 +49,20 @@ def test_time_to_loss_stops_the_run_once_it_crosses(tmp_path):
 def test_the_suite_refuses_without_a_gpu():
     assert_one_line_error(run(["bench.py", "--suite=gpu"]), "needs a CUDA GPU")
     assert_one_line_error(run(["bench.py", "--suite=tpu"]), "suite must be one of gpu")
+
+
+def test_a_suite_stopped_midway_leaves_the_sections_it_measured(tmp_path, monkeypatch):
+    """The figures measured so far are in table.txt after each section: a suite that runs past a time limit
+    (or fails in sampling) still leaves its training figures."""
+    monkeypatch.setattr(gpu_suite, "run_logged", lambda cmd, log, cwd=None: BENCH_OUT)
+    monkeypatch.setattr(gpu_suite, "time_to_loss", lambda cmd, log, cwd=None, limit=150: (21.5, 1.46, 4.0))
+
+    def killed(logs):
+        raise TimeoutError("the device's time limit")
+
+    monkeypatch.setattr(gpu_suite, "sampling_rows", killed)
+    with pytest.raises(TimeoutError):
+        gpu_suite.measure(None, tmp_path)
+    table = (tmp_path / "table.txt").read_text()
+    assert "partial" in table and "612345" in table and "shakespeare_char: s from start to val <= 1.47" in table
+    assert "21.5" in table and "compile_scope=blocks" in table
