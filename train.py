@@ -149,13 +149,18 @@ def restore(s: TrainState, saved: dict, cfg: config.TrainConfig, rt: runtime.Run
             rt.print(f"  config change on resume: {k} = {getattr(cfg, k)!r} (was {v!r})")
 
 
+def will_compile(cfg: config.TrainConfig, rt: runtime.Runtime) -> bool:
+    """compile=True or False as set; "auto": on CUDA."""
+    return cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
+
+
 def compile_model(s: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.BatchSampler) -> float | None:
     """torch.compile (compile=auto: on CUDA) and wrap in DDP. compile_scope="blocks" compiles each block
     and the head in place (GPT.compile_regions: one compile serves every block), "model" the whole model.
     Compilation happens here, announced and timed, by one forward in eval mode and one forward and
     backward in train mode (gradients dropped, random state untouched) on a batch of sampler, not inside
     the first evaluation or step. Returns the seconds it took (None: not compiled)."""
-    use = cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
+    use = will_compile(cfg, rt)
     if use and cfg.compile_scope == "blocks":
         s.raw_model.compile_regions()
     whole = use and cfg.compile_scope == "model"
@@ -286,13 +291,12 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
             s = build_state(cfg, rt, model_cfg, pretrained_model, saved)
             lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 s)
+            compiled = will_compile(cfg, rt) and not cfg.probe_init
+            resolved = metrics.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled)
             rt.print(f"set up in {lap}")
             if cfg.probe_init:
-                metrics.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled=False)
                 return telemetry.probe_init(s.raw_model, data.train, s.step, cfg, rt)
             compile_s = compile_model(s, cfg, rt, data.evals["val"])
-            n_params, compiled = s.raw_model.num_params(), compile_s is not None
-            resolved = metrics.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled)
             wandb_config = resolved if cfg.wandb_log else None
             fresh = cfg.init_from != "resume"
             logger = metrics.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh)
