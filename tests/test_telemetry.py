@@ -127,6 +127,7 @@ def test_compiled_blocks_train_with_telemetry_and_compile_once(tiny_cfg, tmp_pat
         records[compiled] = [r for r in metrics_records(cfg.out_dir) if "grad_attn" in r]
     # block and head, each in eval mode (the evaluation) and in train mode; layer 0 of value_residual twice
     assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])  # each region is one whole graph
     assert [r["step"] for r in records[True]] == [0, 2]
     for eager, compiled in zip(records[False], records[True]):
         for key in ("rms", "grad_attn", "grad_mlp", "v_lambda", "attn_logit_max"):
