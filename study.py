@@ -114,6 +114,7 @@ class StudyOptions:
     reuse: bool = False  # keep runs already done with the same settings: resume a study, or redraw its report
     jobs: int = 1  # runs at once on the CPU (1: step times compare); with several GPUs, one run per GPU
     preset: str = "cpu"  # the questions' 12-layer model: "cpu" 64 wide | "gpu" 768 wide (use configs/study_gpu.py)
+    dry_run: bool = False  # list the runs (steps and tokens each) and their totals, and stop
 
     def __post_init__(self):
         config.check_choice("preset", self.preset, PRESETS)
@@ -233,6 +234,21 @@ def plan(opts: StudyOptions, config_file: str, user: list[str]) -> list[Job]:
     return [make_job(config_file, user, *g) for g in grid]
 
 
+def describe_plan(jobs: list[Job]) -> str:
+    """One line per run (its steps and tokens; a probe reads eval_iters batches and trains nothing), then the
+    totals: with the tokens/s of the model on a device (bench.py), what the study will cost there."""
+    lines, steps, tokens = [], 0, 0
+    for job in jobs:
+        c = job.resolved
+        n = 0 if job.probe else c["max_iters"]
+        per_step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
+        what = "probe" if job.probe else f"{n} steps"
+        lines.append(f"  {job.name:<28} {what:>11}  {n * per_step / 1e6:8.2f}M tokens")
+        steps, tokens = steps + n, tokens + n * per_step
+    lines.append(f"{len(jobs)} runs ({sum(j.probe for j in jobs)} probes): {steps:,} steps, {tokens / 1e6:.1f}M tokens")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -350,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts, config_file, user = parse(argv)
         jobs, out = plan(opts, config_file, user), Path(opts.study_dir) / (opts.name or Path(config_file).stem)
+        if opts.dry_run:
+            print(describe_plan(jobs))
+            return 0
         where = slots(jobs[0].resolved["device"], opts.jobs)
         print(f"{len(jobs)} runs into {out / 'runs'}, {len(where)} at a time", flush=True)
         run_all(jobs, out / "runs", opts.reuse, where)

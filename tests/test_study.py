@@ -393,3 +393,18 @@ def test_the_gpu_preset_studies_gpt2_small_width_on_bpe_shakespeare():
     assert {j.group for j in jobs} >= {"q", "pre_ln", "modern"}
     cpu = study.plan(*study.parse(["configs/small.py"]))
     assert {j.resolved["n_embd"] for j in cpu if j.group == "q"} == {64}
+
+
+def test_dry_run_lists_the_runs_and_their_cost_and_runs_nothing(tmp_path, capsys):
+    """--dry_run: one line per run (steps, tokens) and the totals, from the same plan the study runs; no folder."""
+    argv = ["configs/study_gpu.py", "--preset=gpu", f"--study_dir={tmp_path / 'studies'}", "--dry_run=True"]
+    assert study_main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    jobs = study.plan(*study.parse(argv))
+    assert len(out) == len(jobs) + 1 and not (tmp_path / "studies").exists()
+    trained = [j.resolved for j in jobs if not j.probe]
+    steps = sum(c["max_iters"] for c in trained)
+    tokens = sum(c["max_iters"] * c["batch_size"] * c["block_size"] for c in trained)
+    probes = len(jobs) - len(trained)
+    assert out[-1] == f"{len(jobs)} runs ({probes} probes): {steps:,} steps, {tokens / 1e6:.1f}M tokens"
+    assert re.fullmatch(r"  pre_ln-init +probe +0\.00M tokens", out[0]), out[0]
