@@ -103,7 +103,7 @@ def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tu
 
 @dataclass
 class TrainState:
-    raw_model: GPT  # unwrapped and uncompiled: what checkpoints save and telemetry reads
+    raw_model: GPT  # unwrapped (its blocks may be compiled in place): what checkpoints save, telemetry reads
     model: torch.nn.Module  # what runs forward: raw_model, compiled and/or wrapped in DDP
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # scales fp16 losses; disabled otherwise
