@@ -18,7 +18,7 @@ x = a_i * x + b_i * x0, x0 the embedding output), value_residual (each layer's v
 positions="rope" (rotary position embeddings instead of wpe), logit_softcap (c * tanh(logits / c)).
 
 Layer names mirror GPT-2's (transformer.wte, h.N.attn.c_attn, ...) so its weights map one to one.
-Generation (GPT.generate's loop, sampling, the KV cache's decode engines) lives in engine.py.
+Generation (the sampling loop, the KV cache's decode engines) lives in gpt_residual/engine.py.
 """
 
 import math
@@ -379,13 +379,6 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- training helpers
 
-    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas, device_type: str, **choice):
-        """AdamW; weight decay on 2-D weights (matmuls, embeddings) only, not on biases and norms. The learned
-        scalars, and optimizer="muon" (with muon_lr, scalar_lr in choice): see optim.build."""
-        import optim
-
-        return optim.build(self, weight_decay, learning_rate, betas, device_type, **choice)
-
     def compile_regions(self):
         """torch.compile every block and the head in place (regional compilation, as torchtitan does): the
         blocks share one compiled graph, so compiling costs about one block's time, not n_layer blocks',
@@ -402,17 +395,3 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
         return self.flops_per_token() * tokens_per_second / peak_flops
-
-    # ---------------------------------------------------------------- generation: engine.py
-
-    @torch.inference_mode()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """idx (B, T) followed by max_new_tokens generated tokens; see generate_stream."""
-        return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
-
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, **kwargs):
-        """Continue each row of idx (B, T) by max_new_tokens tokens, yielding each new (B, 1) column on the
-        device; temperature, top_k, top_p, use_cache and engine as engine.generate_stream documents."""
-        import engine  # the sampling engine; it imports this module
-
-        return engine.generate_stream(self, idx, max_new_tokens, **kwargs)

@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
-import config
-import dataset
-import pretrained
-import runtime
-from engine import ENGINES
+from data import token_files
+from gpt_residual import checkpoint, config, dataset, pretrained, runtime
+from gpt_residual.engine import ENGINES, generate_stream
 from model import GPT, GPTConfig
 
 GRAPH_MIN_TOKENS = 32  # engine=auto: CUDA graphs from this many new tokens on (see choose_engine)
@@ -65,7 +62,7 @@ class SampleConfig:
 def load_model(out_dir: str, device: str, init_from: str = "resume") -> tuple[GPT, dataset.Tokenizer]:
     """The model and tokenizer recorded in out_dir/ckpt.pt, or a pretrained GPT-2 and its BPE."""
     if init_from != "resume":  # the tokenizer first: offline without the BPE, fail before loading GBs of weights
-        tok = dataset.Tokenizer(dataset.gpt2_meta())
+        tok = dataset.Tokenizer(token_files.gpt2_meta())
         return pretrained.load_pretrained(init_from).eval().to(device), tok
     state = checkpoint.load(Path(out_dir) / "ckpt.pt")
     tok = dataset.Tokenizer(json.loads(state["tokenizer"]))
@@ -108,7 +105,7 @@ def draw(model: GPT, tok: dataset.Tokenizer, idx: torch.Tensor, cfg: SampleConfi
     rows, done = [[] for _ in range(idx.size(0))], [False] * idx.size(0)
     decode, cols, steps = tok.stream_decoder(), [], 0
     kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache)
-    for steps, col in enumerate(model.generate_stream(idx, cfg.max_new_tokens, engine=engine, **kwargs), 1):
+    for steps, col in enumerate(generate_stream(model, idx, cfg.max_new_tokens, engine=engine, **kwargs), 1):
         cols.append(col)
         if len(cols) < CHUNK and steps < cfg.max_new_tokens:
             continue

@@ -21,13 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import checkpoint
-import config
-import dataset
-import metrics
-import pretrained
-import runtime
-import telemetry
+from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
+from gpt_residual.health import Health, TrainingError
 from model import GPT, GPTConfig
 
 
@@ -83,7 +78,7 @@ def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tu
     model), else the config's keys with the dataset's vocabulary."""
     model = None
     if saved is not None:
-        checkpoint.check_resume(cfg, saved)
+        run_dir.check_resume(cfg, saved)
         model_cfg = GPTConfig(**{**saved["model_config"], "dropout": cfg.dropout})
     elif cfg.init_from == "scratch":
         model_cfg = replace(cfg.model_config(), vocab_size=padded_vocab(meta))
@@ -118,8 +113,8 @@ class TrainState:
 def build_state(cfg, rt, model_cfg: GPTConfig, model: GPT | None, saved: dict | None) -> TrainState:
     """Model (sharded under FSDP), optimizer and GradScaler, restored from the checkpoint if there is one."""
     model = runtime.parallelize((model or GPT(model_cfg)).to(rt.device), cfg.parallel, rt)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
-                                          optimizer=cfg.optimizer, muon_lr=cfg.muon_lr, scalar_lr=cfg.scalar_lr)
+    optimizer = optim.build(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
+                            optimizer=cfg.optimizer, muon_lr=cfg.muon_lr, scalar_lr=cfg.scalar_lr)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     torch.manual_seed(cfg.seed + rt.rank)  # dropout differs per rank
     state = TrainState(model, model, optimizer, scaler, model)
@@ -253,7 +248,7 @@ def train_step(s: TrainState, batches, lr: float, cfg, rt: runtime.Runtime, tele
     return loss_sum, grad_norm, record if tele else None
 
 
-def save(s: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: metrics.Health, is_best: bool):
+def save(s: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: Health, is_best: bool):
     health.check()
     fields = dict(
         step=s.step,
@@ -276,14 +271,14 @@ def save(s: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: metri
 def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
     """Run training as configured; returns the final losses and timings. argv, when given, is the
     command line, quoted back in the resume hint of an interrupted run."""
-    t_start, lap = time.perf_counter(), metrics.Laps()
+    t_start, lap = time.perf_counter(), console.Laps()
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
     stop, logger = runtime.GracefulStop(rt), None
     try:
         with stop.interruptible():  # nothing to save yet: a signal ends the run at once
             cfg = cfg.for_world(rt.world_size)
             lap("device")
-            checkpoint.prepare_out_dir(cfg, rt)
+            run_dir.prepare_out_dir(cfg, rt)
             data = load_data(cfg, rt)
             saved = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt") if cfg.init_from == "resume" else None
             lap("data")
@@ -292,14 +287,14 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             s = build_state(cfg, rt, model_cfg, pretrained_model, saved)
             lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 s)
             compiled = will_compile(cfg, rt) and not cfg.probe_init
-            resolved = metrics.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled)
+            resolved = console.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled)
             rt.print(f"set up in {lap}")
             if cfg.probe_init:
                 return telemetry.probe_init(s.raw_model, data.train, s.step, cfg, rt)
             compile_s = compile_model(s, cfg, rt, data.evals["val"])
             wandb_config = resolved if cfg.wandb_log else None
             fresh = cfg.init_from != "resume"
-            logger = metrics.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh)
+            logger = runlog.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh)
         return loop(cfg, rt, s, data, model_cfg, logger, stop, t_start, compile_s or 0.0, argv)
     except runtime.Interrupted as e:
         rt.print(f"stopped by {e} before training began: nothing new to save")
@@ -317,10 +312,10 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
     ahead = 4 if rt.device_type == "cuda" else 0  # gather and pin batches in a background thread on GPUs
     batches = dataset.micro_batches(data.train, s.samples_seen, rt.rank, world, rt.device, ahead)
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
-    tele, health = telemetry.Telemetry(s.raw_model), metrics.Health(rt.device, not s.scaler.is_enabled())
-    meter = metrics.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, s.step)
+    tele, health = telemetry.Telemetry(s.raw_model), Health(rt.device, not s.scaler.is_enabled())
+    meter = console.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, s.step)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
-    recent, stopping, first_eval = metrics.RecentLoss(rt), False, True
+    recent, stopping, first_eval = console.RecentLoss(rt), False, True
     while True:
         done = s.step >= cfg.max_iters or stopping
         is_best = False
@@ -336,7 +331,7 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
             else:
                 s.last_eval = {"step": s.step, **estimate}
                 is_best, s.best_val = estimate["val"] < s.best_val, min(s.best_val, estimate["val"])
-                metrics.log_eval(rt, logger, s.last_eval, time.perf_counter() - t_start, meter.eval_s)
+                console.log_eval(rt, logger, s.last_eval, time.perf_counter() - t_start, meter.eval_s)
         periodic = cfg.checkpoint_interval and s.step % cfg.checkpoint_interval == 0
         if s.step > max(first_step, s.saved_step) and (periodic or is_best or done):
             with meter.pause():
@@ -354,10 +349,10 @@ def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, c
             health.check()
             mfu_of = lambda tok_s: s.raw_model.estimate_mfu(tok_s, peak) if peak else None
             lr, elapsed = get_lr(s.step - 1, cfg), time.perf_counter() - t_start
-            metrics.log_step(rt, logger, s.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
+            console.log_step(rt, logger, s.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
         if not rt.ddp or s.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
             stopping = stop.agreed()
-    return metrics.summarize(cfg, rt, s, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
+    return console.summarize(cfg, rt, s, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
 
 
 USER_ERRORS = (
@@ -366,7 +361,7 @@ USER_ERRORS = (
     runtime.DeviceError,
     checkpoint.CheckpointError,
     pretrained.PretrainedError,
-    metrics.TrainingError,
+    TrainingError,
 )
 
 
@@ -380,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, metrics.TrainingError) else 2
+        return 1 if isinstance(e, TrainingError) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

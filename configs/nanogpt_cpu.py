@@ -1,6 +1,6 @@
 # nanoGPT's CPU recipe for char-level TinyShakespeare (its README, "I only have a macbook"): the reference
 # configs/small.py races. Same data; 4 layers, 128 wide, batch 12, lr 1e-3, 2000 steps.
-#   python bench.py configs/small.py --time_to_loss --compare=configs/nanogpt_cpu.py --thresholds=1.88
+#   python -m scripts.bench configs/small.py --time_to_loss --compare=configs/nanogpt_cpu.py --thresholds=1.88
 out_dir = "out-nanogpt-cpu"
 dataset = "shakespeare_char"
 

@@ -1,4 +1,4 @@
-# The study on one GPU: python study.py configs/study_gpu.py --preset=gpu
+# The study on one GPU: python -m scripts.study configs/study_gpu.py --preset=gpu
 # The variants train GPT-2 small's shape (12 layers, 768 wide) on TinyShakespeare with the GPT-2 BPE; the
 # questions' runs take the same width (--preset=gpu). Every run is short (500 steps for the variants, 300 for
 # the questions), so none is compiled: a compile per run would cost more than it saves. Meant to answer the

@@ -5,8 +5,8 @@ a rename is atomic, so a crash at any instant leaves either the old checkpoint o
 never half of one. Loading uses torch.load(weights_only=True), which unpickles only tensors and
 plain containers and refuses anything that would construct arbitrary objects or call code.
 
-An out_dir holds one run: a new run never replaces another's checkpoints unasked (prepare_out_dir), and a
-resumed run keeps the model, optimizer and dataset its checkpoint was trained with (check_resume).
+What a training checkpoint holds (training_state, restore) is here too; whether an out_dir may be written
+and whether a checkpoint may be resumed is run policy, in run_dir.py.
 """
 
 import os
@@ -17,9 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-import config
-import pretrained
 
 FORMAT_VERSION = 1
 EARLIER = "resume from an earlier ckpt-<step>.pt (copy it to ckpt.pt) or start a new out_dir"
@@ -170,72 +167,6 @@ def step_files(out_dir: Path, below: int | None = None) -> list[Path]:
     if below is not None:
         files = [f for f in files if int(f.stem.split("-")[1]) < below]
     return files
-
-
-def existing_run(out_dir: Path) -> Path | None:
-    """The checkpoint that says out_dir already holds a run (ckpt.pt, else any step file), or None."""
-    out_dir = Path(out_dir)
-    latest = out_dir / "ckpt.pt"
-    if latest.exists():
-        return latest
-    files = step_files(out_dir)
-    return files[-1] if files else (out_dir / "ckpt-best.pt" if (out_dir / "ckpt-best.pt").exists() else None)
-
-
-def remove_run(out_dir: Path):
-    """Delete a run's checkpoints (only when the user opted in to replace it)."""
-    for f in [*step_files(out_dir), Path(out_dir) / "ckpt.pt", Path(out_dir) / "ckpt-best.pt"]:
-        f.unlink(missing_ok=True)
-
-
-def prepare_out_dir(cfg: config.TrainConfig, rt):
-    """out_dir must be writable, and a new run never replaces the checkpoints of another one unasked."""
-    out_dir = Path(cfg.out_dir)
-    found = existing_run(out_dir) if cfg.init_from != "resume" else None
-    if found and not cfg.overwrite:
-        raise config.ConfigError(
-            f"out_dir '{out_dir}' already holds a run ({describe(found)}); continue it with "
-            "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it"
-        )
-    if not rt.master:
-        return
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".write_test").touch()
-        (out_dir / ".write_test").unlink()
-        remove_stale_temps(out_dir)
-    except OSError as e:
-        msg = f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir"
-        raise config.ConfigError(msg) from None
-    if found:
-        rt.print(f"--overwrite=True: deleting the checkpoints of the run in {out_dir} ({describe(found)})")
-        remove_run(out_dir)
-
-
-def check_resume(cfg: config.TrainConfig, saved: dict):
-    """A resumed run keeps its model and its dataset; the schedule, batch and the like may change."""
-    fine_tuned = saved["config"].get("init_from") not in ("scratch", "resume")
-    for key, old in saved["model_config"].items():
-        if key in ("dropout", "vocab_size") or (fine_tuned and key in pretrained.SHAPE_KEYS):
-            continue  # a fine-tuned model's shape is GPT-2's, whatever the config says
-        new = getattr(cfg, key, old)
-        if new != old:
-            raise CheckpointError(
-                f"the checkpoint's model has {key}={old!r} but the config says {new!r}; "
-                f"use --{key}={old!r} to resume, or a new out_dir to start over"
-            )
-    old = saved["config"].get("optimizer", "adamw")
-    if old != getattr(cfg, "optimizer", "adamw"):
-        raise CheckpointError(
-            f"the checkpoint was trained with optimizer={old!r}, whose state does not fit {cfg.optimizer!r}; "
-            f"use --optimizer={old} to resume, or a new out_dir to start over"
-        )
-    old = saved.get("data", {}).get("dataset", cfg.dataset)
-    if old != cfg.dataset:
-        raise CheckpointError(
-            f"the checkpoint was trained on dataset '{old}' but the config says '{cfg.dataset}'; use "
-            f"--dataset={old} to resume, or --init_from=scratch with a new out_dir for '{cfg.dataset}'"
-        )
 
 
 def model_and_optimizer_state(model, optimizer) -> tuple[dict, dict]:

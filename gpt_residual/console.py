@@ -1,20 +1,10 @@
-"""A run's record: out_dir/metrics.jsonl (one JSON object per line), optionally mirrored to wandb.
-
-Records written by train.py, each with "step":
-    train      loss, lr, grad_norm, ms_per_step, tokens_per_sec, mfu, time
-    eval       train_loss, val_loss, time, eval_time
-    telemetry  grad_attn, grad_mlp, update_attn, update_mlp, rms, attn_logit_max, and with the switches
-               resid_a, resid_b, v_lambda (lists, one entry per layer)
-    probe      probe_init: true, loss, grad_attn, grad_mlp, rms (statistics at initialisation)
-
-Also what train.py prints and logs as it goes: the resolved config (config.json), the eval and step lines,
-the three things kept on the device between log lines (Meter's clock, RecentLoss's losses, Health's
-first non-finite step), and the last line: how the run ended, and how to resume it if it was stopped.
+"""What train.py prints and logs as it goes: where start-up went, the speed between log lines (Meter), the
+losses kept on the device between log lines (RecentLoss), the resolved config (config.json), the eval and step
+lines, and the last line: how the run ended, and how to resume it if it was stopped.
 """
 
 import json
 import shlex
-import subprocess
 import textwrap
 import time
 from contextlib import contextmanager
@@ -23,87 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import config
-
-
-class Logger:
-    """Appends every logged dict to out_dir/metrics.jsonl and, if asked, sends it to wandb.
-    A new run (fresh=True) moves an earlier run's file to metrics.prev.jsonl first; a resumed run
-    appends. Inactive (a no-op) on every rank but 0."""
-
-    def __init__(self, out_dir: str, active: bool, wandb_config=None, project="", name="", fresh=False):
-        self.active, self.wandb = active, None
-        if active:
-            path = Path(out_dir) / "metrics.jsonl"
-            if fresh and path.exists() and path.stat().st_size:
-                path.replace(path.with_name("metrics.prev.jsonl"))
-            self.file = open(path, "a")
-            if wandb_config is not None:
-                import wandb
-
-                self.wandb = wandb.init(project=project, name=name or Path(out_dir).name, config=wandb_config)
-
-    def log(self, record: dict):
-        if self.active:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if self.wandb is not None:
-                flat = flatten(record)
-                self.wandb.log({k: v for k, v in flat.items() if k != "step"}, step=record["step"])
-
-    def close(self):
-        if self.active:
-            self.file.close()
-            if self.wandb is not None:
-                self.wandb.finish()
-
-
-def flatten(record: dict) -> dict:
-    """{"grad_attn": [a, b]} -> {"telemetry/grad_attn/L0": a, ...}: scalars for wandb's charts."""
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, list):
-            flat.update({f"telemetry/{key}/L{i}": v for i, v in enumerate(value)})
-        else:
-            flat[key] = value
-    return flat
-
-
-def read(out_dir: str) -> list[dict]:
-    """Every record of a run, in order ([] if it logged nothing yet). A partial last line, left by a run
-    killed mid-write, is skipped; a missing file or a line that is not a record is a one-line ValueError."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.is_file():
-        where = "" if Path(out_dir).is_dir() else " (no such folder)"
-        raise ValueError(f"'{path}' not found{where}; give the out_dir of a training run")
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read '{path}': {e}") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            record["step"] = int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            if n == len(lines):
-                continue  # a partial last line
-            raise ValueError(f"'{path}' line {n} is not a metrics record; is it train.py's metrics.jsonl?") from None
-        records.append(record)
-    return records
-
-
-def git_commit() -> str | None:
-    """The commit this code is at, for provenance (None outside a git checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+from gpt_residual import config, runtime
+from gpt_residual.runlog import git_commit
 
 
 class Laps:
@@ -135,8 +46,6 @@ class Meter:
     @contextmanager
     def pause(self, eval_time: bool = False):
         """Leave out what runs inside (evaluation, saving) from the step time; count evaluation apart."""
-        import runtime
-
         runtime.synchronize(self.rt)  # the queued training work belongs to the steps, not to this
         t0 = time.perf_counter()
         try:
@@ -177,37 +86,6 @@ class RecentLoss:
     def latest(self) -> float | None:
         """The most recent training loss: of the steps since the last read, else the last read one."""
         return self.read()[0] if self.losses else self.last
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); printed as one line."""
-
-
-class Health:
-    """Remembers, on the device, the first step whose loss or gradient norm was not finite; check()
-    reads it back (at log time and before any checkpoint) and stops the run before bad weights are saved.
-    Under fp16 the GradScaler skips such steps itself, so nothing is tracked."""
-
-    def __init__(self, device: str, enabled: bool):
-        self.enabled = enabled
-        self.first = torch.full((3,), -1.0, device=device)  # (step, loss, gradient norm), step -1: none yet
-
-    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor):
-        if self.enabled:
-            now = torch.stack([torch.full_like(loss, step), loss.float(), grad_norm.float()])
-            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] < 0)
-            self.first = torch.where(bad, now, self.first)
-
-    def check(self):
-        step, loss, grad_norm = self.first.tolist()
-        if step >= 0:
-            raise TrainingError(
-                f"step {int(step)}: loss {loss:.4g}, gradient norm {grad_norm:.4g} is not finite; the last "
-                "checkpoint is kept; lower learning_rate or use float32/bfloat16, then resume"
-            )
-
-
-# ----------------------------------------------------------------------------- what train.py prints and logs
 
 
 def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool) -> dict:

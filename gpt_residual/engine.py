@@ -1,4 +1,4 @@
-"""Generation: the loop behind GPT.generate_stream, how a token is picked, and the decode machinery of
+"""Generation: the sampling loop (generate, generate_stream), how a token is picked, and the decode machinery of
 the KV cache: a static-shape step that runs eager, through torch.compile, or replayed as a CUDA graph.
 
 Each generated token is one forward pass of one position per row. Run eagerly, that is hundreds of
@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from model import GPT, KVCache
 
 ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
+
+
+@torch.inference_mode()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """idx (B, T) followed by max_new_tokens generated tokens; see generate_stream."""
+    return torch.cat([idx, *generate_stream(model, idx, max_new_tokens, **kwargs)], dim=1)
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@
 
     model = load_pretrained("gpt2")               # or gpt2-medium, gpt2-large, gpt2-xl (from the Hub)
     model = load_pretrained("path/to/folder")     # Hugging Face format: config.json + model.safetensors
-    python pretrained.py gpt2-xl                  # download (or check) one now; prints its shape
+    python -m gpt_residual.pretrained gpt2-xl                  # download (or check) one now; prints its shape
 
 Needs the optional transformers package: pip install transformers (or pip install -e .[hf]).
 With no network (or HF_HUB_OFFLINE=1) a Hub name is read from the local Hugging Face cache only, and a
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dataset import hub_reachable
+from gpt_residual.dataset import hub_reachable
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -202,7 +202,7 @@ def load_pretrained(name_or_dir: str, dropout: float = 0.0, block_size: int | No
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit(f"usage: python pretrained.py NAME_OR_DIR   (NAME: {', '.join(GPT2_NAMES)})")
+        sys.exit(f"usage: python -m gpt_residual.pretrained NAME_OR_DIR   (NAME: {', '.join(GPT2_NAMES)})")
     try:
         gpt = load_pretrained(sys.argv[1])
     except PretrainedError as e:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-import metrics
+from gpt_residual import runlog
 from model import Shared
 
 
@@ -162,7 +162,7 @@ def probe_init(model, sampler, step: int, cfg, rt) -> dict:
     record = {"step": step, "probe_init": True, **probe(model, batches, rt.autocast)}
     rt.print(f"at initialisation, mean of {cfg.eval_iters} batches (loss {record['loss']:.4f}):")
     rt.print(table(record))
-    logger = metrics.Logger(cfg.out_dir, rt.master, fresh=cfg.init_from != "resume")
+    logger = runlog.Logger(cfg.out_dir, rt.master, fresh=cfg.init_from != "resume")
     logger.log(record)
     logger.close()
     return record

@@ -1,11 +1,11 @@
 """Measure how fast a config trains and samples; every mode prints one table.
 
-    python bench.py configs/small.py                          # steady-state training throughput
-    python bench.py configs/small.py --synthetic=True --steps=50 --warmup=10   # random tokens, no dataset
-    python bench.py configs/small.py --compare=configs/rmsnorm.py          # two configs side by side
-    python bench.py configs/small.py --time_to_loss --thresholds=2.0,1.88,1.7 --repeats=3
-    python bench.py configs/small.py --sample --out_dir=out --repeats=3   # sampling with and without the KV cache
-    python bench.py configs/gpt2.py --sample --synthetic=True --repeats=2  # on a GPU: CUDA graphs, batch of 64
+    python -m scripts.bench configs/small.py                          # steady-state training throughput
+    python -m scripts.bench configs/small.py --synthetic=True --steps=50 --warmup=10   # random tokens, no dataset
+    python -m scripts.bench configs/small.py --compare=configs/rmsnorm.py          # two configs side by side
+    python -m scripts.bench configs/small.py --time_to_loss --thresholds=2.0,1.88,1.7 --repeats=3
+    python -m scripts.bench configs/small.py --sample --out_dir=out --repeats=3   # sampling, cache or not
+    python -m scripts.bench configs/gpt2.py --sample --synthetic=True --repeats=2  # on a GPU: CUDA graphs, batch of 64
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
 tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and peak memory after the
@@ -26,12 +26,9 @@ from pathlib import Path
 
 import torch
 
-import config
-import dataset
-import metrics
-import runtime
 import train
-from engine import ENGINES
+from gpt_residual import config, dataset, runlog, runtime
+from gpt_residual.engine import ENGINES, generate
 from model import GPT
 
 
@@ -189,7 +186,7 @@ def time_to_loss(cfg: config.TrainConfig, levels: list[float]) -> dict:
     result = train.train(cfg)
     if result["interrupted"]:  # Ctrl-C or SIGTERM stopped the run: stop the benchmark, not just this run
         raise KeyboardInterrupt
-    records = metrics.read(cfg.out_dir)
+    records = runlog.read(cfg.out_dir)
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "tokens_per_sec" in r][1:] or [r for r in records if "tokens_per_sec" in r]
     out = {}
@@ -241,7 +238,8 @@ def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         prompt = torch.zeros((batch, 1), dtype=torch.long, device=rt.device)
-        model.generate(prompt, n, use_cache=use_cache, engine=engine)[0, -1].item()  # .item() waits for the device
+        out = generate(model, prompt, n, use_cache=use_cache, engine=engine)
+        out[0, -1].item()  # .item() waits for the device
         return batch * n / (time.perf_counter() - t0)
 
     speeds = {run: [] for run in runs}
@@ -286,7 +284,7 @@ def run(argv: list[str]):
         raise config.ConfigError("bench.py measures one process; run it with python, not torchrun")
     opts, rest = parse(argv)
     if opts.suite:
-        import gpu_suite
+        from scripts import gpu_suite
 
         config.check_choice("suite", opts.suite, ("gpu",))
         return gpu_suite.main(opts.nanogpt, opts.logs)

@@ -1,6 +1,6 @@
 """Every GPU figure in one command, side by side with nanoGPT's own code, in under 9 minutes on one H100.
 
-    python bench.py --suite=gpu --nanogpt=PATH/TO/nanoGPT [--logs=DIR]
+    python -m scripts.bench --suite=gpu --nanogpt=PATH/TO/nanoGPT [--logs=DIR]
 
 Each measurement runs in a process of its own (its own CUDA context and compile), one after the other:
   1. training throughput of configs/gpt2.py on synthetic tokens, at the config's micro-batch (bench.py),
@@ -26,9 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-import config
+from gpt_residual import config
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repo root
 VAL_LOSS = re.compile(r"step (\d+): train loss [0-9.]+, val loss ([0-9]+\.[0-9]+)")
 TARGET_LOSS = 1.47
 
@@ -125,7 +125,7 @@ def prepare_nanogpt(nanogpt: Path):
 def measure(nanogpt: Path | None, logs: Path) -> list[tuple[str, object, object, str]]:
     """(what, ours, nanoGPT's, target) rows."""
     py, rows = sys.executable, []
-    bench = [py, "bench.py", "configs/gpt2.py", "--synthetic=True", "--steps=20", "--warmup=5"]
+    bench = [py, "-m", "scripts.bench", "configs/gpt2.py", "--synthetic=True", "--steps=20", "--warmup=5"]
     print("1/3 training throughput, GPT-2 124M ...", flush=True)
     ours = run_logged([*bench, "--batch_tokens=65536"], logs / "gpt2-config.log")  # the config's micro-batch
     rows.append(("GPT-2 124M tokens/s, configs/gpt2.py micro-batch", table_row(ours, "tokens/s"), None, ">= 600k"))
@@ -174,7 +174,7 @@ def sampling_rows(logs: Path) -> list[tuple[str, object, object, str]]:
     """bench.py --sample on both models: one sequence and a batch of 64, cached and not, the engine's setup."""
     rows = []
     for file, name in (("configs/gpt2.py", "GPT-2 124M"), ("configs/shakespeare_char.py", "shakespeare_char")):
-        cmd = [sys.executable, "bench.py", file, "--sample", "--synthetic=True", "--repeats=2", "--batch=64"]
+        cmd = [sys.executable, "-m", "scripts.bench", file, "--sample", "--synthetic=True", "--repeats=2", "--batch=64"]
         out = run_logged(cmd, logs / f"sample-{Path(file).stem}.log")
         gpt2 = name == "GPT-2 124M"
         for row, target in (
@@ -191,7 +191,7 @@ def sampling_rows(logs: Path) -> list[tuple[str, object, object, str]]:
 
 
 def format_table(rows, header: str) -> str:
-    from bench import fmt  # the same number format as bench.py's tables
+    from scripts.bench import fmt  # the same number format as bench.py's tables
 
     body = [(what, fmt(a), fmt(b), fmt(a / b) if isinstance(a, float) and isinstance(b, float) and b else "-", t)
             for what, a, b, t in rows]  # fmt: skip

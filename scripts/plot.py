@@ -1,8 +1,8 @@
 """Plot training runs: loss (train and val), learning rate and tokens/s against the step, in one PNG.
 
-    python plot.py out                                   # -> out/loss.png
-    python plot.py out-pre out-post out-peri             # several runs on one chart -> out-pre/loss.png
-    python plot.py out-pre out-post --out norms.png      # anywhere else
+    python -m scripts.plot out                                   # -> out/loss.png
+    python -m scripts.plot out-pre out-post out-peri             # several runs on one chart -> out-pre/loss.png
+    python -m scripts.plot out-pre out-post --out norms.png      # anywhere else
 
 Reads each OUT_DIR/metrics.jsonl written by train.py: training records (step, loss, lr, tokens_per_sec)
 and evaluation records (step, train_loss, val_loss). A resumed run appends to the file; the last record
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import metrics
+from gpt_residual import runlog
 
 
 class PlotError(ValueError):
@@ -23,7 +23,7 @@ class PlotError(ValueError):
 def read_metrics(out_dir: str) -> tuple[dict, dict]:
     """(train records, eval records) of one run, each {step: record}."""
     try:
-        records = metrics.read(out_dir)
+        records = runlog.read(out_dir)
     except ValueError as e:
         raise PlotError(str(e)) from None
     train = {r["step"]: r for r in records if "loss" in r and "lr" in r}  # a resumed step: the last record wins

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import config  # noqa: E402
+from gpt_residual import config  # noqa: E402
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -54,7 +54,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def _gpt2_bpe_or_reason():
     """(encoding, None) or (None, why): tiktoken is asked once per session, never at import or collection."""
-    import dataset
+    from gpt_residual import dataset
 
     try:
         return dataset.gpt2_encoding(), None
@@ -140,5 +140,5 @@ def assert_one_line_error(proc, *needles, code=2):
 
 
 def metrics_records(out_dir) -> list[dict]:
-    """Every line of a run's metrics.jsonl, strictly (metrics.read forgives a partial last line; a test must not)."""
+    """Every line of a run's metrics.jsonl, strictly (runlog.read forgives a partial last line; a test must not)."""
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]

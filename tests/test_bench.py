@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-import bench
+from scripts import bench
 
 TINY = [
     "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--device=cpu",
@@ -20,7 +20,7 @@ TINY = [
 def bench_py(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "scripts.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc

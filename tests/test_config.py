@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 from conftest import ROOT, assert_one_line_error, run
 
-import config
 import sample
-from config import ConfigError, TrainConfig, parse_args
+from gpt_residual import config
+from gpt_residual.config import ConfigError, TrainConfig, parse_args
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run, tiny_text
 
-import dataset
-from dataset import BatchSampler, DataError, Tokenizer
+from data import token_files
+from gpt_residual import dataset
+from gpt_residual.dataset import BatchSampler, DataError, Tokenizer
 
 TEXT = tiny_text(3) + "Ünïcödé — ‘quotes’ 日本語 ✓\n"
 
@@ -113,7 +114,7 @@ def test_token_dtype():
 
 def test_write_dataset_large_vocab(tmp_path):
     train, val = [0, 1, 65535, 65536, 69999, 5], [69998, 70000 - 1, 3]
-    dataset.write_dataset(tmp_path, train, val, {"tokenizer": "char", "vocab_size": 70000, "itos": []})
+    token_files.write_dataset(tmp_path, train, val, {"tokenizer": "char", "vocab_size": 70000, "itos": []})
     meta = dataset.read_meta(tmp_path)
     assert meta["dtype"] == "uint32"
     assert (tmp_path / "train.bin").stat().st_size == 4 * len(train)
@@ -123,7 +124,7 @@ def test_write_dataset_large_vocab(tmp_path):
 
 
 def test_write_dataset_small_vocab(tmp_path):
-    dataset.write_dataset(tmp_path, [1, 2, 64], [3], {"tokenizer": "char", "vocab_size": 65, "itos": []})
+    token_files.write_dataset(tmp_path, [1, 2, 64], [3], {"tokenizer": "char", "vocab_size": 65, "itos": []})
     meta = dataset.read_meta(tmp_path)
     assert meta["dtype"] == "uint16" and (tmp_path / "train.bin").stat().st_size == 2 * 3
     assert read_split(tmp_path, "train", meta) == [1, 2, 64]
@@ -265,7 +266,7 @@ def test_train_cli_unknown_dataset(tmp_path):
 
 
 def test_char_tokenizer():
-    tok = Tokenizer(dataset.char_meta("hello world"))
+    tok = Tokenizer(token_files.char_meta("hello world"))
     assert tok.vocab_size == len(set("hello world"))
     assert tok.decode(tok.encode("low hero")) == "low hero"
     with pytest.raises(DataError) as e:
@@ -282,7 +283,7 @@ def test_unknown_tokenizer():
 
 def test_gpt2_stream_decoder_reassembles_utf8(gpt2_bpe):
     text = "héllo wörld 日本 ✓ 🙂 Ünïcödé"
-    tok = Tokenizer(dataset.gpt2_meta())
+    tok = Tokenizer(token_files.gpt2_meta())
     ids = tok.encode(text)
     assert len(ids) > len(text.split())
     # some token must split a character, or this test would not test anything
@@ -298,7 +299,7 @@ def test_write_dataset_empty_split_has_no_phantom_token(tmp_path):
     """An empty split is written as an empty file that meta.json counts as 0 tokens, not as a one-token file
     (numpy cannot map 0 bytes, so write_tokens writes the file itself)."""
     meta = {"tokenizer": "char", "vocab_size": 5, "itos": list("abcde")}
-    dataset.write_dataset(tmp_path, [1, 2, 3], [], meta)
+    token_files.write_dataset(tmp_path, [1, 2, 3], [], meta)
     meta = dataset.read_meta(tmp_path)
     assert (meta["train_tokens"], meta["val_tokens"]) == (3, 0)
     assert (tmp_path / "val.bin").stat().st_size == 0

@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import ROOT, metrics_records
 
-import checkpoint
+from gpt_residual import checkpoint
 
 STEPS, K, WORLD = 6, 2, 2  # optimizer steps, micro-batches per rank per step, ranks
 EVAL_ITERS = 5  # not a multiple of WORLD: ranks get 3 and 2 eval batches
@@ -49,7 +49,8 @@ RECORDER = """
 import builtins, datetime, json, os, pathlib, sys
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
-import checkpoint, dataset, train
+import train
+from gpt_residual import checkpoint, dataset
 
 if "RANK" in os.environ:
     timeout = datetime.timedelta(seconds=float(os.environ.get("GLOO_TIMEOUT_S", "120")))

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import ROOT, metrics_records
 
-import checkpoint
-import dataset
 import train
+from gpt_residual import checkpoint, dataset, optim
+from gpt_residual.engine import generate
 from model import GPT, GPTConfig
 
 pytestmark = [
@@ -69,7 +69,7 @@ def test_batches_are_copied_pinned_in_the_narrow_dtype(char_data):
 
 def test_adamw_is_fused_on_cuda():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)).cuda()
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cuda")
+    optimizer = optim.build(model, 0.1, 1e-3, (0.9, 0.95), "cuda")
     assert optimizer.defaults["fused"] is True
 
 
@@ -90,6 +90,6 @@ def test_sampling_on_cuda_matches_without_the_cache():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64)).cuda().eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device="cuda")
-    cached = model.generate(prompt, 70, temperature=0, use_cache=True)
-    uncached = model.generate(prompt, 70, temperature=0, use_cache=False)
+    cached = generate(model, prompt, 70, temperature=0, use_cache=True)
+    uncached = generate(model, prompt, 70, temperature=0, use_cache=False)
     assert torch.equal(cached, uncached)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run
 
-import gpu_suite
+from scripts import gpu_suite
 
 BENCH_OUT = """defaults: 124.35M params, ...
 training throughput (steady state, after warm-up)
@@ -47,8 +47,8 @@ def test_time_to_loss_stops_the_run_once_it_crosses(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is visible")
 def test_the_suite_refuses_without_a_gpu():
-    assert_one_line_error(run(["bench.py", "--suite=gpu"]), "needs a CUDA GPU")
-    assert_one_line_error(run(["bench.py", "--suite=tpu"]), "suite must be one of gpu")
+    assert_one_line_error(run(["-m", "scripts.bench", "--suite=gpu"]), "needs a CUDA GPU")
+    assert_one_line_error(run(["-m", "scripts.bench", "--suite=tpu"]), "suite must be one of gpu")
 
 
 def test_a_suite_stopped_midway_leaves_the_sections_it_measured(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ def load_script():
 
 
 hf = load_script()
-from dataset import DataError  # noqa: E402  (importable once the script has put the repo root on sys.path)
+from gpt_residual.dataset import DataError  # noqa: E402  (importable once the script has put the repo root on sys.path)
 
 
 def documents(n=120):

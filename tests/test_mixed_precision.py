@@ -19,9 +19,8 @@ import pytest
 import torch
 from conftest import metrics_records
 
-import checkpoint
-import runtime
 import train
+from gpt_residual import checkpoint, runtime
 from model import GPT
 
 

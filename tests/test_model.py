@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import model as model_module
 import train
-from engine import filter_logits, next_token
+from gpt_residual import optim
+from gpt_residual.engine import filter_logits, generate, generate_stream, next_token
 from model import GPT, GPTConfig
 
 # every norm at every position, with and without bias; then DeepNorm and the no-residual ablation
@@ -118,8 +119,8 @@ def prompt(batch: int, length: int, seed: int = 4) -> torch.Tensor:
 def test_cache_equals_no_cache(variant, batch, length, new):
     model = make_model(sharp=30, **variant)
     idx = prompt(batch, length)
-    cached = model.generate(idx, new, temperature=0, use_cache=True)
-    plain = model.generate(idx, new, temperature=0, use_cache=False)
+    cached = generate(model, idx, new, temperature=0, use_cache=True)
+    plain = generate(model, idx, new, temperature=0, use_cache=False)
     assert cached.shape == (batch, length + new)
     assert torch.equal(cached[:, :length], idx)
     assert torch.equal(cached, plain)
@@ -155,9 +156,11 @@ def test_cached_greedy_equals_naive_reference(variant, batch):
     idx = prompt(batch, 3, seed=5)
     with torch.no_grad():
         # within block_size the policy is plain nanoGPT generation
-        assert torch.equal(model.generate(idx, 13, temperature=0, use_cache=True), naive_nanogpt(model, idx, 13))
+        cached = generate(model, idx, 13, temperature=0, use_cache=True)
+        assert torch.equal(cached, naive_nanogpt(model, idx, 13))
         # past block_size: the documented sliding window
-        assert torch.equal(model.generate(idx, 45, temperature=0, use_cache=True), naive_sliding(model, idx, 45))
+        cached = generate(model, idx, 45, temperature=0, use_cache=True)
+        assert torch.equal(cached, naive_sliding(model, idx, 45))
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -167,7 +170,7 @@ def test_sliding_window_is_observable(use_cache):
     model = make_model(sharp=30, norm_position="pre")
     idx = prompt(2, 3, seed=5)
     with torch.no_grad():
-        out = model.generate(idx, 45, temperature=0, use_cache=use_cache)
+        out = generate(model, idx, 45, temperature=0, use_cache=use_cache)
         assert torch.equal(out, naive_sliding(model, idx, 45))
         assert not torch.equal(out, naive_sliding(model, idx, 45, keep=9))
         assert not torch.equal(out, naive_nanogpt(model, idx, 45))  # crop to the last block_size tokens
@@ -177,26 +180,26 @@ def test_sliding_window_is_observable(use_cache):
 def test_generate_zero_tokens_returns_prompt():
     model = make_model()
     idx = prompt(2, 5)
-    assert torch.equal(model.generate(idx, 0), idx)
-    assert list(model.generate_stream(idx, 0)) == []
+    assert torch.equal(generate(model, idx, 0), idx)
+    assert list(generate_stream(model, idx, 0)) == []
 
 
 def test_generate_stream_yields_columns():
     model = make_model()
     idx = prompt(2, 4)
-    cols = list(model.generate_stream(idx, 21, temperature=0))
+    cols = list(generate_stream(model, idx, 21, temperature=0))
     assert len(cols) == 21
     assert all(c.shape == (2, 1) and c.dtype == torch.long for c in cols)
-    assert torch.equal(torch.cat([idx, *cols], dim=1), model.generate(idx, 21, temperature=0))
+    assert torch.equal(torch.cat([idx, *cols], dim=1), generate(model, idx, 21, temperature=0))
 
 
 def test_greedy_is_deterministic():
     model = make_model()
     idx = prompt(2, 4)
     torch.manual_seed(0)
-    a = model.generate(idx, 30, temperature=0)
+    a = generate(model, idx, 30, temperature=0)
     torch.manual_seed(123)
-    b = model.generate(idx, 30, temperature=0)
+    b = generate(model, idx, 30, temperature=0)
     assert torch.equal(a, b)
 
 
@@ -205,11 +208,11 @@ def test_sampling_reproducible_with_seed(use_cache):
     model = make_model()
     idx = prompt(2, 4)
     torch.manual_seed(7)
-    a = model.generate(idx, 30, temperature=1.0, use_cache=use_cache)
+    a = generate(model, idx, 30, temperature=1.0, use_cache=use_cache)
     torch.manual_seed(7)
-    b = model.generate(idx, 30, temperature=1.0, use_cache=use_cache)
+    b = generate(model, idx, 30, temperature=1.0, use_cache=use_cache)
     torch.manual_seed(8)
-    c = model.generate(idx, 30, temperature=1.0, use_cache=use_cache)
+    c = generate(model, idx, 30, temperature=1.0, use_cache=use_cache)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)  # a near-uniform model over 37 tokens: 60 draws cannot all agree
     assert a.min() >= 0 and a.max() < 37
@@ -218,11 +221,11 @@ def test_sampling_reproducible_with_seed(use_cache):
 def test_top_k_1_and_tiny_top_p_are_greedy():
     model = make_model()
     idx = prompt(2, 4)
-    greedy = model.generate(idx, 30, temperature=0)
+    greedy = generate(model, idx, 30, temperature=0)
     torch.manual_seed(0)
-    assert torch.equal(model.generate(idx, 30, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(generate(model, idx, 30, temperature=1.0, top_k=1), greedy)
     torch.manual_seed(0)
-    assert torch.equal(model.generate(idx, 30, temperature=1.0, top_p=1e-6), greedy)
+    assert torch.equal(generate(model, idx, 30, temperature=1.0, top_p=1e-6), greedy)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -287,14 +290,14 @@ def test_generate_rejects_bad_arguments(kwargs):
     kwargs = {"max_new_tokens": 3, "temperature": 1.0, **kwargs}
     n = kwargs.pop("max_new_tokens")
     with pytest.raises(ValueError):
-        model.generate(prompt(1, 3), n, **kwargs)
+        generate(model, prompt(1, 3), n, **kwargs)
     with pytest.raises(ValueError):
-        next(model.generate_stream(prompt(1, 3), n, **kwargs))
+        next(generate_stream(model, prompt(1, 3), n, **kwargs))
 
 
 def test_generate_accepts_boundary_arguments():
     model = make_model()
-    out = model.generate(prompt(1, 3), 4, temperature=1.0, top_k=37, top_p=1.0)
+    out = generate(model, prompt(1, 3), 4, temperature=1.0, top_k=37, top_p=1.0)
     assert out.shape == (1, 7)
 
 
@@ -414,7 +417,7 @@ def test_num_params():
 
 def test_configure_optimizer_groups():
     model = make_model(bias=True)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = optim.build(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

@@ -30,6 +30,9 @@ def test_pyproject_lists_every_module_and_extra():
     project = pyproject()
     modules = set(project["tool"]["setuptools"]["py-modules"])
     assert modules == {p.stem for p in ROOT.glob("*.py")}, "a top-level module is missing from py-modules"
+    packages = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in ROOT.glob("**/__init__.py")}
+    packages = {p for p in packages if not p.startswith(("tests", "shared", "build"))}
+    assert set(project["tool"]["setuptools"]["packages"]) == packages, "a package is missing from packages"
     readme = (ROOT / "README.md").read_text()
     assert "pip install -e ." in readme and ".[hf]" in readme
 

@@ -28,7 +28,7 @@ def test_two_runs_one_png(tmp_path):
     write_run(tmp_path / "a")
     write_run(tmp_path / "b", scale=1.2, partial_last_line=True)
     out = tmp_path / "plots" / "x.png"
-    result = run(["plot.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)], timeout=120)
+    result = run(["-m", "scripts.plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)], timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 10_000
 
@@ -38,7 +38,8 @@ def test_png_goes_into_the_first_run_folder(tmp_path):
     pytest.importorskip("matplotlib")
     write_run(tmp_path / "a")
     write_run(tmp_path / "b", scale=1.2)
-    result = run([str(ROOT / "plot.py"), str(tmp_path / "a"), str(tmp_path / "b")], timeout=120, cwd=tmp_path)
+    args = ["-m", "scripts.plot", str(tmp_path / "a"), str(tmp_path / "b")]
+    result = run(args, timeout=120, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     png = tmp_path / "a" / "loss.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
@@ -52,26 +53,27 @@ def test_missing_and_empty_metrics_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     for bad, match in [("nope", "not found (no such folder)"), ("empty", "has no loss records")]:
-        result = run(["plot.py", str(tmp_path / "good"), str(tmp_path / bad), "--out", str(tmp_path / "x.png")])
+        out = str(tmp_path / "x.png")
+        result = run(["-m", "scripts.plot", str(tmp_path / "good"), str(tmp_path / bad), "--out", out])
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
     assert not (tmp_path / "x.png").exists()
 
 
 def test_metrics_read_is_the_one_reader(tmp_path):
-    """metrics.read, which plot.py, bench.py and study.py share: a killed run's partial last line is skipped,
+    """runlog.read, which plot.py, bench.py and study.py share: a killed run's partial last line is skipped,
     a damaged line anywhere else and a missing file are one-line ValueErrors, an empty log is no records."""
-    import metrics
+    from gpt_residual import runlog
 
     write_run(tmp_path / "a", partial_last_line=True)
-    records = metrics.read(tmp_path / "a")
+    records = runlog.read(tmp_path / "a")
     assert len(records) == 14 and records[-1] == {"step": 20, "grad_attn": [0.1, 0.2], "rms": [1.0, 1.1, 1.2]}
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("\n")
-    assert metrics.read(tmp_path / "empty") == []
+    assert runlog.read(tmp_path / "empty") == []
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "a" / "metrics.jsonl").write_text("\n".join([lines[0], '{"step": 5, "lo', *lines[1:]]))
     with pytest.raises(ValueError, match="line 2 is not a metrics record"):
-        metrics.read(tmp_path / "a")
+        runlog.read(tmp_path / "a")
     with pytest.raises(ValueError, match="not found"):
-        metrics.read(tmp_path / "nope")
+        runlog.read(tmp_path / "nope")

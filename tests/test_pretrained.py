@@ -9,11 +9,13 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run, tiny_text
 
-import dataset
 import sample
 import train
+from data import token_files
+from gpt_residual import dataset, optim
+from gpt_residual.engine import generate
+from gpt_residual.pretrained import PretrainedError, check_compatible, load_pretrained
 from model import GPT, GPTConfig
-from pretrained import PretrainedError, check_compatible, load_pretrained
 
 transformers = pytest.importorskip("transformers")  # CI installs it; this guard is for bare checkouts
 
@@ -58,7 +60,7 @@ def test_greedy_generation_matches_huggingface(hf_dir):
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     model = load_pretrained(str(hf_dir)).eval()
     prompt = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(2))
-    ours = model.generate(prompt, 20, temperature=0.0)
+    ours = generate(model, prompt, 20, temperature=0.0)
     theirs = hf.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, min_new_tokens=20, do_sample=False,
         pad_token_id=0,
@@ -85,7 +87,7 @@ def test_dropout_and_cropped_block_size(hf_dir):
 
 def test_fine_tuning_step(hf_dir):
     model = load_pretrained(str(hf_dir), dropout=0.1)
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = optim.build(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     idx = torch.randint(0, 100, (4, 33), generator=torch.Generator().manual_seed(3))
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     losses = []
@@ -153,7 +155,7 @@ def test_check_compatible():
 
 def cli(arg: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a Hub name fails at once instead of retrying the network
-    cmd = [sys.executable, "pretrained.py", arg]
+    cmd = [sys.executable, "-m", "gpt_residual.pretrained", arg]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -170,9 +172,9 @@ def test_train_and_sample_from_a_local_folder(tmp_path, tiny_cfg, gpt2_bpe):
     src = tmp_path / "hf"
     save_hf(src, vocab_size=50257)  # GPT-2's vocabulary, so the BPE dataset fits
     data = tmp_path / "bpe"
-    tok = dataset.Tokenizer(dataset.gpt2_meta())
+    tok = dataset.Tokenizer(token_files.gpt2_meta())
     text = tiny_text()
-    dataset.write_dataset(data, tok.encode(text[:4000]), tok.encode(text[4000:]), dataset.gpt2_meta())
+    token_files.write_dataset(data, tok.encode(text[:4000]), tok.encode(text[4000:]), token_files.gpt2_meta())
     cfg = tiny_cfg(init_from=str(src), data_dir=str(data), max_iters=4, eval_interval=2, block_size=16)
     result = train.train(cfg)
     saved = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
@@ -196,14 +198,14 @@ HUB_OFFLINE_ADVICE = (
 def bpe_dataset(folder):
     """A GPT-2-vocabulary dataset written without the BPE (random ids), for runs that must not need tiktoken."""
     ids = torch.randint(0, 50257, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
-    dataset.write_dataset(folder, ids[:2700], ids[2700:], dataset.gpt2_meta())
+    token_files.write_dataset(folder, ids[:2700], ids[2700:], token_files.gpt2_meta())
     return folder
 
 
 @pytest.mark.parametrize(
     "args",
     [
-        ["pretrained.py", "gpt2"],
+        ["-m", "gpt_residual.pretrained", "gpt2"],
         ["sample.py", "--init_from=gpt2", "--device=cpu"],
         ["train.py", "--init_from=gpt2", "--device=cpu", "--block_size=16", "--max_iters=1"],
     ],

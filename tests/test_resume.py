@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import ROOT, metrics_records, run
 
-import checkpoint
 import train
+from gpt_residual import checkpoint
 
 # dropout > 0 so the test fails if the RNG state were not restored exactly
 ARGS = [

@@ -20,12 +20,8 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, metrics_records, run
 
-import checkpoint
-import config
-import dataset
-import metrics
-import runtime
 import train
+from gpt_residual import checkpoint, config, console, dataset, runtime
 
 ARGS = [
     "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--device=cpu",
@@ -297,7 +293,8 @@ def test_no_host_sync_between_log_steps(tiny_cfg, monkeypatch):
     """Reading a tensor back (item, tolist, bool, float) from train.py's own code happens at log,
     eval and checkpoint time only, never once per step."""
     counts = {"n": 0}
-    ours = {str(ROOT / f) for f in ("train.py", "metrics.py", "runtime.py", "dataset.py")}
+    ours = {str(ROOT / f) for f in ("train.py", "gpt_residual/console.py", "gpt_residual/runtime.py",
+                                    "gpt_residual/dataset.py")}  # fmt: skip
     for name in ("item", "tolist", "__bool__", "__float__"):
         real = getattr(torch.Tensor, name)
 
@@ -324,7 +321,7 @@ def test_an_empty_val_split_is_a_one_line_error(char_data, tmp_path):
 
 def test_the_meter_divides_by_the_steps_since_the_last_line(monkeypatch):
     clock = iter([100.0, 101.0, 103.0])  # created at 100 s; 10 steps by 101 s; 5 more by 103 s
-    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
-    meter = metrics.Meter(runtime.Runtime(0, 0, 1, "cpu", torch.float32, False), 1000, first_step=20)
+    monkeypatch.setattr(console.time, "perf_counter", lambda: next(clock))
+    meter = console.Meter(runtime.Runtime(0, 0, 1, "cpu", torch.float32, False), 1000, first_step=20)
     assert meter.lap(30) == (pytest.approx(100.0), pytest.approx(10_000))  # 1 s / 10 steps; 1000 tokens each
     assert meter.lap(35)[0] == pytest.approx(400.0)

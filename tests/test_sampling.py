@@ -11,11 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run
 
-import config
-import dataset
-import engine
 import sample
-from engine import precast_copy
+from data import token_files
+from gpt_residual import config, dataset, engine
+from gpt_residual.engine import generate, generate_stream, precast_copy
 from model import GPT, GPTConfig
 
 
@@ -45,7 +44,7 @@ def prompts(batch: int, length: int, vocab: int = 37, seed: int = 3) -> torch.Te
 def char_ckpt(tmp_path_factory):
     """out_dir/ckpt.pt of a tiny random char-level model, written as train.py writes one."""
     out = tmp_path_factory.mktemp("ckpt")
-    meta = dataset.char_meta(TEXT)
+    meta = token_files.char_meta(TEXT)
     model = sharp_model(vocab_size=meta["vocab_size"])
     config_ = dataclasses.asdict(model.config)
     torch.save({"model": model.state_dict(), "model_config": config_, "tokenizer": json.dumps(meta)}, out / "ckpt.pt")
@@ -66,7 +65,7 @@ def sample_here(out, *flags) -> tuple[list[str], str, str]:
 def test_cache_is_allocated_once_and_written_in_place():
     model = sharp_model()
     idx = prompts(2, 3)
-    stream = model.generate_stream(idx, 40, temperature=0)  # 40 tokens: slides past block_size 16
+    stream = generate_stream(model, idx, 40, temperature=0)  # 40 tokens: slides past block_size 16
     next(stream)
     (decoder,) = model.decoders.values()
     cache = decoder.cache
@@ -87,10 +86,10 @@ def test_batch_rows_equal_each_row_alone(length, new):
     """Greedy decoding of a batch gives every row the tokens it gets alone, with and without the cache."""
     model = sharp_model()
     idx = prompts(4, length)
-    batch = model.generate(idx, new, temperature=0)
-    assert torch.equal(batch, model.generate(idx, new, temperature=0, use_cache=False))
+    batch = generate(model, idx, new, temperature=0)
+    assert torch.equal(batch, generate(model, idx, new, temperature=0, use_cache=False))
     for r in range(4):
-        assert torch.equal(batch[r : r + 1], model.generate(idx[r : r + 1], new, temperature=0))
+        assert torch.equal(batch[r : r + 1], generate(model, idx[r : r + 1], new, temperature=0))
     assert len({tuple(row) for row in batch[:, length:].tolist()}) == 4  # the rows differ: the check has teeth
 
 
@@ -102,10 +101,10 @@ def test_seeded_sampling_same_with_and_without_cache(top_k, top_p):
     texts = []
     for use_cache in (True, False):
         torch.manual_seed(11)
-        texts.append(model.generate(idx, 40, temperature=1.0, top_k=top_k, top_p=top_p, use_cache=use_cache))
+        texts.append(generate(model, idx, 40, temperature=1.0, top_k=top_k, top_p=top_p, use_cache=use_cache))
     assert torch.equal(*texts)
     torch.manual_seed(12)
-    assert not torch.equal(texts[0], model.generate(idx, 40, temperature=1.0, top_k=top_k, top_p=top_p))
+    assert not torch.equal(texts[0], generate(model, idx, 40, temperature=1.0, top_k=top_k, top_p=top_p))
 
 
 def test_a_decode_step_makes_one_additive_mask_for_every_layer(monkeypatch):
@@ -118,11 +117,11 @@ def test_a_decode_step_makes_one_additive_mask_for_every_layer(monkeypatch):
         seen.append((q.shape[2], attn_mask, q.dtype))
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
-    model.generate(prompts(2, 5), 1, temperature=0)  # makes the decoder
+    generate(model, prompts(2, 5), 1, temperature=0)  # makes the decoder
     (decoder,) = model.decoders.values()
     decoder.span_step = 4  # as a graphed step: it reads 8 slots for a context of 6
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    stream = model.generate_stream(prompts(2, 5), 2, temperature=0)
+    stream = generate_stream(model, prompts(2, 5), 2, temperature=0)
     next(stream)  # the prompt (causal, no mask)
     assert [m for t, m, _ in seen] == [None] * 3
     seen.clear()
@@ -138,17 +137,17 @@ def test_steps_read_only_the_span_they_need(length, new, spans):
     compiled or graphed, 1 when eager); 4 here, spans 4, 8, 12, 16: stale and empty slots are masked."""
     model = sharp_model()
     idx = prompts(2, length)
-    model.generate(idx, 1, temperature=0)  # makes the decoder (one token: the prompt's, no step yet)
+    generate(model, idx, 1, temperature=0)  # makes the decoder (one token: the prompt's, no step yet)
     (decoder,) = model.decoders.values()
     decoder.span_step = 4
     cols, spans_read = [], set()
-    for col in model.generate_stream(idx, new, temperature=0):
+    for col in generate_stream(model, idx, new, temperature=0):
         if cols:  # the first column came from the prompt's forward, not from a step
             spans_read.add(decoder.cache.span)
         cols.append(col)
-    assert torch.equal(torch.cat(cols, 1), model.generate(idx, new, temperature=0, use_cache=False)[:, length:])
+    assert torch.equal(torch.cat(cols, 1), generate(model, idx, new, temperature=0, use_cache=False)[:, length:])
     assert spans_read == spans  # contexts of 4..12 tokens; of 6..16, then 9..16 after the slide
-    stream = model.generate_stream(idx, 6, temperature=0)
+    stream = generate_stream(model, idx, 6, temperature=0)
     next(stream)  # the prompt; then each step's context is one token longer
     spans = [(next(stream), decoder.cache.span)[1] for _ in range(5)]
     assert spans == [-(-(length + i) // 4) * 4 for i in range(1, 6)]
@@ -156,21 +155,21 @@ def test_steps_read_only_the_span_they_need(length, new, spans):
 
 def test_decoders_are_kept_per_batch_and_settings():
     model = sharp_model()
-    model.generate(prompts(2, 3), 5, temperature=0)
-    model.generate(prompts(2, 4), 5, temperature=0)  # same batch size and settings: reused
+    generate(model, prompts(2, 3), 5, temperature=0)
+    generate(model, prompts(2, 4), 5, temperature=0)  # same batch size and settings: reused
     assert len(model.decoders) == 1
-    model.generate(prompts(1, 3), 5, temperature=0)
-    model.generate(prompts(1, 3), 5, temperature=0.5)
+    generate(model, prompts(1, 3), 5, temperature=0)
+    generate(model, prompts(1, 3), 5, temperature=0.5)
     assert len(model.decoders) == 3
 
 
 def test_engine_is_checked():
     model = sharp_model()
     with pytest.raises(ValueError, match="engine must be one of"):
-        model.generate(prompts(1, 3), 2, engine="fast")
+        generate(model, prompts(1, 3), 2, engine="fast")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
-            model.generate(prompts(1, 3), 2, engine="graph")
+            generate(model, prompts(1, 3), 2, engine="graph")
 
 
 def test_precast_copy_computes_what_autocast_computes():
@@ -190,9 +189,9 @@ def test_compiled_step_equals_eager_on_cpu():
     one slow test of this file): greedy tokens equal eager's, within and past block_size, batched."""
     model = sharp_model()
     idx = prompts(2, 3)
-    compiled = model.generate(idx, 40, temperature=0, engine="compile")
-    assert torch.equal(compiled, model.generate(idx, 40, temperature=0, engine="eager"))
-    assert torch.equal(compiled, model.generate(idx, 40, temperature=0, use_cache=False))
+    compiled = generate(model, idx, 40, temperature=0, engine="compile")
+    assert torch.equal(compiled, generate(model, idx, 40, temperature=0, engine="eager"))
+    assert torch.equal(compiled, generate(model, idx, 40, temperature=0, use_cache=False))
     (decoder,) = [d for key, d in model.decoders.items() if key[1] == "compile"]
     assert decoder.setup_seconds > 0
 
@@ -242,13 +241,13 @@ def test_graph_engine_logic_runs_on_cpu_with_a_fake_cuda(monkeypatch):
     monkeypatch.setattr(engine, "check_generate_args", lambda *args: None)  # engine=graph needs CUDA otherwise
     idx = prompts(3, 3)
     for new in (10, 40):  # within block_size, then past it (the graphs of the first call are replayed)
-        graphed = model.generate(idx, new, temperature=0, engine="graph")
-        assert torch.equal(graphed, model.generate(idx, new, temperature=0, use_cache=False))
+        graphed = generate(model, idx, new, temperature=0, engine="graph")
+        assert torch.equal(graphed, generate(model, idx, new, temperature=0, use_cache=False))
     (decoder,) = [d for key, d in model.decoders.items() if key[1] == "graph"]
     assert sorted(decoder.graphs) == [4, 8, 12, 16] and decoder.setup_seconds > 0
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the graphed step on pre-cast weights: autocast's tokens
-        graphed = model.generate(idx, 40, temperature=0, engine="graph")
-        assert torch.equal(graphed, model.generate(idx, 40, temperature=0, engine="eager"))
+        graphed = generate(model, idx, 40, temperature=0, engine="graph")
+        assert torch.equal(graphed, generate(model, idx, 40, temperature=0, engine="eager"))
     (decoder,) = [d for key, d in model.decoders.items() if key[1] == "graph" and key[-1] == torch.bfloat16]
     assert decoder.model is not model and decoder.model.lm_head.weight.dtype == torch.bfloat16
 
@@ -264,10 +263,10 @@ def test_cuda_engines_greedy_equal_eager(engine, dtype, monkeypatch):
     model = sharp_model().cuda()
     idx = prompts(3, 3).cuda()
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        fast = model.generate(idx, 40, temperature=0, engine=engine)  # 40 tokens: slides past block_size 16
-        again = model.generate(idx, 40, temperature=0, engine=engine)  # the captured graph, replayed again
-        eager = model.generate(idx, 40, temperature=0, engine="eager")
-        plain = model.generate(idx, 40, temperature=0, use_cache=False)
+        fast = generate(model, idx, 40, temperature=0, engine=engine)  # 40 tokens: slides past block_size 16
+        again = generate(model, idx, 40, temperature=0, engine=engine)  # the captured graph, replayed again
+        eager = generate(model, idx, 40, temperature=0, engine="eager")
+        plain = generate(model, idx, 40, temperature=0, use_cache=False)
     assert torch.equal(fast, again)
     if dtype == torch.float32:
         assert torch.equal(fast, eager) and torch.equal(fast, plain)
@@ -281,11 +280,11 @@ def test_cuda_graph_rows_equal_alone_and_sampling_runs(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # train.py's runtime may have set it
     model = sharp_model().cuda()
     idx = prompts(4, 5).cuda()
-    batch = model.generate(idx, 30, temperature=0, engine="graph")
+    batch = generate(model, idx, 30, temperature=0, engine="graph")
     for r in range(4):
-        assert torch.equal(batch[r : r + 1], model.generate(idx[r : r + 1], 30, temperature=0, engine="graph"))
+        assert torch.equal(batch[r : r + 1], generate(model, idx[r : r + 1], 30, temperature=0, engine="graph"))
     torch.manual_seed(0)
-    drawn = model.generate(idx, 30, temperature=1.0, top_k=10, top_p=0.9, engine="graph")
+    drawn = generate(model, idx, 30, temperature=1.0, top_k=10, top_p=0.9, engine="graph")
     assert drawn.shape == (4, 35) and drawn.min() >= 0 and drawn.max() < 37
     assert not torch.equal(drawn, batch)
 
@@ -294,7 +293,7 @@ def test_cuda_graph_rows_equal_alone_and_sampling_runs(monkeypatch):
 def test_cuda_graph_decode_never_syncs_with_the_host():
     model = sharp_model(block_size=64).cuda()
     idx = prompts(2, 3).cuda()
-    stream = model.generate_stream(idx, 50, temperature=1.0, top_k=5, engine="graph")
+    stream = generate_stream(model, idx, 50, temperature=1.0, top_k=5, engine="graph")
     cols = [next(stream), next(stream)]  # prefill and the capture (which synchronizes once)
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -353,8 +352,9 @@ class ScriptedModel:
             yield col
 
 
-def test_rows_stop_at_end_of_text():
-    tok = dataset.Tokenizer(dataset.gpt2_meta())
+def test_rows_stop_at_end_of_text(monkeypatch):
+    monkeypatch.setattr(sample, "generate_stream", lambda model, idx, n, **kw: model.generate_stream(idx, n, **kw))
+    tok = dataset.Tokenizer(token_files.gpt2_meta())
     eot, a, b = tok.enc.eot_token, tok.encode(" a")[0], tok.encode(" b")[0]
     rows = [[a, eot] + [a] * 38, [b] * 20 + [eot] + [b] * 19]
     model = ScriptedModel(rows)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, metrics_records, run
 
-import study
-import study_report
-import study_tricks
-from study import main as study_main
+from scripts.study import questions as study_tricks
+from scripts.study import report as study_report
+from scripts.study import runner as study
+from scripts.study.runner import main as study_main
 
 TINY = ["--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=4", "--eval_iters=2", "--log_interval=5"]
 TINY += ["--device=cpu", "--dtype=float32", "--compile=False"]
@@ -29,7 +29,8 @@ def one_thread(monkeypatch):
 
 
 def study_py(tmp_path, char_data, *flags):
-    return run(["study.py", "configs/small.py", f"--data_dir={char_data}", f"--study_dir={tmp_path}", *TINY, *flags])
+    where = [f"--data_dir={char_data}", f"--study_dir={tmp_path}"]
+    return run(["-m", "scripts.study", "configs/small.py", *where, *TINY, *flags])
 
 
 def row(report: str, name: str) -> list[str]:
@@ -120,7 +121,7 @@ def test_a_diverging_run_is_a_result(tmp_path, char_data):
 
 
 def test_unknown_variant_is_one_line(tmp_path):
-    proc = run(["study.py", "configs/small.py", f"--study_dir={tmp_path}", "--variants=pre_ln,bogus"])
+    proc = run(["-m", "scripts.study", "configs/small.py", f"--study_dir={tmp_path}", "--variants=pre_ln,bogus"])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: unknown variant 'bogus'; valid variants: pre_ln, post_ln, rmsnorm")
@@ -184,7 +185,7 @@ def test_one_run_per_gpu_when_there_are_several(monkeypatch):
 def test_every_run_decays_over_its_own_budget():
     """small.py ends its cosine at step 1000; the study's shorter runs must not inherit that schedule."""
     import train
-    from config import TrainConfig, parse_args
+    from gpt_residual.config import TrainConfig, parse_args
 
     jobs = study.plan(*study.parse(["configs/small.py"]))
     assert {j.resolved["max_iters"] for j in jobs} == {study.DEFAULT_MAX_ITERS, study.Q_BASE["max_iters"]}

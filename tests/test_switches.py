@@ -10,13 +10,10 @@ import torch
 from conftest import metrics_records
 from test_model import all_logits, make_model, prompt
 
-import checkpoint
-import config
 import model as model_module
-import optim
-import pretrained
-import telemetry
 import train
+from gpt_residual import checkpoint, config, optim, pretrained, telemetry
+from gpt_residual.engine import generate
 from model import GPT, GPTConfig
 
 SWITCHES = {
@@ -69,16 +66,16 @@ def test_cache_equals_no_cache(switch, batch, length, new):
     and layer 0's values for value_residual come from the cache's slots)."""
     model = switched_model(sharp=30, **switch)
     idx = prompt(batch, length)
-    cached = model.generate(idx, new, temperature=0, use_cache=True)
-    assert torch.equal(cached, model.generate(idx, new, temperature=0, use_cache=False))
+    cached = generate(model, idx, new, temperature=0, use_cache=True)
+    assert torch.equal(cached, generate(model, idx, new, temperature=0, use_cache=False))
 
 
 def test_compiled_step_equals_eager_with_every_switch():
     """engine=compile (inductor on the CPU) with all the switches on: one small compile."""
     model = switched_model(sharp=30, **ALL)
     idx = prompt(1, 5)
-    compiled = model.generate(idx, 20, temperature=0, engine="compile")
-    assert torch.equal(compiled, model.generate(idx, 20, temperature=0, use_cache=False))
+    compiled = generate(model, idx, 20, temperature=0, engine="compile")
+    assert torch.equal(compiled, generate(model, idx, 20, temperature=0, use_cache=False))
 
 
 # ----------------------------------------------------------------------------- what each switch does
@@ -220,7 +217,7 @@ def test_pretrained_refuses_every_switch(key, value):
 
 def test_scalars_get_their_own_groups():
     model = make_model(residual_scalars=True, value_residual=True)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", scalar_lr=0.5)
+    opt = optim.build(model, 0.1, 1e-3, (0.9, 0.95), "cpu", scalar_lr=0.5)
     assert isinstance(opt, optim.Optimizers)
     scales = {id(p): g.get("lr_scale", 1.0) for g in opt.param_groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -241,7 +238,7 @@ def test_scalars_get_their_own_groups():
 @pytest.mark.skipif(not HAS_MUON, reason="this torch has no torch.optim.Muon")
 def test_muon_takes_the_blocks_matrices():
     model = make_model(bias=True)
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", optimizer="muon", muon_lr=0.02)
+    opt = optim.build(model, 0.1, 1e-3, (0.9, 0.95), "cpu", optimizer="muon", muon_lr=0.02)
     adamw, muon = opt.optimizers
     assert isinstance(muon, torch.optim.Muon)
     on_muon = {id(p) for g in muon.param_groups for p in g["params"]}
@@ -252,7 +249,7 @@ def test_muon_takes_the_blocks_matrices():
     opt.step()
     assert set(map(id, opt.state)) == {id(p) for p in model.parameters()}  # one state: both optimizers'
     saved = opt.state_dict()
-    fresh = make_model(bias=True).configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", optimizer="muon")
+    fresh = optim.build(make_model(bias=True), 0.1, 1e-3, (0.9, 0.95), "cpu", optimizer="muon")
     fresh.load_state_dict(saved)
     assert fresh.optimizers[1].state is fresh.state and fresh.optimizers[1].param_groups[0] is fresh.param_groups[2]
 

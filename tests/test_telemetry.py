@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import metrics_records
 
-import telemetry
 import train
+from gpt_residual import telemetry
 from model import GPT, GPTConfig
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_one_line_error, run, tiny_text
 
-import dataset
-from dataset import DataError
+from gpt_residual import dataset
+from gpt_residual.dataset import DataError
 
 
 def load_script():

@@ -13,13 +13,10 @@ import pytest
 import torch
 from conftest import assert_one_line_error, metrics_records, run, tiny_text
 
-import checkpoint
-import config
-import dataset
-import metrics
-import runtime
 import sample
 import train
+from gpt_residual import checkpoint, config, dataset, runtime
+from gpt_residual.health import TrainingError
 from model import GPT, GPTConfig
 
 # a tiny model on the CPU, as train.py command-line flags
@@ -268,7 +265,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr(GPT, "forward", forward)
     cfg = tiny_cfg(max_iters=20, checkpoint_interval=10)
-    with pytest.raises(metrics.TrainingError) as e:
+    with pytest.raises(TrainingError) as e:
         train.train(cfg)
     assert "step 12" in str(e.value)
     state = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt")

@@ -28,9 +28,10 @@ import numpy as np
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for dataset.py
-import dataset  # noqa: E402
-from dataset import DataError  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data/token_files.py and gpt_residual
+from data import token_files  # noqa: E402
+from gpt_residual import dataset  # noqa: E402
+from gpt_residual.dataset import DataError  # noqa: E402
 
 DEFAULT_NUM_PROC = max(1, (os.cpu_count() or 2) // 2)
 LOCAL_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
@@ -155,7 +156,7 @@ def finish(out_dir: Path, meta: dict, source: dict | None) -> dict:
         )
     if source:
         meta["source"] = source
-    dataset.write_meta(out_dir, meta)  # last, so a folder with meta.json is complete
+    token_files.write_meta(out_dir, meta)  # last, so a folder with meta.json is complete
     n_train, n_val = meta["train_tokens"], meta["val_tokens"]
     print(f"{out_dir}: {n_train:,} train and {n_val:,} val tokens, vocab {meta['vocab_size']:,}")
     return meta
@@ -196,7 +197,7 @@ def tokenize_and_write(ds: datasets.Dataset, out_dir: Path, opt: Options, source
         itos = "".join(meta["itos"])
     else:
         dataset.gpt2_encoding()  # a missing BPE fails here, in one line, rather than in every tokenizing process
-        meta = dataset.gpt2_meta()
+        meta = token_files.gpt2_meta()
     meta["dtype"] = dataset.token_dtype(meta["vocab_size"])
     # storing ids as uint16 in the map's cache files keeps them 4x smaller than the default int64;
     # Sequence rather than List, which datasets < 4 lacks
@@ -215,7 +216,7 @@ def tokenize_and_write(ds: datasets.Dataset, out_dir: Path, opt: Options, source
         # a batch of documents at a time, so memory stays bounded however many tokens there are
         chunks = (pc.list_flatten(batch["ids"]).to_numpy() for batch in tokens.iter(batch_size=4096))
         path, dtype = out_dir / f"{split}.bin", meta["dtype"]
-        dataset.write_tokens(path, take(chunks, total), total, dtype, desc=f"writing {split}.bin")
+        token_files.write_tokens(path, take(chunks, total), total, dtype, desc=f"writing {split}.bin")
         meta[f"{split}_tokens"] = total
     return finish(out_dir, meta, source)
 
@@ -243,7 +244,7 @@ def stream_and_write(ds, out_dir: Path, opt: Options, source: dict | None = None
         raise DataError("the dataset has no documents; check --dataset, --subset and --split")
     check_text_field(list(first), opt.text_field, isinstance(first.get(opt.text_field), (str, type(None))))
     documents = (row[opt.text_field] or "" for row in itertools.chain([first], rows))
-    meta = dataset.gpt2_meta()
+    meta = token_files.gpt2_meta()
     meta["dtype"] = dataset.token_dtype(meta["vocab_size"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until the new meta.json
@@ -307,7 +308,7 @@ def prepare(
 ) -> dict:
     """Load source (a Hub name or local files), tokenize and write data/NAME or out_dir; returns the meta."""
     opt = Options(**options)
-    folder = dataset.named_dataset_dir(name or default_name(source, subset), out_dir)
+    folder = token_files.named_dataset_dir(name or default_name(source, subset), out_dir)
     ds = load(source, subset, split, streaming, revision, opt.num_proc, cache_dir)
     info = {"dataset": source, "subset": subset, "split": split, "text_field": opt.text_field}
     return (stream_and_write if streaming else tokenize_and_write)(ds, folder, opt, info)
@@ -343,4 +344,4 @@ if __name__ == "__main__":
     try:
         prepare(**vars(p.parse_args()))
     except DataError as e:
-        dataset.exit_with_error(e)
+        token_files.exit_with_error(e)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import datasets
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for dataset.py
-import dataset  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data/token_files.py and gpt_residual
+from data import token_files  # noqa: E402
+from gpt_residual import dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 HUB_NAME = "Skylion007/openwebtext"
@@ -116,4 +117,4 @@ if __name__ == "__main__":
             cache_dir=args.cache_dir,
         )
     except dataset.DataError as e:
-        dataset.exit_with_error(e)
+        token_files.exit_with_error(e)

@@ -8,18 +8,19 @@ Reads --input, else data/shakespeare/input.txt, else downloads the canonical cha
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for dataset.py
-import dataset  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data/token_files.py and gpt_residual
+from data import token_files  # noqa: E402
+from gpt_residual import dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
 def prepare(out_dir: Path = HERE, input_path: str | None = None, val_fraction: float = 0.1):
-    text = dataset.read_text(Path(out_dir), input_path)
+    text = token_files.read_text(Path(out_dir), input_path)
     n = int(len(text) * (1 - val_fraction))
-    tok = dataset.Tokenizer(dataset.gpt2_meta())
-    dataset.write_dataset(out_dir, tok.encode(text[:n]), tok.encode(text[n:]), dataset.gpt2_meta())
+    tok = dataset.Tokenizer(token_files.gpt2_meta())
+    token_files.write_dataset(out_dir, tok.encode(text[:n]), tok.encode(text[n:]), token_files.gpt2_meta())
 
 
 if __name__ == "__main__":
-    dataset.text_prepare_main(prepare, __doc__, HERE)
+    token_files.text_prepare_main(prepare, __doc__, HERE)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for dataset.py
-import dataset  # noqa: E402
-from dataset import DataError  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data/token_files.py and gpt_residual
+from data import token_files  # noqa: E402
+from gpt_residual import dataset  # noqa: E402
+from gpt_residual.dataset import DataError  # noqa: E402
 
 TOKENIZERS = ("char", "gpt2")
 
@@ -52,9 +53,9 @@ def encode(texts: list[str], tokenizer: str) -> tuple[list[int], dict]:
     """The token ids of all texts and the dataset's meta (tokenizer description)."""
     if tokenizer == "char":
         text = "\n\n".join(texts)
-        meta = dataset.char_meta(text)
+        meta = token_files.char_meta(text)
         return dataset.Tokenizer(meta).encode(text), meta
-    meta = dataset.gpt2_meta()
+    meta = token_files.gpt2_meta()
     tok = dataset.Tokenizer(meta)
     ids: list[int] = []
     for i, text in enumerate(tqdm(texts, desc="encoding", unit="file", disable=len(texts) < 2)):
@@ -76,14 +77,14 @@ def prepare(
         raise DataError(f"unknown tokenizer {tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
-    folder = dataset.named_dataset_dir(name, out_dir)
+    folder = token_files.named_dataset_dir(name, out_dir)
     if tokenizer == "gpt2":
         dataset.gpt2_encoding()  # fail now, with what to do, rather than after reading a large folder
     ids, meta = encode(read_texts(input_files(input_path)), tokenizer)
     n = int(len(ids) * (1 - val_fraction))
     if n == 0 or n == len(ids):
         raise DataError(f"{len(ids)} tokens are too few to split with val_fraction {val_fraction}; give more text")
-    dataset.write_dataset(folder, ids[:n], ids[n:], meta)
+    token_files.write_dataset(folder, ids[:n], ids[n:], meta)
     return dataset.read_meta(folder)
 
 
@@ -98,6 +99,6 @@ if __name__ == "__main__":
     try:
         prepare(args.input, args.name, args.tokenizer, args.val_fraction, args.out_dir)
     except DataError as e:
-        dataset.exit_with_error(e)
+        token_files.exit_with_error(e)
     how = f"--data_dir={args.out_dir}" if args.out_dir else f"--dataset={args.name}"
     print(f"train on it: python train.py configs/small.py {how}")

@@ -9,11 +9,11 @@ import math
 import statistics
 import typing
 
-import study_report as sr
-from study_report import NAN, TOL, Results, final, finite, fmt, last, mean, mean_std, table
+from scripts.study import report as sr
+from scripts.study.report import NAN, TOL, Results, final, finite, fmt, last, mean, mean_std, table
 
 if typing.TYPE_CHECKING:
-    from study import Job
+    from scripts.study.runner import Job
 
 LEARNED = 0.5  # nats: a run "trains" when its final val loss is at least this far below the unigram loss
 SETTINGS = {"pre-LN": ("pre", False), "pre-LN + qk_norm": ("pre", True)}

@@ -1,5 +1,5 @@
 """The study's report: its numbers, tables, figures and questions 1-5, from the runs study.py made
-(questions 6-9: study_tricks.py).
+(questions 6-9: questions.py).
 
 Each question is a function that reads Results and returns its markdown lines; QUESTIONS at the end
 lists them. A new question is one function here, one line in QUESTIONS and its runs in study.py's Q_RUNS.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if typing.TYPE_CHECKING:
-    from study import Job
+    from scripts.study.runner import Job
 
 TOL = 0.05  # nats: a smaller loss difference between single-seed runs is called no difference
 GROW = 1.5  # last/first layer ratio above this "grows toward the output", below 1/GROW "shrinks", else "flat"

@@ -1,14 +1,14 @@
 """Train norm and residual variants under one budget, answer nine questions about them with small extra
 experiments, and write a report of tables, figures and a reading computed from the measurements.
 
-    python study.py configs/small.py                                   # default variants, all questions
-    python study.py configs/small.py --variants=pre_ln,post_ln,deepnorm --seeds=3 --max_iters=1000
-    python study.py configs/small.py --questions=1,2 --name=warmup     # --key=value: any train.py key
+    python -m scripts.study configs/small.py                                   # default variants, all questions
+    python -m scripts.study configs/small.py --variants=pre_ln,post_ln,deepnorm --seeds=3 --max_iters=1000
+    python -m scripts.study configs/small.py --questions=1,2 --name=warmup     # --key=value: any train.py key
 
 Every --key=value that is not a study flag goes to every run, after the variant's or question's own
 overrides. Each run is a subprocess `python train.py` with its out_dir in study_dir/name/runs/, so one
 diverging run does not stop the study; then study_dir/name/report.md gets the tables and figures
-(study_report.py). docs/norms.md explains every flag, table and figure.
+(report.py). docs/norms.md explains every flag, table and figure.
 """
 
 import json
@@ -22,12 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import config
-import metrics
-import study_report
-import study_tricks
+from gpt_residual import config, runlog
+from scripts.study import questions, report
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the repo root
 NAN = float("nan")
 
 # ----------------------------------------------------------------------------- what to run
@@ -74,7 +72,7 @@ Q_BASE |= dict(warmup_iters=100, norm="layernorm", norm_position="pre", residual
 # context and dtype); its runs are short, so they run uncompiled (a compile per run would cost more)
 PRESETS = {"cpu": {}, "gpu": dict(n_embd=768, n_head=12, batch_size=32)}
 PROBE = {"probe_init": True}
-Q_RUNS = {  # name: (overrides on top of Q_BASE, the questions that read it); the questions: study_report.py
+Q_RUNS = {  # name: (overrides on top of Q_BASE, the questions that read it); the questions: report.py
     "init-pre-gpt2": (PROBE, {2, 3, 4}),
     "init-post-gpt2": ({"norm_position": "post", **PROBE}, {2, 3}),
     "init-pre-xavier": ({"init": "xavier", **PROBE}, {2}),
@@ -95,7 +93,7 @@ Q_RUNS |= {
     for lr in Q6_LRS
     if qk or lr != Q_BASE["learning_rate"]
 }
-QUESTIONS = study_report.QUESTIONS | study_tricks.QUESTIONS  # number: (title, the function that writes its section)
+QUESTIONS = report.QUESTIONS | questions.QUESTIONS  # number: (title, the function that writes its section)
 
 
 class StudyError(ValueError):
@@ -144,7 +142,8 @@ def parse(argv: list[str]) -> tuple[StudyOptions, str, list[str]]:
     opts, rest = config.split_flags(StudyOptions, argv)
     files = [a for a in rest if not a.startswith("--")]
     if len(files) != 1:
-        raise config.ConfigError("give one config file, e.g. python study.py configs/small.py --variants=pre_ln")
+        msg = "give one config file, e.g. python -m scripts.study configs/small.py --variants=pre_ln"
+        raise config.ConfigError(msg)
     return opts, files[0], [a for a in rest if a.startswith("--")]
 
 
@@ -199,7 +198,7 @@ class Job:
         result = json.loads((out / "study.json").read_text())
         self.rc, self.error, self.wall = result["rc"], result["error"], result["wall"]
         self.load = result.get("load", NAN)
-        recs = metrics.read(out) if (out / "metrics.jsonl").exists() else []
+        recs = runlog.read(out) if (out / "metrics.jsonl").exists() else []
         self.evals = [r for r in recs if "val_loss" in r]
         self.trains = [r for r in recs if "ms_per_step" in r]
         self.tele = [r for r in recs if "rms" in r and not r.get("probe_init")]
@@ -345,7 +344,7 @@ def unigram_loss(cfg) -> float:
     learned nothing else is stuck (first 10M tokens of each split)."""
     import numpy as np
 
-    import dataset
+    from gpt_residual import dataset
 
     try:
         folder = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
@@ -379,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     cfg = config.parse_args(config.TrainConfig, [config_file, *user])
-    command, measured = f"python study.py {' '.join(argv)}", measure(opts, cfg, jobs)
-    report = study_report.write(out, jobs, opts, command, where, started, measured, QUESTIONS)
-    print(f"report: {report} ({(time.perf_counter() - started[0]) / 60:.1f} min)")
+    command, measured = f"python -m scripts.study {' '.join(argv)}", measure(opts, cfg, jobs)
+    path = report.write(out, jobs, opts, command, where, started, measured, QUESTIONS)
+    print(f"report: {path} ({(time.perf_counter() - started[0]) / 60:.1f} min)")
     return 1 if any(j.status == "failed" for j in jobs) else 0
 
 
