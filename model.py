@@ -159,7 +159,7 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
-class Shared:
+class ForwardContext:
     """What the layers of one forward pass share besides the stream: rope's angles (cos, sin), each (T, hs/2),
     and, with value_residual, layer 0's values v0 (B, nh, T, hs), set by layer 0 for the later ones. A plain
     object, not a dict: FSDP rebuilds the containers in a module's arguments, and layer 0's v0 would be lost."""
@@ -194,7 +194,7 @@ class CausalSelfAttention(nn.Module):
             self.v_lambda = nn.Parameter(torch.full((1,), 0.5))
         self.qk_norm, self.value_residual = config.qk_norm, config.value_residual
 
-    def project(self, x: torch.Tensor, pos: torch.Tensor, shared: Shared):
+    def project(self, x: torch.Tensor, pos: torch.Tensor, shared: ForwardContext):
         """Queries, keys and values (B, nh, T, hs) of x (B, T, C) at positions pos (T,). Norm first (qk_norm),
         then rotary (rope), as OLMo 2 and modded-nanogpt: the norm's per-channel gains never see positions.
         (nanochat rotates first, but its norm has no weights and a rotation keeps the RMS: the same thing.)
@@ -220,7 +220,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
         B, T, C = x.size()
-        shared = shared or Shared()
+        shared = shared or ForwardContext()
         q, k, v = self.project(x, pos, shared)
         mask = None
         if cache is not None:
@@ -268,7 +268,7 @@ class Block(nn.Module):
         return x if self.alpha == 1.0 else self.alpha * x
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
-        """shared: what the layers of one pass share (rotary angles, layer 0's values); see Shared."""
+        """shared: what the layers of one pass share (rotary angles, layer 0's values); see ForwardContext."""
         if self.position == "pre":
             x = self.skip(x) + self.attn(self.ln_1(x), cache, pos, shared)
             x = self.skip(x) + self.mlp(self.ln_2(x))
@@ -354,7 +354,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(self.transformer.ln_e(x))  # ln_e: embed_norm, else nothing
         x0 = x  # what residual_scalars mixes back in before every block
-        shared = Shared(rotary(pos, c.n_embd // c.n_head) if c.positions == "rope" else None)  # and layer 0's values
+        angles = rotary(pos, c.n_embd // c.n_head) if c.positions == "rope" else None
+        shared = ForwardContext(angles)  # and, once layer 0 has run, its values
         for i, block in enumerate(self.transformer.h):
             if c.residual_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0

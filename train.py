@@ -102,7 +102,7 @@ class TrainState:
     model: torch.nn.Module  # what runs forward: raw_model, compiled and/or wrapped in DDP
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # scales fp16 losses; disabled otherwise
-    sync_target: torch.nn.Module  # who controls the gradient all-reduce (the DDP wrapper or the FSDP model)
+    grad_sync_owner: torch.nn.Module  # who controls the gradient all-reduce (the DDP wrapper or the FSDP model)
     step: int = 0  # optimizer steps taken
     samples_seen: int = 0  # training samples read by all processes together before this step
     best_val: float = math.inf
@@ -123,21 +123,21 @@ def build_state(cfg, rt, model_cfg: GPTConfig, model: GPT | None, saved: dict | 
     return state
 
 
-def restore(s: TrainState, saved: dict, cfg: config.TrainConfig, rt: runtime.Runtime):
+def restore(state: TrainState, saved: dict, cfg: config.TrainConfig, rt: runtime.Runtime):
     """Continue a checkpointed run: its state, and at the same sample of the data whatever the batch shape."""
-    if not checkpoint.restore(saved, s.raw_model, s.optimizer, s.scaler, rt):
+    if not checkpoint.restore(saved, state.raw_model, state.optimizer, state.scaler, rt):
         rt.print(f"note: the checkpoint was written by {len(saved['rng'])} process(es): dropout's RNG differs now")
-    s.step, s.best_val, s.saved_step = saved["step"], saved["best_val_loss"], saved["step"]
-    s.last_eval = saved.get("last_eval", {})
+    state.step, state.best_val, state.saved_step = saved["step"], saved["best_val_loss"], saved["step"]
+    state.last_eval = saved.get("last_eval", {})
     old = saved["config"]
     shape = lambda c, w: f"{c['batch_size']} x {c['gradient_accumulation_steps']} micro-steps x {w} process(es)"
-    s.samples_seen = saved["data"].get(
-        "samples_seen", s.step * old["batch_size"] * old["gradient_accumulation_steps"] * len(saved["rng"])
+    state.samples_seen = saved["data"].get(
+        "samples_seen", state.step * old["batch_size"] * old["gradient_accumulation_steps"] * len(saved["rng"])
     )
-    rt.print(f"resumed from {Path(cfg.out_dir) / 'ckpt.pt'} at step {s.step}, sample {s.samples_seen:,}")
+    rt.print(f"resumed from {Path(cfg.out_dir) / 'ckpt.pt'} at step {state.step}, sample {state.samples_seen:,}")
     before, now = shape(old, len(saved["rng"])), shape(config.to_dict(cfg), rt.world_size)
     if before != now:
-        rt.print(f"  batch shape changed: {before} -> {now}; reading on from sample {s.samples_seen:,}")
+        rt.print(f"  batch shape changed: {before} -> {now}; reading on from sample {state.samples_seen:,}")
     model_keys = set(saved["model_config"]) - {"dropout"}
     for k, v in old.items():
         if k not in model_keys | {"init_from"} and hasattr(cfg, k) and getattr(cfg, k) != v:
@@ -149,7 +149,7 @@ def will_compile(cfg: config.TrainConfig, rt: runtime.Runtime) -> bool:
     return cfg.compile if isinstance(cfg.compile, bool) else rt.device_type == "cuda"
 
 
-def compile_model(s: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.BatchSampler) -> float | None:
+def compile_model(state: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.BatchSampler) -> float | None:
     """torch.compile (compile=auto: on CUDA) and wrap in DDP. compile_scope="blocks" compiles each block
     and the head in place (GPT.compile_regions: one compile serves every block), "model" the whole model.
     Compilation happens here, announced and timed, by one forward in eval mode and one forward and
@@ -157,26 +157,26 @@ def compile_model(s: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.Batc
     the first evaluation or step. Returns the seconds it took (None: not compiled)."""
     use = will_compile(cfg, rt)
     if use and cfg.compile_scope == "blocks":
-        s.raw_model.compile_regions()
+        state.raw_model.compile_regions()
     whole = use and cfg.compile_scope == "model"
-    s.model = runtime.wrap_ddp(torch.compile(s.raw_model) if whole else s.raw_model, cfg.parallel, rt)
-    s.sync_target = s.raw_model if cfg.parallel == "fsdp" else s.model
+    state.model = runtime.wrap_ddp(torch.compile(state.raw_model) if whole else state.raw_model, cfg.parallel, rt)
+    state.grad_sync_owner = state.raw_model if cfg.parallel == "fsdp" else state.model
     if not use:
         return None
     rt.print("compiling the model (torch.compile; the first compile of a new shape takes a minute or two) ...")
     t0 = time.perf_counter()
     x, y = sampler.get(0, rt.device)
     with torch.random.fork_rng(devices=[rt.device] if rt.device_type == "cuda" else []):
-        s.model.eval()
+        state.model.eval()
         with torch.no_grad(), rt.autocast():
-            s.model(x, y)
-        s.model.train()
+            state.model(x, y)
+        state.model.train()
         with rt.autocast():
-            _, loss = s.model(x, y)
+            _, loss = state.model(x, y)
         # synced like a last micro-step on every rank, then dropped: FSDP would keep an unsynced backward's
         # gradients (unsharded, out of zero_grad's reach) and add them to the first step's
         loss.backward()
-        s.optimizer.zero_grad(set_to_none=True)
+        state.optimizer.zero_grad(set_to_none=True)
     runtime.synchronize(rt)
     seconds = time.perf_counter() - t0
     rt.print(f"compiled in {seconds:.1f}s")
@@ -216,53 +216,53 @@ def evaluate(model, samplers: dict, cfg, rt: runtime.Runtime, stop: runtime.Grac
         model.train()
 
 
-def train_step(s: TrainState, batches, lr: float, cfg, rt: runtime.Runtime, tele=None):
+def train_step(state: TrainState, batches, lr: float, cfg, rt: runtime.Runtime, telemetry_probe=None):
     """One optimizer step: gradient_accumulation_steps micro-batches forward and backward (gradients
     all-reduced on the last one only), unscale, clip, step. Returns the mean loss and the gradient norm
-    as device tensors: nothing here waits for the device. With tele (a telemetry.Telemetry), also this
+    as device tensors: nothing here waits for the device. With telemetry_probe (a telemetry.Telemetry), also this
     step's per-layer record, which does wait for it."""
-    for group in s.optimizer.param_groups:
+    for group in state.optimizer.param_groups:
         group["lr"] = lr
     accum = cfg.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=rt.device)
-    with tele.capture_rms() if tele else nullcontext():  # per-layer stream RMS
+    with telemetry_probe.capture_rms() if telemetry_probe else nullcontext():  # per-layer stream RMS
         for micro in range(accum):
             x, y = next(batches)
-            with runtime.no_grad_sync(s.sync_target, micro < accum - 1):  # all-reduce on the last micro-step
+            with runtime.no_grad_sync(state.grad_sync_owner, micro < accum - 1):  # all-reduce on the last micro-step
                 with rt.autocast():
-                    _, loss = s.model(x, y)
+                    _, loss = state.model(x, y)
                     loss = loss / accum
-                s.scaler.scale(loss).backward()
+                state.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-    s.scaler.unscale_(s.optimizer)
-    if tele:
-        record, before = tele.grad_norms(), tele.snapshot()
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), cfg.grad_clip or float("inf"))
+    state.scaler.unscale_(state.optimizer)
+    if telemetry_probe:
+        record, before = telemetry_probe.grad_norms(), telemetry_probe.snapshot()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.raw_model.parameters(), cfg.grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor; its local value is the global norm
         grad_norm = grad_norm.full_tensor()
-    s.scaler.step(s.optimizer)  # under fp16, skips the step if the gradients overflowed
-    s.scaler.update()
-    s.optimizer.zero_grad(set_to_none=True)
-    if tele:
-        record = {**record, **tele.update_ratios(before), "rms": tele.rms}
-    return loss_sum, grad_norm, record if tele else None
+    state.scaler.step(state.optimizer)  # under fp16, skips the step if the gradients overflowed
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if telemetry_probe:
+        record = {**record, **telemetry_probe.update_ratios(before), "rms": telemetry_probe.rms}
+    return loss_sum, grad_norm, record if telemetry_probe else None
 
 
-def save(s: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: Health, is_best: bool):
+def save(state: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: Health, is_best: bool):
     health.check()
     fields = dict(
-        step=s.step,
-        best_val_loss=s.best_val,
-        last_eval=s.last_eval,
+        step=state.step,
+        best_val_loss=state.best_val,
+        last_eval=state.last_eval,
         config=config.to_dict(cfg),
         model_config=config.to_dict(model_cfg),
         tokenizer=json.dumps(meta),
-        data={"dataset": cfg.dataset, "samples_seen": s.samples_seen},
+        data={"dataset": cfg.dataset, "samples_seen": state.samples_seen},
     )
-    state = checkpoint.training_state(s.raw_model, s.optimizer, s.scaler, rt, **fields)
+    whole = checkpoint.training_state(state.raw_model, state.optimizer, state.scaler, rt, **fields)
     if rt.master:
-        checkpoint.save_run(state, Path(cfg.out_dir), cfg.keep_checkpoints, is_best)
-    s.saved_step = s.step
+        checkpoint.save_run(whole, Path(cfg.out_dir), cfg.keep_checkpoints, is_best)
+    state.saved_step = state.step
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -284,18 +284,18 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             lap("data")
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
-            s = build_state(cfg, rt, model_cfg, pretrained_model, saved)
-            lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 s)
+            state = build_state(cfg, rt, model_cfg, pretrained_model, saved)
+            lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 state)
             compiled = will_compile(cfg, rt) and not cfg.probe_init
-            resolved = console.describe_run(cfg, rt, model_cfg, s.raw_model.num_params(), data.meta, compiled)
+            resolved = console.describe_run(cfg, rt, model_cfg, state.raw_model.num_params(), data.meta, compiled)
             rt.print(f"set up in {lap}")
             if cfg.probe_init:
-                return telemetry.probe_init(s.raw_model, data.train, s.step, cfg, rt)
-            compile_s = compile_model(s, cfg, rt, data.evals["val"])
+                return telemetry.probe_init(state.raw_model, data.train, state.step, cfg, rt)
+            compile_s = compile_model(state, cfg, rt, data.evals["val"])
             wandb_config = resolved if cfg.wandb_log else None
             fresh = cfg.init_from != "resume"
             logger = runlog.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh)
-        return loop(cfg, rt, s, data, model_cfg, logger, stop, t_start, compile_s or 0.0, argv)
+        return loop(cfg, rt, state, data, model_cfg, logger, stop, t_start, compile_s or 0.0, argv)
     except runtime.Interrupted as e:
         rt.print(f"stopped by {e} before training began: nothing new to save")
         return {"step": None, "interrupted": str(e)}
@@ -306,53 +306,54 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
         runtime.shutdown(rt)
 
 
-def loop(cfg, rt, s: TrainState, data: Data, model_cfg, logger, stop, t_start, compile_s, argv) -> dict:
+def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_start, compile_s, argv) -> dict:
     """Evaluate now and then, step, log, checkpoint, until max_iters or a stop is requested."""
-    world, first_step = rt.world_size, s.step
+    world, first_step = rt.world_size, state.step
     ahead = 4 if rt.device_type == "cuda" else 0  # gather and pin batches in a background thread on GPUs
-    batches = dataset.micro_batches(data.train, s.samples_seen, rt.rank, world, rt.device, ahead)
+    batches = dataset.micro_batches(data.train, state.samples_seen, rt.rank, world, rt.device, ahead)
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
-    tele, health = telemetry.Telemetry(s.raw_model), Health(rt.device, not s.scaler.is_enabled())
-    meter = console.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, s.step)
+    telemetry_probe, health = telemetry.Telemetry(state.raw_model), Health(rt.device, not state.scaler.is_enabled())
+    meter = console.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, state.step)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     recent, stopping, first_eval = console.RecentLoss(rt), False, True
     while True:
-        done = s.step >= cfg.max_iters or stopping
+        done = state.step >= cfg.max_iters or stopping
         is_best = False
-        if (s.step % cfg.eval_interval == 0 or s.step >= cfg.max_iters) and not stopping:
+        if (state.step % cfg.eval_interval == 0 or state.step >= cfg.max_iters) and not stopping:
             if first_eval:
                 plan = "; ".join(f"{k}: {v.describe_estimate(cfg.eval_iters)}" for k, v in data.evals.items())
-                rt.print(f"step {s.step}: estimating the loss ({plan}) ...")
+                rt.print(f"step {state.step}: estimating the loss ({plan}) ...")
             with meter.pause(eval_time=True):
-                estimate = evaluate(s.model, data.evals, cfg, rt, stop)
+                estimate = evaluate(state.model, data.evals, cfg, rt, stop)
             first_eval = False
             if estimate is None:  # a stop was requested: the estimate is abandoned
                 done = stopping = True
             else:
-                s.last_eval = {"step": s.step, **estimate}
-                is_best, s.best_val = estimate["val"] < s.best_val, min(s.best_val, estimate["val"])
-                console.log_eval(rt, logger, s.last_eval, time.perf_counter() - t_start, meter.eval_s)
-        periodic = cfg.checkpoint_interval and s.step % cfg.checkpoint_interval == 0
-        if s.step > max(first_step, s.saved_step) and (periodic or is_best or done):
+                state.last_eval = {"step": state.step, **estimate}
+                is_best, state.best_val = estimate["val"] < state.best_val, min(state.best_val, estimate["val"])
+                console.log_eval(rt, logger, state.last_eval, time.perf_counter() - t_start, meter.eval_s)
+        periodic = cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0
+        if state.step > max(first_step, state.saved_step) and (periodic or is_best or done):
             with meter.pause():
-                save(s, cfg, rt, model_cfg, data.meta, health, is_best)
+                save(state, cfg, rt, model_cfg, data.meta, health, is_best)
         if done:
             break
-        tele_step = cfg.telemetry_interval and s.step % cfg.telemetry_interval == 0
-        loss, grad_norm, record = train_step(s, batches, get_lr(s.step, cfg), cfg, rt, tele if tele_step else None)
-        health.update(s.step, loss, grad_norm)
+        tele_step = cfg.telemetry_interval and state.step % cfg.telemetry_interval == 0
+        probe = telemetry_probe if tele_step else None
+        loss, grad_norm, record = train_step(state, batches, get_lr(state.step, cfg), cfg, rt, probe)
+        health.update(state.step, loss, grad_norm)
         if record:
-            logger.log({"step": s.step, **record})
-        s.step, s.samples_seen = s.step + 1, s.samples_seen + samples_per_step
+            logger.log({"step": state.step, **record})
+        state.step, state.samples_seen = state.step + 1, state.samples_seen + samples_per_step
         recent.add(loss, grad_norm)
-        if s.step % cfg.log_interval == 0 or s.step == cfg.max_iters:
+        if state.step % cfg.log_interval == 0 or state.step == cfg.max_iters:
             health.check()
-            mfu_of = lambda tok_s: s.raw_model.estimate_mfu(tok_s, peak) if peak else None
-            lr, elapsed = get_lr(s.step - 1, cfg), time.perf_counter() - t_start
-            console.log_step(rt, logger, s.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
-        if not rt.ddp or s.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
+            mfu_of = lambda tok_s: state.raw_model.estimate_mfu(tok_s, peak) if peak else None
+            lr, elapsed = get_lr(state.step - 1, cfg), time.perf_counter() - t_start
+            console.log_step(rt, logger, state.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
+        if not rt.ddp or state.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
             stopping = stop.agreed()
-    return console.summarize(cfg, rt, s, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
+    return console.summarize(cfg, rt, state, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
 
 
 USER_ERRORS = (

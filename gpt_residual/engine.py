@@ -47,8 +47,8 @@ def generate_stream(
     fills up again; the uncached path uses exactly the same contexts, so both give the same tokens.
     """
     check_generate_args(model, max_new_tokens, temperature, top_k, top_p, engine, idx.device)
-    pick = lambda logits: next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
-    decoder = decoder_for(model, idx.size(0), engine, (temperature, top_k, top_p), pick) if use_cache else None
+    choose_token = lambda logits: next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
+    decoder = decoder_for(model, idx.size(0), engine, (temperature, top_k, top_p), choose_token) if use_cache else None
     bs = model.config.block_size
     start = max(0, idx.size(1) - bs)  # where the current context begins
     fresh = True  # the cache does not hold the current context yet
@@ -56,7 +56,7 @@ def generate_stream(
         if idx.size(1) - start > bs:
             start, fresh = idx.size(1) - max(1, bs // 2), True  # slide: keep the last half of the window
         if decoder is None:
-            nxt = pick(model(idx[:, start:])[0])
+            nxt = choose_token(model(idx[:, start:])[0])
         elif fresh:
             nxt, fresh = decoder.prefill(idx[:, start:]), False
         else:
@@ -81,18 +81,18 @@ def check_generate_args(model: GPT, max_new_tokens, temperature, top_k, top_p, e
         raise ValueError(f"engine='graph' replays CUDA graphs and needs a CUDA device, not {device.type}")
 
 
-def decoder_for(model: GPT, batch: int, engine: str, sampling: tuple, pick) -> "Decoder":
+def decoder_for(model: GPT, batch: int, engine: str, sampling: tuple, choose_token) -> "Decoder":
     """The Decoder for this batch size, engine, sampling settings and autocast state, made once and
     kept in model.decoders: its cache, compiled code and CUDA graphs are reused by later calls. (A
     compiled or graphed one under autocast holds pre-cast weights: clear model.decoders after
     changing the weights.)"""
     device = model.lm_head.weight.device
-    lowp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    key = (batch, engine, sampling, device, lowp)
+    low_precision = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (batch, engine, sampling, device, low_precision)
     if not hasattr(model, "decoders"):
         model.decoders = {}
     if key not in model.decoders:
-        model.decoders[key] = Decoder(model, pick, engine, lowp)
+        model.decoders[key] = Decoder(model, choose_token, engine, low_precision)
     return model.decoders[key]
 
 
@@ -136,10 +136,10 @@ class Decoder:
 
     SPAN = 256  # compiled or graphed steps: granularity of the slots a step reads
 
-    def __init__(self, model: GPT, pick, engine: str, lowp: torch.dtype | None):
+    def __init__(self, model: GPT, choose_token, engine: str, low_precision: torch.dtype | None):
         graphed = engine == "graph" or (engine == "compile" and model.lm_head.weight.is_cuda)
-        self.model = precast_copy(model, lowp) if lowp is not None and engine != "eager" else model
-        self.pick, self.graphed, self.lowp = pick, graphed, lowp
+        self.model = precast_copy(model, low_precision) if low_precision is not None and engine != "eager" else model
+        self.choose_token, self.graphed, self.low_precision = choose_token, graphed, low_precision
         self.cache = KVCache(model.config)
         self.fn = torch.compile(self._step, dynamic=False) if engine == "compile" else self._step
         self.graphs, self.outs, self.seen, self.setup_seconds = {}, {}, set(), 0.0  # per span
@@ -147,13 +147,13 @@ class Decoder:
 
     def _step(self, tok: torch.Tensor) -> torch.Tensor:
         logits, _ = self.model(tok, cache=self.cache)  # (B, 1, vocab)
-        return self.pick(logits)  # (B, 1)
+        return self.choose_token(logits)  # (B, 1)
 
     def prefill(self, ctx: torch.Tensor) -> torch.Tensor:
         """Start the cache over with the context ctx (B, T); the next token of each row (B, 1)."""
         self.cache.reset(ctx.device)
         logits, _ = self.model(ctx, cache=self.cache)
-        return self.pick(logits)
+        return self.choose_token(logits)
 
     def step(self, tok: torch.Tensor, length: int) -> torch.Tensor:
         """Feed the last token of each row (B, 1), the context being `length` tokens long with it;
@@ -181,7 +181,8 @@ class Decoder:
         pos, filled = self.cache.pos.clone(), self.cache.filled.clone()
         self.tok = tok.clone() if not self.graphs else self.tok.copy_(tok)  # one input for every graph
         side = torch.cuda.Stream(tok.device)
-        no_cast_cache = torch.autocast("cuda", self.lowp, cache_enabled=False) if self.lowp else nullcontext()
+        lp = self.low_precision
+        no_cast_cache = torch.autocast("cuda", lp, cache_enabled=False) if lp else nullcontext()
         side.wait_stream(torch.cuda.current_stream(tok.device))
         with torch.cuda.stream(side), no_cast_cache:
             for _ in range(2):  # each writes the keys and values the real step writes, at its slot

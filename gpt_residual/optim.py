@@ -17,7 +17,7 @@ import torch
 SCALAR_LR = {"x0_lambdas": 1.0, "resid_lambdas": 0.01, "v_lambda": 0.1}  # fractions of scalar_lr, by name
 
 
-class Optimizers(torch.optim.Optimizer):
+class CombinedOptimizer(torch.optim.Optimizer):
     """Several optimizers acting as one: param_groups lists theirs (the same dicts), state is one dict they
     all share (their parameters differ), and step, zero_grad, state_dict and load_state_dict cover them
     all, so the GradScaler, gradient clipping and torch.distributed.checkpoint treat it as any optimizer.
@@ -77,4 +77,4 @@ def build(model, weight_decay, learning_rate, betas, device_type, optimizer="ada
         optimizers.append(
             torch.optim.Muon([{"params": muon, "lr_scale": scale}], lr=learning_rate, weight_decay=weight_decay)
         )
-    return Optimizers(optimizers)
+    return CombinedOptimizer(optimizers)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from gpt_residual import runlog
-from model import Shared
+from model import ForwardContext
 
 
 def sublayers(block) -> dict[str, list[torch.nn.Parameter]]:
@@ -120,7 +120,7 @@ def max_attention_logit(attn, x, cache, pos, shared) -> float:
     its queries and keys (after qk_norm and rotary, as attention sees them); one row at a time."""
     if cache is not None:
         return 0.0  # measured in training, not while decoding
-    q, k, _ = attn.project(x, pos, copy.copy(shared or Shared()))  # a copy: layer 0's values stay as they are
+    q, k, _ = attn.project(x, pos, copy.copy(shared or ForwardContext()))  # a copy: layer 0's values stay as they are
     T = q.size(2)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     best = torch.zeros((), device=q.device)

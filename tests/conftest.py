@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny char-level dataset and a tiny CPU training config."""
+"""ForwardContext fixtures: a tiny char-level dataset and a tiny CPU training config."""
 
 import importlib.util
 import json

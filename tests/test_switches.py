@@ -148,7 +148,7 @@ def test_qk_norm_sits_before_rotary():
     x, pos = torch.randn(2, 7, 32), torch.arange(7)
     cos, sin = model_module.rotary(pos, 16)
     with torch.no_grad():
-        q, k, _ = attn.project(x, pos, model_module.Shared((cos, sin)))
+        q, k, _ = attn.project(x, pos, model_module.ForwardContext((cos, sin)))
         raw_q = attn.c_attn(x)[..., :32].view(2, 7, 2, 16).transpose(1, 2)  # (B, nh, T, hs)
         assert torch.allclose(q, model_module.apply_rotary(attn.ln_q(raw_q), cos, sin), atol=1e-6)
         assert not torch.allclose(q, attn.ln_q(model_module.apply_rotary(raw_q, cos, sin)), atol=1e-3)
@@ -218,7 +218,7 @@ def test_pretrained_refuses_every_switch(key, value):
 def test_scalars_get_their_own_groups():
     model = make_model(residual_scalars=True, value_residual=True)
     opt = optim.build(model, 0.1, 1e-3, (0.9, 0.95), "cpu", scalar_lr=0.5)
-    assert isinstance(opt, optim.Optimizers)
+    assert isinstance(opt, optim.CombinedOptimizer)
     scales = {id(p): g.get("lr_scale", 1.0) for g in opt.param_groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert set(scales) == {id(p) for p in model.parameters()} and len(scales) == len(list(model.parameters()))
