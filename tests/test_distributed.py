@@ -144,6 +144,10 @@ def runs(char_data, tmp_path_factory):
     for parallel in ("ddp", "fsdp"):
         world, extra = specs[parallel]
         specs[f"{parallel}-compiled"] = (world, [*extra, "--compile=True"], {"TORCH_COMPILE_DISABLE": "1"})
+    for name in ("single", "ddp", "fsdp"):  # per-layer telemetry every 3 steps, and the probe at initialisation
+        world, extra, *env = specs[name]
+        specs[f"{name}-telemetry"] = (world, [*extra, "--telemetry_interval=3"], *env)
+        specs[f"{name}-probe"] = (world, [*extra, "--probe_init=True"], *env)
     done: dict[str, Run] = {}
 
     def get(name: str) -> Run:
@@ -209,6 +213,33 @@ def test_two_ranks_log_the_single_process_losses(runs, parallel):
     single, multi = runs("single").train_records(), runs(parallel).train_records()
     got, want = [r["loss"] for r in multi], [r["loss"] for r in single]
     assert got == pytest.approx(want, rel=1e-5), f"{parallel} logged {got}, one process {want}"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_telemetry_under_two_ranks_is_the_single_process_telemetry(runs, parallel):
+    """Gradient norms and update ratios are taken after the all-reduce, so each layer's equal one process's; the
+    stream RMS is rank 0's own micro-batches (a share of the global batch), so only its shape is checked."""
+    one = [r for r in runs("single-telemetry").records if "grad_attn" in r]
+    two = [r for r in runs(f"{parallel}-telemetry").records if "grad_attn" in r]
+    assert [r["step"] for r in two] == [r["step"] for r in one] and len(one) == 2
+    for a, b in zip(two, one, strict=True):
+        for key in ("grad_attn", "grad_mlp", "update_attn", "update_mlp"):
+            assert len(a[key]) == 2 and a[key] == pytest.approx(b[key], rel=1e-4), (parallel, key, a["step"])
+        assert len(a["rms"]) == 3 and all(0 < v < 100 for v in a["rms"])
+    assert_close_weights(runs(f"{parallel}-telemetry").weights(), runs(parallel).weights())  # measuring changes nothing
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_probe_init_runs_on_two_ranks_and_rank_0_logs_it_once(runs, parallel):
+    probe = runs(f"{parallel}-probe")
+    records = probe.records
+    assert len(records) == 1 and records[0]["probe_init"] is True, records
+    single = runs("single-probe").records[0]
+    for key in ("grad_attn", "grad_mlp", "rms"):
+        assert len(records[0][key]) == len(single[key]) and all(v > 0 for v in records[0][key]), key
+    assert records[0]["loss"] == pytest.approx(single["loss"], rel=0.05)  # untrained: about ln(vocab) on both
+    assert probe.rank(1)["writes"] == [], "rank 1 wrote files"
+    assert sum("at initialisation" in line for line in probe.proc.stdout.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- (b) disjoint data
@@ -305,6 +336,27 @@ def test_resume_under_ddp_is_bit_identical(char_data, tmp_path):
             assert torch.equal(value, b["optimizer"]["state"][i][name]), f"optimizer state {i}.{name} differs"
     straight_losses = [r["loss"] for r in straight.train_records()]
     assert straight_losses == [r["loss"] for r in resumed.train_records()]
+
+
+@pytest.mark.parametrize("saved, resumed", [("fsdp", "ddp"), ("ddp", "fsdp")])
+def test_a_checkpoint_of_one_parallel_resumes_under_the_other(runs, saved, resumed):
+    """checkpoint.py saves full, unsharded state dicts keyed by parameter name under both DDP and FSDP: a run saved
+    at step 3 under one goes on under the other and reaches, at step 6, what the original run reached."""
+    out = runs.root / f"{saved}-to-{resumed}"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((runs(saved).out / "ckpt-0000003.pt").read_bytes())
+    rec = runs.root / f"{saved}-to-{resumed}-rec"
+    rec.mkdir()
+    args = [*runs.base, f"--gradient_accumulation_steps={K}", f"--parallel={resumed}", "--eval_iters=4"]
+    proc = launch(runs.script, [*args, "--init_from=resume", f"--out_dir={out}"], WORLD, {"RECORD_DIR": str(rec)})
+    run = Run(proc, out, rec).ok()
+    assert "at step 3" in proc.stdout
+    assert_close_weights(run.weights(), runs(saved).weights())
+    state = checkpoint.load(out / "ckpt.pt")["optimizer"]["state"]
+    original = checkpoint.load(runs(saved).out / "ckpt.pt")["optimizer"]["state"]
+    assert state.keys() == original.keys()
+    for name in state:
+        assert torch.allclose(state[name]["exp_avg"], original[name]["exp_avg"], rtol=1e-4, atol=1e-7), name
 
 
 # ----------------------------------------------------------------------------- (e) evaluation uses all ranks
