@@ -6,16 +6,22 @@
     python -m scripts.bench configs/small.py --time_to_loss --thresholds=2.0,1.88,1.7 --repeats=3
     python -m scripts.bench configs/small.py --sample --out_dir=out --repeats=3   # sampling, cache or not
     python -m scripts.bench configs/gpt2.py --sample --synthetic=True --repeats=2  # on a GPU: CUDA graphs, batch of 64
+    python -m scripts.bench configs/small.py --synthetic=True --json=bench.json  # the table's figures as JSON too
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
-tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and peak memory after the
-warm-up steps. --time_to_loss runs the whole training (train.train) and reads its metrics.jsonl:
-the time to reach each validation loss, with and without the time spent evaluating. Any train.py
-key (--key=value) applies to every config. One process only (not under torchrun).
+tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and the peak memory of the
+timed steps alone (CUDA: max allocated; CPU: peak resident set, reset after the warm-up steps).
+--time_to_loss runs the whole training (train.train) and reads its metrics.jsonl: the time to reach
+each validation loss, with and without the time spent evaluating. Any train.py key (--key=value)
+applies to every config. One process only (not under torchrun). --json=FILE writes the figures
+behind the table, per config, for other tools to read (python -m scripts.gpu_suite does).
 """
 
+import ctypes
+import gc
 import json
 import os
+import re
 import resource
 import statistics
 import sys
@@ -43,9 +49,7 @@ class BenchOptions:
     repeats: int = 1  # --time_to_loss, --sample: runs of each measurement; the median is reported
     sample: bool = False  # sampling speed with and without the KV cache, one sequence and a batch
     new_tokens: int = 500  # --sample: tokens generated per measurement
-    suite: str = ""  # "gpu": every GPU figure of the project in one table, in under 9 minutes (gpu_suite.py)
-    nanogpt: str = ""  # --suite: a copy of nanoGPT to measure side by side (e.g. ../shared/reference/nanoGPT)
-    logs: str = ""  # --suite: where each measurement's output goes (default: $OUT, else gpu-suite/)
+    json: str = ""  # also write the table's figures to this file as JSON: {"mode", "title", "configs": [...]}
     engine: str = "auto"  # --sample: the cached decode step, as sample.py's --engine (auto: graph on CUDA)
     batch: int = 0  # --sample: rows of the batched measurement (0: 64 on CUDA, 8 elsewhere; 1: none)
     batch_uncached: bool | None = None  # --sample: time the batch without the cache too (None: on CUDA only)
@@ -61,6 +65,8 @@ class BenchOptions:
         config.check_choice("engine", self.engine, ("auto", *ENGINES))
         if self.time_to_loss and self.sample:
             raise config.ConfigError("choose one of --time_to_loss and --sample")
+        if self.json and not Path(self.json).resolve().parent.is_dir():
+            raise config.ConfigError(f"json: the folder of {self.json} does not exist; create it or give another path")
         try:
             self.levels = [float(t) for t in self.thresholds.split(",") if t.strip()]
         except ValueError:
@@ -136,6 +142,39 @@ def build(cfg: config.TrainConfig, rt: runtime.Runtime, synthetic: bool):
     return state, dataset.micro_batches(sampler, 0, 0, 1, rt.device, ahead), compile_s
 
 
+def reset_peak_memory(device_type: str) -> bool:
+    """Make the next peak_memory() the peak of what follows alone. CUDA: reset the allocator's statistics.
+    CPU (Linux): hand freed heap back to the system (malloc_trim), then reset the process's peak resident
+    set, VmHWM, to its current size (/proc/self/clear_refs, Linux 4.0+). False where that cannot be done
+    (macOS): peak_memory() then reads the process's peak so far."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc keeps freed small blocks resident; a run's peak is its own
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device_type: str, reset: bool) -> tuple[str, float]:
+    """(row name, MiB): the peak since reset_peak_memory; without a reset, the process's peak so far."""
+    if device_type == "cuda":
+        return "peak memory (MiB)", torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    hwm = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
+    if reset and hwm:
+        return "peak memory (MiB)", int(hwm.group(1)) / 2**10
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return "peak memory (MiB, process max RSS so far)", rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
     """Time train.train_step itself: steady-state steps after the warm-up ones, read back once at the end."""
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
@@ -144,9 +183,7 @@ def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
     step = lambda: train.train_step(state, batches, cfg.learning_rate, cfg, rt)[0]
     for _ in range(opts.warmup):
         step().item()
-    if rt.device_type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    reset = reset_peak_memory(rt.device_type)
     t0 = time.perf_counter()
     for _ in range(opts.steps):
         loss = step()
@@ -155,24 +192,22 @@ def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     tok_s = tokens_per_step * opts.steps / seconds
     peak = runtime.peak_flops(rt, cfg.peak_flops)
-    if rt.device_type == "cuda":
-        memory, kind = torch.cuda.max_memory_allocated() / 2**20, "MiB, CUDA max allocated"
-    else:  # ru_maxrss is in KiB on Linux, bytes on macOS
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        memory, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "MiB, process max RSS so far"
+    memory_row, memory = peak_memory(rt.device_type, reset)
+    kind = "CUDA max allocated" if rt.device_type == "cuda" else "resident set" if reset else "the process's max RSS"
     model = state.raw_model
     info = (
         f"{model.num_params() / 1e6:.2f}M params, {tokens_per_step:,} tokens/step "
         f"({cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps}), {rt.device} "
         f"{str(rt.dtype).removeprefix('torch.')}, compile={compile_s is not None}, "
-        f"{'synthetic tokens' if opts.synthetic else cfg.dataset}, {opts.warmup} warm-up + {opts.steps} timed steps"
+        f"{'synthetic tokens' if opts.synthetic else cfg.dataset}, {opts.warmup} warm-up + {opts.steps} timed steps, "
+        f"peak memory: {kind}{' of the timed steps' if reset else ' so far'}"
     )
     return {
         "info": info,
         "tokens/s": tok_s,
         "ms/step": seconds * 1000 / opts.steps,
         "MFU (%)": model.estimate_mfu(tok_s, peak) * 100 if peak else None,
-        f"peak memory ({kind})": memory,
+        memory_row: memory,
         "compile s": compile_s,
         "loss at the end": loss,
     }
@@ -282,12 +317,9 @@ def sampling_rows(speeds: dict, rows: int, setup: dict) -> dict:
 def run(argv: list[str]):
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise config.ConfigError("bench.py measures one process; run it with python, not torchrun")
+    if any(a.split("=")[0] == "--suite" for a in argv):
+        raise config.ConfigError("the GPU suite is a command of its own: python -m scripts.gpu_suite --nanogpt=PATH")
     opts, rest = parse(argv)
-    if opts.suite:
-        from scripts import gpu_suite
-
-        config.check_choice("suite", opts.suite, ("gpu",))
-        return gpu_suite.main(opts.nanogpt, opts.logs)
     flags = [a for a in rest if a.startswith("--")]
     out_dir = next((a.split("=", 1)[1] for a in reversed(flags) if a.startswith("--out_dir=")), None)
     runs = [rest] + ([[opts.compare, *flags]] if opts.compare else [])
@@ -295,12 +327,25 @@ def run(argv: list[str]):
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"{labels[0]} (1)", f"{labels[1]} (2)"]
     cfgs = [config.parse_args(config.TrainConfig, r) for r in runs]  # every config checked before any run
+    if opts.sample and out_dir and opts.compare:
+        raise config.ConfigError("--sample with --out_dir measures one checkpoint; leave out --compare")
+    mode, title, results = measure(opts, runs, labels, cfgs, out_dir)
+    infos = [res.pop("info", None) for res in results]
+    for label, info in zip(labels, infos):
+        if info:
+            print(f"{label}: {info}")
+    print_table(title, labels, [(k, [res.get(k) for res in results]) for k in results[0]])
+    if opts.json:
+        configs = [{"label": lb, "info": info, "figures": res} for lb, info, res in zip(labels, infos, results)]
+        Path(opts.json).write_text(json.dumps({"mode": mode, "title": title, "configs": configs}, indent=1) + "\n")
+
+
+def measure(opts: BenchOptions, runs: list[list[str]], labels: list[str], cfgs: list, out_dir: str | None):
+    """(mode, the table's title, one dict of figures per config)."""
     if opts.sample:
-        if out_dir and opts.compare:
-            raise config.ConfigError("--sample with --out_dir measures one checkpoint; leave out --compare")
-        results = [sampling(cfg, opts, out_dir) for cfg in cfgs]
         title = "sampling speed (KV cache vs recomputing the whole context; one sequence, then a batch)"
-    elif opts.time_to_loss:
+        return "sample", title, [sampling(cfg, opts, out_dir) for cfg in cfgs]
+    if opts.time_to_loss:
         per_config = [[] for _ in cfgs]
         with tempfile.TemporaryDirectory() as tmp:
             base = Path(out_dir or tmp)
@@ -311,19 +356,14 @@ def run(argv: list[str]):
                     if (Path(cfg.out_dir) / "metrics.jsonl").exists():
                         raise config.ConfigError(f"{cfg.out_dir} already holds a run; give a new --out_dir")
                     results_i.append(time_to_loss(cfg, opts.levels))
-        results = [median_of(r) for r in per_config]
         title = f"time to loss (median of {opts.repeats} run(s); train s leaves out evaluation)"
-    else:
-        results = []
-        for cfg in cfgs:
-            results.append(throughput(cfg, opts))
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        title = "training throughput (steady state, after warm-up)"
-    for label, res in zip(labels, results):
-        if "info" in res:
-            print(f"{label}: {res.pop('info')}")
-    print_table(title, labels, [(k, [res.get(k) for res in results]) for k in results[0]])
+        return "time_to_loss", title, [median_of(r) for r in per_config]
+    results = []
+    for cfg in cfgs:
+        results.append(throughput(cfg, opts))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return "throughput", "training throughput (steady state, after warm-up)", results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """bench.py as a user runs it: throughput, time to loss, sampling speed, and one-line errors.
 Timings on a shared CPU are noise; only that they are measured and printed is checked."""
 
+import json
 import os
 import re
 import subprocess
@@ -53,8 +54,37 @@ def test_throughput_on_synthetic_tokens_with_compare():
     assert len(tok_s) == 3 and tok_s[0] > 0 and tok_s[1] > 0
     assert all(number(c) > 0 for c in row(out, "ms/step"))
     assert all(0 < number(c) for c in row(out, "MFU (%)")[:2])  # the peak_flops override gives an MFU on a CPU
-    memory = row(out, "peak memory (MiB, process max RSS so far)")
-    assert number(memory[0]) > 0 and memory[2] == "-"  # max RSS of one process: no ratio
+    memory = [number(c) for c in row(out, "peak memory (MiB)")]  # the timed steps' own peak: a ratio too
+    assert memory[0] > 0 and memory[1] > 0 and memory[2] == pytest.approx(memory[1] / memory[0], abs=1e-3)
+    assert "peak memory: resident set of the timed steps" in out
+
+
+def test_json_holds_the_figures_of_the_table(tmp_path):
+    """--json=FILE: per config, its label, info line and every figure the table prints (fmt of the same number)."""
+    path = tmp_path / "bench.json"
+    args = [*TINY, "--synthetic", "--steps=2", "--warmup=1", "--compare=configs/small.py", f"--json={path}"]
+    out = bench_py(*args).stdout
+    doc = json.loads(path.read_text())
+    assert doc["mode"] == "throughput" and doc["title"] in out
+    assert [c["label"] for c in doc["configs"]] == ["defaults", "small"]
+    assert all(f"{c['label']}: {c['info']}" in out for c in doc["configs"])
+    figures = [c["figures"] for c in doc["configs"]]
+    assert list(figures[0]) == list(figures[1]) and "tokens/s" in figures[0] and "peak memory (MiB)" in figures[0]
+    for key in figures[0]:
+        assert row(out, key)[:2] == [bench.fmt(f[key]) for f in figures], key
+
+
+def test_peak_memory_is_the_timed_runs_own(tmp_path):
+    """CPU peak memory: the peak resident set of the timed steps alone, so a small model measured after a big one
+    in the same process shows a smaller peak (the process's max RSS so far could only grow)."""
+    model = "n_layer = {}\nn_head = 4\nn_embd = {}\nblock_size = {}\nbatch_size = 8\n"
+    (tmp_path / "big.py").write_text(model.format(4, 256, 128))  # about 100 MiB of activations and optimizer state
+    (tmp_path / "tiny.py").write_text(model.format(1, 32, 16))
+    common = ["--device=cpu", "--dtype=float32", "--compile=False", "--synthetic", "--vocab_size=65", "--steps=1"]
+    path = tmp_path / "bench.json"
+    bench_py(str(tmp_path / "big.py"), f"--compare={tmp_path / 'tiny.py'}", *common, "--warmup=1", f"--json={path}")
+    big, tiny = (c["figures"]["peak memory (MiB)"] for c in json.loads(path.read_text())["configs"])
+    assert big > tiny + 40 and tiny > 50  # a torch process is resident in 100s of MiB; the big model adds more
 
 
 def test_throughput_on_the_dataset_without_a_peak(char_data, capsys):
@@ -148,6 +178,8 @@ def test_sampling_batch_flags():
         (["--sample", "--batch=-1"], "batch must be >= 0"),
         (["--sample", "--device=cpu", "--synthetic", "--engine=graph"], "engine=graph needs a CUDA GPU"),
         (["--device=cuda:0"], "no CUDA GPU"),
+        (["--json=/nonexistent/folder/bench.json"], "does not exist"),
+        (["--suite=gpu"], "python -m scripts.gpu_suite"),
     ],
 )
 def test_bad_input_is_one_line(capsys, args, needle):
