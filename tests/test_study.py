@@ -1,4 +1,4 @@
-"""study.py: the real command on tiny models (every question included), its report, figures and errors."""
+"""python -m scripts.study: the real command on tiny models (every question included), its report, figures, errors."""
 
 import json
 import math
@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, metrics_records, run
 
-from scripts.study import questions as study_tricks
-from scripts.study import report as study_report
+from scripts.study import modern_questions, norm_questions, registry
 from scripts.study import runner as study
+from scripts.study.job import Job
+from scripts.study.question import Q6_LRS, Q_BASE
+from scripts.study.results import TOL, Results
 from scripts.study.runner import main as study_main
 
 TINY = ["--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=4", "--eval_iters=2", "--log_interval=5"]
@@ -86,7 +88,7 @@ def test_study_runs_variants_and_questions_1_to_5(tmp_path, char_data, monkeypat
         for warmup, loss in (("100", on), ("0", off)):
             cells = next(c for c in map(str.split, q1.splitlines()) if c[:4] == ["|", f"{pos}-LN", "|", warmup])
             assert float(cells[7]) == pytest.approx(loss, abs=6e-5) and 0 < loss < ln_vocab, cells  # final val
-            assert cells[11] == "stuck" and loss > unigram - study_report.TOL, cells
+            assert cells[11] == "stuck" and loss > unigram - TOL, cells
         line = f"- {pos}-LN: final val loss without warmup minus with: {off - on:+.4f} nats (stuck with, stuck without)"
         assert line in q1, q1
     assert "**inconclusive: pre-LN and post-LN did not train even with warmup at this learning rate (0.001)**" in q1
@@ -163,7 +165,7 @@ def test_help_names_every_flag_variant_and_question(capsys):
     out = capsys.readouterr().out
     for flag in ("--variants", "--seeds", "--questions", "--name", "--study_dir", "--reuse", "--jobs"):
         assert f"  {flag} " in out, flag
-    assert all(v in out for v in study.VARIANTS) and all(title in out for title, _ in study.QUESTIONS.values())
+    assert all(v in out for v in study.VARIANTS) and all(q.title in out for q in registry.QUESTIONS.values())
     assert not re.search(r"issue|#\d", out, re.I), out  # speaks of the project, not of its tracker
 
 
@@ -188,7 +190,7 @@ def test_every_run_decays_over_its_own_budget():
     from gpt_residual.config import TrainConfig, parse_args
 
     jobs = study.plan(*study.parse(["configs/small.py"]))
-    assert {j.resolved["max_iters"] for j in jobs} == {study.DEFAULT_MAX_ITERS, study.Q_BASE["max_iters"]}
+    assert {j.resolved["max_iters"] for j in jobs} == {study.DEFAULT_MAX_ITERS, Q_BASE["max_iters"]}
     for job in jobs:
         cfg = parse_args(TrainConfig, job.args)
         assert train.get_lr(cfg.max_iters - 1, cfg) < cfg.min_lr * 1.01, job.name
@@ -202,13 +204,13 @@ def q1_section(finals: dict[str, float | str], unigram: float = 3.3473) -> str:
     q = {}
     for name, loss in finals.items():
         cfg = dict(n_layer=12, n_embd=64, learning_rate=0.001, max_iters=300, warmup_iters=0 if "now" in name else 100)
-        job = study.Job(f"q-{name}", "q", 1337, [], rc=0, config=cfg)
+        job = Job(f"q-{name}", "q", 1337, [], rc=0, config=cfg)
         if loss == "diverged":
             job.rc, job.error = 1, "error: step 12: loss is not finite (nan); lower learning_rate"
         else:
             job.evals = [{"step": 300, "train_loss": loss + 0.04, "val_loss": loss}]
         q[name] = job
-    return "\n".join(study_report.q1(study_report.Results(Path("unused"), None, {}, q, unigram, {})))
+    return "\n".join(norm_questions.q1(Results(Path("unused"), None, {}, q, unigram, {})))
 
 
 def test_q1_answers_the_committed_report_from_its_own_numbers():
@@ -284,14 +286,14 @@ def test_q6_from_the_runs_records(tricks):
     q6, ranges = section(report, "## Question 6:"), {}
     for setting, pos, qk in (("pre-LN", "pre", ""), ("pre-LN + qk_norm", "pre", "-qk"), ("post-LN", "post", "")):
         cells, ok = row(q6, setting), []
-        for k, lr in enumerate(study.Q6_LRS):
-            name = f"q-{pos}-warmup" if not qk and lr == study.Q_BASE["learning_rate"] else f"q-lr-{pos}{qk}-{lr:g}"
+        for k, lr in enumerate(Q6_LRS):
+            name = f"q-{pos}-warmup" if not qk and lr == Q_BASE["learning_rate"] else f"q-lr-{pos}{qk}-{lr:g}"
             recs = metrics_records(runs / name)
             loss = [r["val_loss"] for r in recs if "val_loss" in r][-1]
             assert float(cells[1 + k].split()[0]) == pytest.approx(loss, abs=6e-5), (setting, lr, cells)
             assert json.loads((runs / name / "config.json").read_text())["learning_rate"] == lr
-            ok += [f"{lr:g}"] if loss < unigram - study_tricks.LEARNED else []
-            assert cells[1 + k].endswith("✗") == (loss >= unigram - study_tricks.LEARNED)
+            ok += [f"{lr:g}"] if loss < unigram - modern_questions.LEARNED else []
+            assert cells[1 + k].endswith("✗") == (loss >= unigram - modern_questions.LEARNED)
             top = max([r for r in recs if "rms" in r][-1]["attn_logit_max"])
             assert float(row(q6.split("| largest attention logit")[1], setting)[1 + k]) == pytest.approx(top, abs=0.06)
         assert cells[-1] == (", ".join(ok) or "none")
@@ -305,7 +307,7 @@ def test_q7_from_the_runs_records(tricks):
     report, runs, _ = tricks
     q7, tele = section(report, "## Question 7:"), [r for r in metrics_records(runs / "q-scalars") if "rms" in r]
     assert f"(step {tele[-1]['step']})" in q7 and len(tele) >= 10
-    for i in range(study.Q_BASE["n_layer"]):
+    for i in range(Q_BASE["n_layer"]):
         want = [tele[-1][k][i] for k in ("resid_a", "resid_b", "v_lambda")]
         assert [float(c) for c in row(q7, str(i))[1:]] == pytest.approx(want, abs=6e-5), i
     assert tele[-1]["v_lambda"][0] == 0 and tele[-1]["resid_a"] != tele[0]["resid_a"]  # they moved
@@ -344,20 +346,20 @@ def test_q9_from_the_runs_records(tricks):
     assert {k: modern[k] for k in study.MODERN} == study.MODERN
 
 
-def fake_run(name: str, config: dict, losses: list[float], every: int = 10) -> study.Job:
+def fake_run(name: str, config: dict, losses: list[float], every: int = 10) -> Job:
     evals = [
         {"step": i * every, "time": 2.0 * i * every + 1, "eval_time": 1.0, "train_loss": x, "val_loss": x}
         for i, x in enumerate(losses)
     ]
-    return study.Job(name, "q", 1337, [], rc=0, config=config, evals=evals)
+    return Job(name, "q", 1337, [], rc=0, config=config, evals=evals)
 
 
 def test_reach_and_at_interpolate_between_evaluations():
     job = fake_run("x", {"batch_size": 4, "block_size": 8}, [4.0, 3.0, 2.0, 2.5])
-    assert study_tricks.reach(job, 2.5, "step") == 15 and study_tricks.reach(job, 2.5, "tokens") == 15 * 32
-    assert study_tricks.reach(job, 2.5, "seconds") == 30  # 2 s per step, eval time left out
-    assert study_tricks.reach(job, 4.5, "step") == 0 and math.isnan(study_tricks.reach(job, 1.9, "step"))
-    assert study_tricks.at(job, 5, "step") == 3.5 and math.isnan(study_tricks.at(job, 31, "step"))
+    assert modern_questions.reach(job, 2.5, "step") == 15 and modern_questions.reach(job, 2.5, "tokens") == 15 * 32
+    assert modern_questions.reach(job, 2.5, "seconds") == 30  # 2 s per step, eval time left out
+    assert modern_questions.reach(job, 4.5, "step") == 0 and math.isnan(modern_questions.reach(job, 1.9, "step"))
+    assert modern_questions.at(job, 5, "step") == 3.5 and math.isnan(modern_questions.at(job, 31, "step"))
 
 
 @pytest.mark.parametrize(
@@ -373,21 +375,21 @@ def test_q6_range_is_the_learning_rates_that_train(post_plain, post_qk, answer):
     q = {}
     for pos, qk, losses in (("pre", False, [2.4] * 3), ("pre", True, [2.4] * 3), ("post", False, post_plain),
                             ("post", True, post_qk)):  # fmt: skip
-        for lr, loss in zip(study.Q6_LRS, losses):
+        for lr, loss in zip(Q6_LRS, losses):
             if loss == "missing":  # not run: not counted as "did not train"
                 continue
             job = fake_run(f"lr-{pos}-{qk}-{lr}", {"norm_position": pos, "qk_norm": qk, "learning_rate": lr}, [loss])
             if loss == "diverged":
                 job.rc, job.error, job.evals = 1, "error: step 9: loss is not finite (nan)", []
             q[job.name] = job
-    text = "\n".join(study_tricks.q6(study_report.Results(Path("unused"), None, {}, q, 3.3473, {})))
+    text = "\n".join(modern_questions.q6(Results(Path("unused"), None, {}, q, 3.3473, {})))
     assert f"**pre-LN: same range (3 of 3 with qk_norm, 3 without); {answer}**" in text, text
     assert "post-LN, final val loss with qk_norm minus without where both train: +0.0000 at 0.001" in text
 
 
 def test_the_gpu_preset_studies_gpt2_small_width_on_bpe_shakespeare():
-    """study.py configs/study_gpu.py --preset=gpu: every run, variants and questions alike, is 12 x 768 on the
-    BPE data and uncompiled; the CPU study's questions keep their narrow model."""
+    """python -m scripts.study configs/study_gpu.py --preset=gpu: every run, variants and questions alike, is
+    12 x 768 on the BPE data and uncompiled; the CPU study's questions keep their narrow model."""
     jobs = study.plan(*study.parse(["configs/study_gpu.py", "--preset=gpu"]))
     shapes = {(j.resolved["n_layer"], j.resolved["n_embd"], j.resolved["dataset"], j.resolved["compile"]) for j in jobs}
     assert shapes == {(12, 768, "shakespeare", False)}

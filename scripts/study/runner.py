@@ -19,14 +19,15 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from gpt_residual import config, runlog
-from scripts.study import questions, report
+from gpt_residual import config
+from scripts.study import registry, report
+from scripts.study.job import NAN, Job
+from scripts.study.question import PRESETS, PROBE, Q_BASE
 
 ROOT = Path(__file__).resolve().parents[2]  # the repo root
-NAN = float("nan")
 
 # ----------------------------------------------------------------------------- what to run
 
@@ -63,37 +64,6 @@ DEFAULT_VARIANTS = "pre_ln,rmsnorm,rope,muon,modern"
 DEFAULT_MAX_ITERS = 500  # for the variants (a config's max_iters is for one long run); --max_iters overrides
 # the config file, then these, then overrides; every cosine ends at its run's own max_iters
 EVERY_RUN = dict(eval_iters=10, checkpoint_interval=0, keep_checkpoints=1, lr_decay_iters=0)
-# The questions' model: 12 narrow layers, cheap on a CPU; one seed each. The learning rate is high for a
-# 12-layer post-LN: in a pilot on configs/small.py, post-LN learned nothing past the token frequencies
-# in 300 steps at 3e-3 or 1e-2, with warmup or without; at 1e-3 it trains with warmup.
-Q_BASE = dict(n_layer=12, n_embd=64, n_head=4, batch_size=16, max_iters=300, learning_rate=1e-3, min_lr=1e-4)
-Q_BASE |= dict(warmup_iters=100, norm="layernorm", norm_position="pre", residual=True, deepnorm=False, init="gpt2")
-# --preset=gpu: the questions' model at GPT-2 small's width, for one GPU (with configs/study_gpu.py's data,
-# context and dtype); its runs are short, so they run uncompiled (a compile per run would cost more)
-PRESETS = {"cpu": {}, "gpu": dict(n_embd=768, n_head=12, batch_size=32)}
-PROBE = {"probe_init": True}
-Q_RUNS = {  # name: (overrides on top of Q_BASE, the questions that read it); the questions: report.py
-    "init-pre-gpt2": (PROBE, {2, 3, 4}),
-    "init-post-gpt2": ({"norm_position": "post", **PROBE}, {2, 3}),
-    "init-pre-xavier": ({"init": "xavier", **PROBE}, {2}),
-    "init-post-xavier": ({"norm_position": "post", "init": "xavier", **PROBE}, {2}),
-    "init-no_residual": ({"residual": False, **PROBE}, {4}),
-    "pre-warmup": ({}, {1, 3, 4, 6, 7}),
-    "pre-nowarmup": ({"warmup_iters": 0}, {1}),
-    "post-warmup": ({"norm_position": "post"}, {1, 3, 6}),
-    "post-nowarmup": ({"norm_position": "post", "warmup_iters": 0}, {1}),
-    "no_residual-warmup": ({"residual": False}, {4}),
-    "scalars": ({"residual_scalars": True, "value_residual": True}, {7}),
-}
-Q6_LRS = (1e-3, 3e-3, 1e-2)  # question 6's sweep; its plain cells at Q_BASE's learning rate are question 1's runs
-Q_RUNS |= {
-    f"lr-{pos}{'-qk' if qk else ''}-{lr:g}": ({"norm_position": pos, "qk_norm": qk, "learning_rate": lr}, {6})
-    for pos in ("pre", "post")
-    for qk in (False, True)
-    for lr in Q6_LRS
-    if qk or lr != Q_BASE["learning_rate"]
-}
-QUESTIONS = report.QUESTIONS | questions.QUESTIONS  # number: (title, the function that writes its section)
 
 
 class StudyError(ValueError):
@@ -102,7 +72,7 @@ class StudyError(ValueError):
 
 @dataclass
 class StudyOptions:
-    """study.py's own flags; every other --key=value is train.py's."""
+    """The study's own flags; every other --key=value is train.py's."""
 
     variants: str = DEFAULT_VARIANTS  # the variants to train, comma-separated (the list is below)
     seeds: int = 2  # runs per variant, seeds seed, seed+1, ...: the same for every variant
@@ -122,9 +92,9 @@ class StudyOptions:
         for key in ("seeds", "jobs"):
             if getattr(self, key) < 1:
                 raise config.ConfigError(f"--{key} must be a positive integer, got {getattr(self, key)}")
-        numbers = ",".join(map(str, QUESTIONS))
+        numbers = ",".join(map(str, registry.QUESTIONS))
         q = {"all": numbers, "none": ""}.get(self.questions, self.questions)
-        if not all(s in map(str, QUESTIONS) for s in q.split(",") if q):
+        if not all(s in map(str, registry.QUESTIONS) for s in q.split(",") if q):
             raise config.ConfigError(f"--questions must be all, none or some of {numbers}; got {q!r}")
         self.questions = q
 
@@ -152,58 +122,11 @@ def help_text() -> str:
     lines = [__doc__.strip(), "", "study flags:"]
     lines += [f"  --{f.name:<10} {f.default!r:<45} {helps[f.name]}" for f in fields(StudyOptions)]
     lines += ["", "variants: " + ", ".join(VARIANTS), "", "questions:"]
-    lines += [f"  {n}. {title}" for n, (title, _) in QUESTIONS.items()]
+    lines += [f"  {q.number}. {q.title}" for q in registry.QUESTIONS.values()]
     return "\n".join(lines + ["", "and every key of train.py (python train.py --help), e.g. --max_iters=1000"])
 
 
 # ----------------------------------------------------------------------------- the grid of runs
-
-
-@dataclass
-class Job:
-    """One `python train.py` run of the study: what to run, then (after run_job) what it did."""
-
-    name: str  # its folder under runs/
-    group: str  # the variant it belongs to, or "q" for a question's run
-    seed: int
-    args: list[str]  # train.py's arguments, config file first
-    resolved: dict = field(default_factory=dict)  # the config they resolve to; a run is reused only if equal
-    probe: bool = False  # a probe_init run: measures at initialisation, trains nothing
-    rc: int = -1  # train.py's exit code
-    error: str = ""  # the last line of its stderr when it failed
-    wall: float = NAN  # seconds the run took
-    load: float = NAN  # the 1-minute load average after it: were its step times measured alone?
-    evals: list[dict] = field(default_factory=list)  # metrics.jsonl: the evaluations (val_loss)
-    trains: list[dict] = field(default_factory=list)  # the log records (ms_per_step)
-    tele: list[dict] = field(default_factory=list)  # the telemetry records while training
-    init: dict | None = None  # the probe's record at initialisation
-    config: dict = field(default_factory=dict)  # the run's config.json
-
-    @property
-    def status(self) -> str:
-        return "ok" if self.rc == 0 else "diverged" if "not finite" in self.error else "failed"
-
-    def describe(self) -> str:
-        """What it was and how it ended, for the progress line."""
-        what = self.name if self.group == "q" else self.group
-        what += " probe" if self.probe else f" seed {self.seed}"
-        if self.status != "ok":
-            return f"{what} ... {self.status.upper()}: {self.error.removeprefix('error: ')}"
-        return f"{what} ... " + (
-            f"loss at init {self.init['loss']:.3f}" if self.probe else f"val {self.evals[-1]['val_loss']:.3f}"
-        )
-
-    def read(self, out: Path):
-        """Its outcome (study.json) and records (metrics.jsonl, config.json) from its folder."""
-        result = json.loads((out / "study.json").read_text())
-        self.rc, self.error, self.wall = result["rc"], result["error"], result["wall"]
-        self.load = result.get("load", NAN)
-        recs = runlog.read(out) if (out / "metrics.jsonl").exists() else []
-        self.evals = [r for r in recs if "val_loss" in r]
-        self.trains = [r for r in recs if "ms_per_step" in r]
-        self.tele = [r for r in recs if "rms" in r and not r.get("probe_init")]
-        self.init = next((r for r in recs if r.get("probe_init")), None)
-        self.config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
 
 
 def flags(overrides: dict) -> list[str]:
@@ -229,13 +152,13 @@ def plan(opts: StudyOptions, config_file: str, user: list[str]) -> list[Job]:
         grid.append((f"{v}-init", v, overrides | PROBE, seed))
         grid += [(f"{v}-s{s}", v, overrides, s) for s in range(seed, seed + opts.seeds)]
     base = Q_BASE | PRESETS[opts.preset]
-    grid += [(f"q-{n}", "q", base | ov, seed) for n, (ov, qs) in Q_RUNS.items() if qs & opts.question_numbers]
+    grid += [(f"q-{run.name}", "q", base | run.overrides, seed) for run in registry.runs_for(opts.question_numbers)]
     return [make_job(config_file, user, *g) for g in grid]
 
 
 def describe_plan(jobs: list[Job]) -> str:
     """One line per run (its steps and tokens; a probe reads eval_iters batches and trains nothing), then the
-    totals: with the tokens/s of the model on a device (bench.py), what the study will cost there."""
+    totals: with the tokens/s of the model on a device (python -m scripts.bench), what the study will cost there."""
     lines, steps, tokens = [], 0, 0
     for job in jobs:
         c = job.resolved
@@ -379,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     cfg = config.parse_args(config.TrainConfig, [config_file, *user])
     command, measured = f"python -m scripts.study {' '.join(argv)}", measure(opts, cfg, jobs)
-    path = report.write(out, jobs, opts, command, where, started, measured, QUESTIONS)
+    path = report.write(out, jobs, opts, command, where, started, measured)
     print(f"report: {path} ({(time.perf_counter() - started[0]) / 60:.1f} min)")
     return 1 if any(j.status == "failed" for j in jobs) else 0
 

@@ -1,19 +1,31 @@
-"""The report's questions 6-9: today's residual and normalization tricks (QK-norm, the learned residual
-scalars, Muon, RoPE, the modern stack), from the runs study.py made; the helpers are study_report's.
+"""Questions 6-9: today's residual and normalization tricks (QK-norm, the learned residual scalars, Muon,
+RoPE, the modern stack), from the runs the study made.
 
-Like questions 1-5, each is a function that reads Results and returns its markdown lines; QUESTIONS
-at the end lists them, and study.py adds them to study_report's.
+Like questions 1-5 (norm_questions.py), each is a Question (question.py): the runs its section reads and
+the section, a function that reads Results and returns its markdown lines. QUESTIONS at the end lists
+them; registry.py lists those.
 """
 
 import math
 import statistics
-import typing
 
-from scripts.study import report as sr
-from scripts.study.report import NAN, TOL, Results, final, finite, fmt, last, mean, mean_std, table
-
-if typing.TYPE_CHECKING:
-    from scripts.study.runner import Job
+from scripts.study.figures import plot_curves
+from scripts.study.job import Job
+from scripts.study.question import LEARNED_SCALARS, LR_SWEEP, POST_WARMUP, PRE_WARMUP, Question
+from scripts.study.results import (
+    NAN,
+    TOL,
+    Results,
+    fastest,
+    final,
+    finite,
+    fmt,
+    last,
+    mean,
+    mean_std,
+    step_stat,
+    table,
+)
 
 LEARNED = 0.5  # nats: a run "trains" when its final val loss is at least this far below the unigram loss
 SETTINGS = {"pre-LN": ("pre", False), "pre-LN + qk_norm": ("pre", True)}
@@ -22,7 +34,7 @@ SETTINGS |= {"post-LN": ("post", False), "post-LN + qk_norm": ("post", True)}
 # ----------------------------------------------------------------------------- val-loss curves
 
 
-def curve(job: "Job", x: str) -> list[tuple[float, float]]:
+def curve(job: Job, x: str) -> list[tuple[float, float]]:
     """(x, val loss) at each evaluation; x: "step", "tokens" or "seconds" (training time, eval left out)."""
     per_step = (job.config.get("batch_size", 0) * job.config.get("block_size", 0)) * job.config.get(
         "gradient_accumulation_steps", 1
@@ -32,7 +44,7 @@ def curve(job: "Job", x: str) -> list[tuple[float, float]]:
     return [(value[x](e), e["val_loss"]) for e in job.evals if math.isfinite(e["val_loss"])]
 
 
-def reach(job: "Job", level: float, x: str) -> float:
+def reach(job: Job, level: float, x: str) -> float:
     """The x at which the val loss first falls to level, linear between evaluations; NAN if it never does."""
     pts = curve(job, x)
     if pts and pts[0][1] <= level:
@@ -43,7 +55,7 @@ def reach(job: "Job", level: float, x: str) -> float:
     return NAN
 
 
-def at(job: "Job", where: float, x: str) -> float:
+def at(job: Job, where: float, x: str) -> float:
     """The val loss at x = where, linear between evaluations; NAN outside the run."""
     pts = curve(job, x)
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
@@ -52,11 +64,11 @@ def at(job: "Job", where: float, x: str) -> float:
     return NAN
 
 
-def seeds(r: Results, variant: str) -> list["Job"]:
+def seeds(r: Results, variant: str) -> list[Job]:
     return [j for j in r.groups.get(variant, []) if not j.probe]
 
 
-def noise(*groups: list["Job"]) -> float:
+def noise(*groups: list[Job]) -> float:
     """Twice the largest seed-to-seed std of the groups' final val losses; TOL with fewer than 2 seeds."""
     stds = [statistics.stdev(xs) if len(xs := finite(final(j) for j in g)) > 1 else NAN for g in groups]
     return 2 * max(stds) if all(math.isfinite(s) for s in stds) else TOL
@@ -76,17 +88,17 @@ def missing(r: Results, *variants: str) -> list[str]:
 # ----------------------------------------------------------------------------- question 6
 
 
-def trains(job: "Job", unigram: float) -> bool:
+def trains(job: Job, unigram: float) -> bool:
     return job.status == "ok" and final(job) < unigram - LEARNED
 
 
-def sweep(r: Results) -> dict[str, dict[float, "Job"]]:
+def sweep(r: Results) -> dict[str, dict[float, Job]]:
     """Question 6's cells by setting and learning rate, read from the runs' own configs; the plain runs at
     Q_BASE's learning rate are question 1's warmup runs."""
     cells = {s: {} for s in SETTINGS}
     for name, job in r.q.items():
         c = job.config
-        if name.startswith("lr-") or name in ("pre-warmup", "post-warmup"):
+        if name.startswith("lr-") or name in (PRE_WARMUP.name, POST_WARMUP.name):
             for s, key in SETTINGS.items():
                 if (c.get("norm_position"), c.get("qk_norm")) == key:
                     cells[s][c.get("learning_rate")] = job
@@ -113,7 +125,7 @@ def plot_sweep(plt, cells: dict, unigram: float):
     return fig
 
 
-def sweep_cell(job: "Job", trained: bool) -> str:
+def sweep_cell(job: Job, trained: bool) -> str:
     return job.status if job.status != "ok" else fmt(final(job), 4) + ("" if trained else " ✗")
 
 
@@ -169,7 +181,7 @@ def plot_scalars(plt, tele: list[dict]):
 
 
 def q7(r: Results) -> list[str]:
-    job, base = r.q["scalars"], r.q["pre-warmup"]
+    job, base = r.q[LEARNED_SCALARS.name], r.q[PRE_WARMUP.name]
     end = last(job)
     c, step = job.config, end.get("step")
     md = [f"A {c.get('n_layer')}-layer pre-LN run with residual_scalars and value_residual (otherwise question 1's"]
@@ -197,8 +209,8 @@ def q7(r: Results) -> list[str]:
 # ----------------------------------------------------------------------------- question 8
 
 
-def plot_level(plt, curves: dict[str, list["Job"]], level: float):
-    fig = sr.plot_curves(plt, curves)
+def plot_level(plt, curves: dict[str, list[Job]], level: float):
+    fig = plot_curves(plt, curves)
     for ax in fig.axes:
         ax.axhline(level, color="gray", ls=":", lw=0.8)
     return fig
@@ -216,7 +228,7 @@ def q8(r: Results) -> list[str]:
     got, rows = {}, []
     for name, rs in runs.items():
         got[name] = {x: mean(reach(j, level, x) for j in rs) for x in ("step", "tokens", "seconds")}
-        ms = sr.step_stat(sr.fastest(rs), "ms_per_step")
+        ms = step_stat(fastest(rs), "ms_per_step")
         rows.append([name, *(fmt(got[name][x], 1) for x in ("step", "tokens", "seconds")), fmt(ms, 1)])
         rows[-1].append(mean_std(final(j) for j in rs))
     md += [f"Level: val loss {fmt(level, 4)}.", ""]
@@ -246,7 +258,7 @@ def q9(r: Results) -> list[str]:
     rows = []
     for v, rs in runs.items():
         secs = mean(curve(j, "seconds")[-1][0] for j in rs if curve(j, "seconds"))
-        ms = sr.step_stat(sr.fastest(rs), "ms_per_step")
+        ms = step_stat(fastest(rs), "ms_per_step")
         rows.append([v, mean_std(final(j) for j in rs), fmt(ms, 1), fmt(secs, 1), fmt(at_t[v], 4)])
     md += table(["variant", "final val", "ms/step", "training seconds", f"val at {fmt(t, 1)} s"], rows)
     for v in ("rope", "modern"):
@@ -256,12 +268,25 @@ def q9(r: Results) -> list[str]:
             f"at {fmt(t, 1)} s {at_t[v] - at_t['pre_ln']:+.4f} nats"
         )
     md += ["- Times depend on the machine and its load: see the header.", ""]
-    return md + r.figure("q9_rope_modern", sr.plot_curves, runs)
+    return md + r.figure("q9_rope_modern", plot_curves, runs)
 
 
-QUESTIONS = {  # number: (title, its section); its runs are study.py's Q_RUNS or the variants it names
-    6: ("Does QK-norm widen the range of learning rates at which a 12-layer model trains?", q6),
-    7: ("What do the learned residual scalars and value-residual weights converge to, layer by layer?", q7),
-    8: ("Muon vs AdamW: steps, tokens and time to the same val loss, and the final loss", q8),
-    9: ("RoPE vs learned positions, and the modern stack vs GPT-2's pre-LN, at the same budget and time", q9),
-}
+QUESTIONS = (
+    Question(
+        6,
+        "Does QK-norm widen the range of learning rates at which a 12-layer model trains?",
+        (PRE_WARMUP, POST_WARMUP, *LR_SWEEP),
+        q6,
+    ),
+    Question(
+        7,
+        "What do the learned residual scalars and value-residual weights converge to, layer by layer?",
+        (LEARNED_SCALARS, PRE_WARMUP),
+        q7,
+    ),
+    # questions 8 and 9 read the variants they name (muon; rope, modern) beside pre_ln
+    Question(8, "Muon vs AdamW: steps, tokens and time to the same val loss, and the final loss", (), q8),
+    Question(
+        9, "RoPE vs learned positions, and the modern stack vs GPT-2's pre-LN, at the same budget and time", (), q9
+    ),
+)

@@ -1,0 +1,69 @@
+"""What a question of the study is, and the runs the questions read.
+
+A Question owns its runs (the Run specs below that its section reads) and its report section; registry.py
+lists every question, and both the planner (runner.py) and the report (report.py) read that list. Every Run
+is one `python train.py` run of the questions' model, Q_BASE: several questions may read the same run, which
+the study makes once. A new question is a Question in norm_questions.py or modern_questions.py (or a new
+module), its new runs here, and one line in registry.py.
+"""
+
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+
+if typing.TYPE_CHECKING:
+    from scripts.study.results import Results
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the questions' model: its folder is runs/q-<name>; r.q[name] in a section."""
+
+    name: str
+    overrides: dict  # TrainConfig overrides on top of Q_BASE (and the preset)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of the report: its runs, made by the planner, and its section, written from them."""
+
+    number: int  # --questions=<number>; its section is "## Question <number>: <title>"
+    title: str
+    runs: tuple[Run, ...]  # the runs its section reads (besides the variants it names, if any)
+    section: Callable[["Results"], list[str]]  # its markdown lines
+
+
+# The questions' model: 12 narrow layers, cheap on a CPU; one seed each. The learning rate is high for a
+# 12-layer post-LN: in a pilot on configs/small.py, post-LN learned nothing past the token frequencies
+# in 300 steps at 3e-3 or 1e-2, with warmup or without; at 1e-3 it trains with warmup.
+Q_BASE = dict(n_layer=12, n_embd=64, n_head=4, batch_size=16, max_iters=300, learning_rate=1e-3, min_lr=1e-4)
+Q_BASE |= dict(warmup_iters=100, norm="layernorm", norm_position="pre", residual=True, deepnorm=False, init="gpt2")
+# --preset=gpu: the questions' model at GPT-2 small's width, for one GPU (with configs/study_gpu.py's data,
+# context and dtype); its runs are short, so they run uncompiled (a compile per run would cost more)
+PRESETS = {"cpu": {}, "gpu": dict(n_embd=768, n_head=12, batch_size=32)}
+PROBE = {"probe_init": True}  # measure at initialisation, train nothing
+
+# probes at initialisation (questions 2, 3, 4)
+INIT_PRE_GPT2 = Run("init-pre-gpt2", PROBE)
+INIT_POST_GPT2 = Run("init-post-gpt2", {"norm_position": "post", **PROBE})
+INIT_PRE_XAVIER = Run("init-pre-xavier", {"init": "xavier", **PROBE})
+INIT_POST_XAVIER = Run("init-post-xavier", {"norm_position": "post", "init": "xavier", **PROBE})
+INIT_NO_RESIDUAL = Run("init-no_residual", {"residual": False, **PROBE})
+# trained runs: pre- and post-LN with and without warmup (question 1, read by 3, 4, 6, 7 too)
+PRE_WARMUP = Run("pre-warmup", {})
+PRE_NOWARMUP = Run("pre-nowarmup", {"warmup_iters": 0})
+POST_WARMUP = Run("post-warmup", {"norm_position": "post"})
+POST_NOWARMUP = Run("post-nowarmup", {"norm_position": "post", "warmup_iters": 0})
+NO_RESIDUAL_WARMUP = Run("no_residual-warmup", {"residual": False})  # question 4
+LEARNED_SCALARS = Run("scalars", {"residual_scalars": True, "value_residual": True})  # question 7
+Q6_LRS = (1e-3, 3e-3, 1e-2)  # question 6's sweep; its plain cells at Q_BASE's learning rate are question 1's runs
+LR_SWEEP = tuple(
+    Run(f"lr-{pos}{'-qk' if qk else ''}-{lr:g}", {"norm_position": pos, "qk_norm": qk, "learning_rate": lr})
+    for pos in ("pre", "post")
+    for qk in (False, True)
+    for lr in Q6_LRS
+    if qk or lr != Q_BASE["learning_rate"]
+)
+# every run, in the order the study makes them (the probes first: they train nothing)
+RUNS = (INIT_PRE_GPT2, INIT_POST_GPT2, INIT_PRE_XAVIER, INIT_POST_XAVIER, INIT_NO_RESIDUAL)
+RUNS += (PRE_WARMUP, PRE_NOWARMUP, POST_WARMUP, POST_NOWARMUP, NO_RESIDUAL_WARMUP, LEARNED_SCALARS, *LR_SWEEP)
