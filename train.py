@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
-from gpt_residual.evaluate import byte_table, estimate_losses
+from gpt_residual.evaluate import TrainingSampler, byte_table, estimate_losses
 from gpt_residual.health import Health, TrainingError
 from model import GPT, GPTConfig
 
@@ -288,6 +288,7 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     recent, stopping, first_eval = console.RecentLoss(rt), False, True
     token_bytes = byte_table(data.meta, model_cfg.vocab_size, rt.device)  # for bits per byte
+    sampler = TrainingSampler(cfg, rt, data.meta)  # sample_interval's samples (rank 0)
     while True:
         done = state.step >= cfg.max_iters or stopping
         is_best = False
@@ -304,6 +305,9 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
                 state.last_eval = {"step": state.step, **estimate}
                 is_best, state.best_val = estimate["val"] < state.best_val, min(state.best_val, estimate["val"])
                 console.log_eval(rt, logger, state.last_eval, time.perf_counter() - t_start, meter.eval_s)
+                if sampler.due(state.step):
+                    with meter.pause(eval_time=True):
+                        sampler(state.raw_model, state.step, logger)
         periodic = cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0
         if state.step > max(first_step, state.saved_step) and (periodic or is_best or done):
             with meter.pause():

@@ -8,12 +8,14 @@ model of ASCII text every token is one byte, and bpb = loss / ln 2.
 """
 
 import math
+import textwrap
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from gpt_residual import dataset, runtime
+from gpt_residual.engine import generate
 
 
 def byte_table(meta: dict, vocab_size: int, device) -> torch.Tensor:
@@ -78,3 +80,43 @@ def summarize(totals: dict, with_bpb: bool) -> dict:
         if with_bpb:
             out[f"{split}_bpb"] = nats / math.log(2) / nbytes if nbytes else None
     return out
+
+
+class TrainingSampler:
+    """sample_interval > 0: at those eval steps (and the last), sample_tokens tokens after sample_prompt, drawn
+    on rank 0 through the KV-cached engine (engine.generate) from the unwrapped model, printed and logged as
+    {"step", "sample"}. The draw is seeded by cfg.seed inside a forked RNG, so it is the same every time and the
+    training's random streams (dropout) are untouched: the losses equal those of a run without samples. Blocks
+    compiled in place (compile_scope="blocks") run eagerly here: generation's shapes would make them recompile."""
+
+    TEMPERATURE = 0.8  # sample.py's default
+
+    def __init__(self, cfg, rt: runtime.Runtime, meta: dict):
+        self.cfg, self.rt, self.active = cfg, rt, cfg.sample_interval > 0 and rt.master
+        if self.active:  # a prompt outside a char vocabulary fails here, at start-up, in one line
+            self.tokenizer = dataset.Tokenizer(meta)
+            self.prompt = self.tokenizer.encode(cfg.sample_prompt.replace("\\n", "\n").replace("\\t", "\t"))
+
+    def due(self, step: int) -> bool:
+        return self.active and (step % self.cfg.sample_interval == 0 or step >= self.cfg.max_iters)
+
+    def __call__(self, model, step: int, logger) -> str | None:
+        """The sample at this step (printed and logged), or None when none is due."""
+        if not self.due(step):
+            return None
+        rt, was_training = self.rt, model.training
+        devices = [rt.device] if rt.device_type != "cpu" else []
+        idx = torch.tensor([self.prompt], dtype=torch.long, device=rt.device)
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=rt.device_type), rt.autocast():
+                torch.manual_seed(self.cfg.seed)
+                with torch.compiler.set_stance("force_eager"):
+                    out = generate(model, idx, self.cfg.sample_tokens, temperature=self.TEMPERATURE)
+        finally:
+            model.train(was_training)
+        text = self.tokenizer.decode(out[0, len(self.prompt) :].tolist())
+        shown = textwrap.indent(text, "  | ", lambda _: True)  # every line marked, blank ones too
+        rt.print(f"step {step}: sample after {self.cfg.sample_prompt!r}:\n{shown}")
+        logger.log({"step": step, "sample": text})
+        return text
