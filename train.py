@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
+from gpt_residual.evaluate import TrainingSampler, byte_table, estimate_losses
 from gpt_residual.health import Health, TrainingError
 from model import GPT, GPTConfig
 
@@ -186,36 +187,6 @@ def compile_model(state: TrainState, cfg, rt: runtime.Runtime, sampler: dataset.
 # ----------------------------------------------------------------------------- the pieces of the loop
 
 
-@torch.no_grad()
-def evaluate(model, samplers: dict, cfg, rt: runtime.Runtime, stop: runtime.GracefulStop) -> dict | None:
-    """Mean loss over the same samples of each split every time: eval_iters batches, or the whole split
-    when it holds fewer windows (BatchSampler.estimate_samples); ranks share the work. Returns None,
-    abandoning the estimate, as soon as a stop is requested (checked between batches)."""
-    model.eval()
-    try:
-        out = {}
-        for split, sampler in samplers.items():
-            samples = sampler.estimate_samples(cfg.eval_iters)
-            batches = -(-samples // sampler.B)  # the last may be partial
-            total = torch.zeros(2, device=rt.device)  # (sum of losses weighted by rows, rows)
-            for i in range(-(-batches // rt.world_size)):  # the same number of forwards on every rank
-                if stop.agreed():  # under DDP every rank checks at the same batch, so all abandon together
-                    return None
-                g = min(i * rt.world_size + rt.rank, batches - 1)  # (FSDP: every rank must run each forward)
-                rows = min(sampler.B, samples - g * sampler.B)
-                x, y = sampler.get(g, rt.device, rows)
-                with rt.autocast():
-                    _, loss = model(x, y)
-                if i * rt.world_size + rt.rank < batches:  # a batch beyond the last only kept this rank in step
-                    total += torch.stack([loss.float() * rows, torch.full((), float(rows), device=rt.device)])
-            if rt.ddp:
-                dist.all_reduce(total)
-            out[split] = (total[0] / total[1]).item()
-        return out
-    finally:
-        model.train()
-
-
 def train_step(state: TrainState, batches, lr: float, cfg, rt: runtime.Runtime, telemetry_probe=None):
     """One optimizer step: gradient_accumulation_steps micro-batches forward and backward (gradients
     all-reduced on the last one only), unscale, clip, step. Returns the mean loss and the gradient norm
@@ -316,6 +287,8 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
     meter = console.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, state.step)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     recent, stopping, first_eval = console.RecentLoss(rt), False, True
+    token_bytes = byte_table(data.meta, model_cfg.vocab_size, rt.device)  # for bits per byte
+    sampler = TrainingSampler(cfg, rt, data.meta)  # sample_interval's samples (rank 0)
     while True:
         done = state.step >= cfg.max_iters or stopping
         is_best = False
@@ -324,7 +297,7 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
                 plan = "; ".join(f"{k}: {v.describe_estimate(cfg.eval_iters)}" for k, v in data.evals.items())
                 rt.print(f"step {state.step}: estimating the loss ({plan}) ...")
             with meter.pause(eval_time=True):
-                estimate = evaluate(state.model, data.evals, cfg, rt, stop)
+                estimate = estimate_losses(state.model, data.evals, cfg, rt, stop, token_bytes)
             first_eval = False
             if estimate is None:  # a stop was requested: the estimate is abandoned
                 done = stopping = True
@@ -332,6 +305,9 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
                 state.last_eval = {"step": state.step, **estimate}
                 is_best, state.best_val = estimate["val"] < state.best_val, min(state.best_val, estimate["val"])
                 console.log_eval(rt, logger, state.last_eval, time.perf_counter() - t_start, meter.eval_s)
+                if sampler.due(state.step):
+                    with meter.pause(eval_time=True):
+                        sampler(state.raw_model, state.step, logger)
         periodic = cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0
         if state.step > max(first_step, state.saved_step) and (periodic or is_best or done):
             with meter.pause():

@@ -72,6 +72,9 @@ class TrainConfig(GPTConfig):
     checkpoint_interval: int = 500  # steps between checkpoints (and one at the end; 0: only at the end)
     keep_checkpoints: int = 2  # newest ckpt-<step>.pt files to keep; ckpt.pt and ckpt-best.pt link to them
     telemetry_interval: int = 0  # steps between per-layer grad norms, update ratios, stream RMS (0: off)
+    sample_interval: int = 0  # steps between samples printed at eval steps (a multiple of eval_interval; 0: off)
+    sample_prompt: str = "\n"  # the prompt of those samples (a typed \n is a newline)
+    sample_tokens: int = 48  # tokens per sample (seeded by seed, so the same draw every time)
     probe_init: bool = False  # measure that telemetry at initialisation over eval_iters batches, then exit
     wandb_log: bool = False  # also send metrics to Weights & Biases (rank 0)
     wandb_project: str = "gpt"  # wandb project name
@@ -87,12 +90,12 @@ class TrainConfig(GPTConfig):
     def __post_init__(self):
         super().__post_init__()
         positive = ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval")
-        positive += ("keep_checkpoints",)
+        positive += ("keep_checkpoints", "sample_tokens")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "telemetry_interval",
-                    "batch_tokens"):
+                    "batch_tokens", "sample_interval"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.learning_rate <= 0 or self.min_lr < 0:
@@ -122,12 +125,24 @@ class TrainConfig(GPTConfig):
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, ("auto",))
         check_choice("compile_scope", self.compile_scope, ("blocks", "model"))
+        if self.sample_interval % self.eval_interval:
+            raise ConfigError(
+                f"sample_interval ({self.sample_interval}) samples at eval steps: make it a multiple of "
+                f"eval_interval ({self.eval_interval}), e.g. --sample_interval={self.eval_interval}"
+            )
+        if self.sample_interval and not self.sample_prompt:
+            raise ConfigError("sample_prompt is empty; give it some text (e.g. --sample_prompt='\\n')")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.dataset):
             raise ConfigError(f"dataset must be a folder name under data/, got {self.dataset!r}")
 
     def for_world(self, world_size: int) -> "TrainConfig":
         """This config for world_size processes: with batch_tokens, the gradient_accumulation_steps that
         keep that many tokens per optimizer step (nanochat's total_batch_size)."""
+        if world_size > 1 and self.parallel == "fsdp" and self.sample_interval:
+            raise ConfigError(
+                "sample_interval generates on rank 0 alone, but parallel=fsdp shards the model over the ranks: "
+                "set --sample_interval=0 (sample.py samples the checkpoint) or use --parallel=ddp"
+            )
         if not self.batch_tokens:
             return self
         micro = self.batch_size * self.block_size * world_size  # tokens of one micro-step over all processes

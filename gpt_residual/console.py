@@ -117,11 +117,15 @@ def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool
 
 
 def log_eval(rt, logger, last: dict, elapsed: float, eval_s: float):
+    """The eval line and record: each split's loss (nats per token) and bits per byte."""
+    bpb = [f"{split} {last[f'{split}_bpb']:.4f}" for split in ("train", "val") if last.get(f"{split}_bpb") is not None]
+    bpb_txt = f"; bits per byte: {', '.join(bpb)}" if bpb else ""
     rt.print(
-        f"step {last['step']}: train loss {last['train']:.4f}, val loss {last['val']:.4f} "
+        f"step {last['step']}: train loss {last['train']:.4f}, val loss {last['val']:.4f}{bpb_txt} "
         f"({elapsed:.1f}s, {eval_s:.1f}s of it in eval)"
     )
     record = {"step": last["step"], "train_loss": last["train"], "val_loss": last["val"]}
+    record.update({f"{split}_bpb": last[f"{split}_bpb"] for split in ("train", "val") if f"{split}_bpb" in last})
     logger.log({**record, "time": elapsed, "eval_time": eval_s})
 
 
@@ -152,7 +156,8 @@ def format_eta(seconds: float) -> str:
 def summarize(cfg, rt, s, recent, stop, meter, total: float, compile_s: float, argv) -> dict:
     """The last line: where the run stopped and its most recent losses; for an interrupted run, how to resume."""
     train_loss, last = recent.latest(), s.last_eval
-    val_txt = f"val loss {last['val']:.4f} (step {last['step']})" if last else "no val loss yet"
+    bpb = f", {last['val_bpb']:.4f} bits per byte" if last.get("val_bpb") is not None else ""
+    val_txt = f"val loss {last['val']:.4f}{bpb} (step {last['step']})" if last else "no val loss yet"
     train_txt = f"train loss {train_loss:.4f} (recent steps)" if train_loss is not None else "no step taken"
     timing = f"{total:.1f}s ({meter.eval_s:.1f}s in eval, {compile_s:.1f}s compiling)"
     if stop.requested:
@@ -168,6 +173,8 @@ def summarize(cfg, rt, s, recent, stop, meter, total: float, compile_s: float, a
         "step": s.step,
         "train_loss": last.get("train"),
         "val_loss": last.get("val"),
+        "train_bpb": last.get("train_bpb"),
+        "val_bpb": last.get("val_bpb"),
         "best_val_loss": s.best_val,
         "recent_train_loss": train_loss,
         "time": total,

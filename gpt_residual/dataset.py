@@ -61,6 +61,14 @@ class Tokenizer:
             return self.enc.decode(list(ids))
         return "".join(self.itos[i] for i in ids)
 
+    def token_bytes(self) -> list[int]:
+        """The UTF-8 length of each token id's text, 0 for special tokens (GPT-2's <|endoftext|>): what bits
+        per byte divides by. Exact for both tokenizers: a text's bytes are the sum over its tokens'."""
+        if self.kind == "char":
+            return [len(ch.encode("utf-8")) for ch in self.itos]
+        special = {self.enc.encode_single_token(s) for s in self.enc.special_tokens_set}
+        return [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
+
     def stream_decoder(self):
         """A function of one token id -> the text it completes (BPE tokens can split a UTF-8 char)."""
         if self.kind == "char":

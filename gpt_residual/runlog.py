@@ -2,7 +2,9 @@
 
 Records written by train.py, each with "step":
     train      loss, lr, grad_norm, ms_per_step, tokens_per_sec, mfu, time
-    eval       train_loss, val_loss, time, eval_time
+    eval       train_loss, val_loss (nats per token), train_bpb, val_bpb (bits per byte: the summed loss in bits
+               over the targets' UTF-8 bytes, end-of-text out of both), time, eval_time
+    sample     sample (sample_interval > 0: the text generated after sample_prompt at that eval step)
     telemetry  grad_attn, grad_mlp, update_attn, update_mlp, rms, attn_logit_max, and with the switches
                resid_a, resid_b, v_lambda (lists, one entry per layer)
     probe      probe_init: true, loss, grad_attn, grad_mlp, rms (statistics at initialisation)

@@ -140,6 +140,7 @@ def runs(char_data, tmp_path_factory):
         # an even eval split here: an uneven one hangs FSDP (test_fsdp_eval_with_an_uneven_split)
         "fsdp": (WORLD, [f"--gradient_accumulation_steps={K}", "--parallel=fsdp", "--eval_iters=4"]),
     }
+    specs["ddp-sample"] = (WORLD, [*specs["ddp"][1], "--sample_interval=3", "--sample_tokens=8"])
     # compile=True with TORCH_COMPILE_DISABLE=1: compile_model's warm-up runs as it does on a GPU, dynamo passes through
     for parallel in ("ddp", "fsdp"):
         world, extra = specs[parallel]
@@ -365,7 +366,7 @@ def test_a_checkpoint_of_one_parallel_resumes_under_the_other(runs, saved, resum
 def test_ddp_eval_matches_the_single_process(runs):
     single, multi = runs("single").eval_records(), runs("ddp").eval_records()
     assert multi[0]["step"] == single[0]["step"] == 0
-    for key in ("train_loss", "val_loss"):
+    for key in ("train_loss", "val_loss", "train_bpb", "val_bpb"):
         assert multi[0][key] == pytest.approx(single[0][key], rel=1e-6, abs=1e-7), key
     # and at the end, after identical training, to round-off
     assert multi[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
@@ -385,5 +386,16 @@ def test_fsdp_eval_with_an_uneven_split(runs):
         f"ran different numbers of eval forwards and FSDP's all-gathers did not match\n{proc.stderr[-1500:]}"
     )
     got = run.eval_records()[0]
-    for key in ("train_loss", "val_loss"):
+    for key in ("train_loss", "val_loss", "train_bpb", "val_bpb"):
         assert got[key] == pytest.approx(single[key], rel=1e-6, abs=1e-7), key
+
+
+def test_ddp_samples_on_rank_0_leave_the_losses_alone(runs):
+    """sample_interval under DDP: rank 0 alone generates, once per eval step; the other rank waits at the next
+    all-reduce, and every loss is the run's without samples."""
+    plain, sampled = runs("ddp"), runs("ddp-sample")
+    samples = [r for r in sampled.records if "sample" in r]
+    assert [r["step"] for r in samples] == [r["step"] for r in plain.eval_records()]
+    assert sampled.proc.stdout.count(": sample after") == len(samples)
+    losses = lambda run: [(r["step"], r.get("loss"), r.get("val_loss")) for r in run.records if "sample" not in r]
+    assert losses(sampled) == losses(plain)

@@ -77,3 +77,28 @@ def test_metrics_read_is_the_one_reader(tmp_path):
         runlog.read(tmp_path / "a")
     with pytest.raises(ValueError, match="not found"):
         runlog.read(tmp_path / "nope")
+
+
+def test_bits_per_byte_panel(tmp_path):
+    """--metric=bpb plots the estimates' bits per byte (default bpb.png); a run that logged none is a one-line error."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "old")
+    for name, scale in (("char", 1.0), ("bpe", 0.8)):
+        write_run(tmp_path / name, scale=scale)
+        path = tmp_path / name / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in records:
+            if "val_loss" in r:
+                r.update(train_bpb=r["train_loss"] / math.log(2), val_bpb=r["val_loss"] / math.log(2))
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    from scripts import plot
+
+    train, evals = plot.read_metrics(tmp_path / "char", "bpb")
+    assert plot.series(evals, "val_bpb")[1] == [r["val_loss"] / math.log(2) for _, r in sorted(evals.items())]
+    result = run(["-m", "scripts.plot", str(tmp_path / "char"), str(tmp_path / "bpe"), "--metric=bpb"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    png = tmp_path / "char" / "bpb.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and not (tmp_path / "char" / "loss.png").exists()
+    result = run(["-m", "scripts.plot", str(tmp_path / "char"), str(tmp_path / "old"), "--metric=bpb"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "no bits per byte" in lines[0] and "old" in lines[0]

@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, metrics_records, run, tiny_text
 
 import sample
 import train
-from gpt_residual import checkpoint, config, dataset, runtime
+from gpt_residual import checkpoint, config, dataset, evaluate, runtime
 from gpt_residual.health import TrainingError
 from model import GPT, GPTConfig
 
@@ -444,7 +444,7 @@ def test_evaluation_of_a_small_split_is_its_exact_loss(tiny_cfg):
     rt = runtime.init_runtime("cpu", "float32")
     data = train.load_data(cfg, rt)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65)).eval()
-    got = train.evaluate(model, {"val": data.evals["val"]}, cfg, rt, runtime.GracefulStop(rt))["val"]
+    got = evaluate.estimate_losses(model, {"val": data.evals["val"]}, cfg, rt, runtime.GracefulStop(rt))["val"]
     sampler = data.evals["val"]
     assert sampler.n % sampler.B, "the last batch should be partial for this test"
     x, y = dataset.to_device(sampler.read(0, rows=sampler.n), "cpu")  # every window in one batch
