@@ -143,11 +143,20 @@ def peak_flops(rt: Runtime, override: float = 0.0) -> float | None:
     return None
 
 
+def torch_version() -> tuple[int, int]:
+    """torch's (major, minor), e.g. (2, 6) for 2.6.0+cu124."""
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def parallelize(model: torch.nn.Module, parallel: str, rt: Runtime) -> torch.nn.Module:
     """Shard with FSDP2 (parallel="fsdp"; before the optimizer is built), in place. DDP wrapping is
     done after torch.compile, by wrap_ddp. Single-process runs are left alone."""
     if parallel == "fsdp" and rt.ddp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if rt.device_type == "cpu" and torch_version() < (2, 7):  # FSDP2 records stream events: CPU has them from 2.7
+            raise DeviceError(f"parallel=fsdp on CPU needs torch >= 2.7 (this is {torch.__version__}); "
+                              "use parallel=ddp or a newer torch")
 
         # compute in the run's dtype, reduce gradients in float32; each block is one unit of sharding
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)

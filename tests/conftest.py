@@ -12,7 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpt_residual import config  # noqa: E402
+import torch  # noqa: E402
+
+from gpt_residual import config, runtime  # noqa: E402
+
+# what the supported floor (torch 2.6) lacks: torch.optim.Muon (2.9) and FSDP2 on a CPU (2.7)
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="optimizer=muon needs torch >= 2.9")
+CPU_FSDP = runtime.torch_version() >= (2, 7)
+needs_cpu_fsdp = pytest.mark.skipif(not CPU_FSDP, reason="parallel=fsdp on a CPU needs torch >= 2.7")
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, metrics_records
+from conftest import CPU_FSDP, ROOT, metrics_records, needs_cpu_fsdp
 
 from gpt_residual import checkpoint
 
@@ -152,6 +152,8 @@ def runs(char_data, tmp_path_factory):
     done: dict[str, Run] = {}
 
     def get(name: str) -> Run:
+        if "fsdp" in name and not CPU_FSDP:
+            pytest.skip("parallel=fsdp on a CPU needs torch >= 2.7")
         if name not in done:
             world, extra, *env = specs[name]
             out, rec = root / name, root / f"{name}-rec"
@@ -163,6 +165,11 @@ def runs(char_data, tmp_path_factory):
 
     get.script, get.root, get.base = script, root, base
     return get
+
+
+def ours(writes: list, out: Path) -> list:
+    """The writes into the run's out_dir or the repo (torch 2.6 itself writes a module into the temp dir on import)."""
+    return [w for w in writes if w[1].startswith((str(out), str(ROOT)))]
 
 
 def assert_close_weights(a: dict, b: dict):
@@ -239,7 +246,7 @@ def test_probe_init_runs_on_two_ranks_and_rank_0_logs_it_once(runs, parallel):
     for key in ("grad_attn", "grad_mlp", "rms"):
         assert len(records[0][key]) == len(single[key]) and all(v > 0 for v in records[0][key]), key
     assert records[0]["loss"] == pytest.approx(single["loss"], rel=0.05)  # untrained: about ln(vocab) on both
-    assert probe.rank(1)["writes"] == [], "rank 1 wrote files"
+    assert ours(probe.rank(1)["writes"], probe.out) == [], "rank 1 wrote files"
     assert sum("at initialisation" in line for line in probe.proc.stdout.splitlines()) == 1
 
 
@@ -285,7 +292,7 @@ def test_only_rank_0_writes_files(runs):
     multi = runs("ddp")
     names = sorted(p.name for p in multi.out.iterdir())
     assert names == ["ckpt-0000003.pt", "ckpt-0000006.pt", "ckpt-best.pt", "ckpt.pt", "config.json", "metrics.jsonl"]
-    assert multi.rank(1)["writes"] == [], "rank 1 wrote files"
+    assert ours(multi.rank(1)["writes"], multi.out) == [], "rank 1 wrote files"
     writes = [(kind, Path(p).name) for kind, p in multi.rank(0)["writes"]]
     assert writes.count(("write_text", "config.json")) == 1
     assert writes.count(("open", "metrics.jsonl")) == 1
@@ -339,6 +346,7 @@ def test_resume_under_ddp_is_bit_identical(char_data, tmp_path):
     assert straight_losses == [r["loss"] for r in resumed.train_records()]
 
 
+@needs_cpu_fsdp
 @pytest.mark.parametrize("saved, resumed", [("fsdp", "ddp"), ("ddp", "fsdp")])
 def test_a_checkpoint_of_one_parallel_resumes_under_the_other(runs, saved, resumed):
     """checkpoint.py saves full, unsharded state dicts keyed by parameter name under both DDP and FSDP: a run saved
@@ -372,6 +380,7 @@ def test_ddp_eval_matches_the_single_process(runs):
     assert multi[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
 
 
+@needs_cpu_fsdp
 def test_fsdp_eval_with_an_uneven_split(runs):
     """FSDP all-gathers the weights in every forward, so every rank must run the same number of
     eval forwards even when eval_iters is not a multiple of the world size."""

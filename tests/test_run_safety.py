@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, metrics_records, run
+from conftest import ROOT, assert_one_line_error, metrics_records, needs_muon, run
 
 import train
 from gpt_residual import checkpoint, config, console, dataset, runtime
@@ -115,6 +115,7 @@ def test_resume_refuses_another_dataset(tiny_cfg, char_data):
     assert_one_line_error(proc, "dataset 'shakespeare_char'", "'mine'", "--dataset=shakespeare_char")
 
 
+@needs_muon
 def test_resume_refuses_another_optimizer(tiny_cfg, char_data):
     cfg = tiny_cfg(max_iters=5)
     train.train(cfg)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, metrics_records, run
+from conftest import ROOT, metrics_records, needs_muon, run
 
 from scripts.study import modern_questions, norm_questions, registry
 from scripts.study import runner as study
@@ -169,6 +169,7 @@ def test_help_names_every_flag_variant_and_question(capsys):
     assert not re.search(r"issue|#\d", out, re.I), out  # speaks of the project, not of its tracker
 
 
+@needs_muon  # the default variants and questions 8-9 train with Muon
 def test_one_run_per_gpu_when_there_are_several(monkeypatch):
     import torch
 
@@ -184,6 +185,7 @@ def test_one_run_per_gpu_when_there_are_several(monkeypatch):
     assert {j.resolved["device"] for j in jobs} == {"cpu"}  # what main passes to slots
 
 
+@needs_muon  # the default variants and questions 8-9 train with Muon
 def test_every_run_decays_over_its_own_budget():
     """small.py ends its cosine at step 1000; the study's shorter runs must not inherit that schedule."""
     import train
@@ -280,6 +282,7 @@ def tricks(tmp_path_factory, char_data) -> tuple[str, Path, float]:
     return report, out / "runs", float(re.search(r"\(unigram\): (\d+\.\d+)", report).group(1))
 
 
+@needs_muon  # the default variants and questions 8-9 train with Muon
 def test_q6_from_the_runs_records(tricks):
     """Every cell is its run's last val loss; "trains at", the attention logits and the answer follow from them."""
     report, runs, unigram = tricks
@@ -302,6 +305,7 @@ def test_q6_from_the_runs_records(tricks):
     assert re.search(re.escape(answer).replace(r"\{\}", r"[a-z ]+"), q6), q6
 
 
+@needs_muon  # the default variants and questions 8-9 train with Muon
 def test_q7_from_the_runs_records(tricks):
     """a_i, b_i, l_i per block are the run's last telemetry record."""
     report, runs, _ = tricks
@@ -313,6 +317,7 @@ def test_q7_from_the_runs_records(tricks):
     assert tele[-1]["v_lambda"][0] == 0 and tele[-1]["resid_a"] != tele[0]["resid_a"]  # they moved
 
 
+@needs_muon  # the default variants and questions 8-9 train with Muon
 def test_q8_from_the_runs_records(tricks):
     """The level is the worse run's final val loss; steps, tokens and seconds to it, from the curves."""
     report, runs, _ = tricks
@@ -331,6 +336,7 @@ def test_q8_from_the_runs_records(tricks):
     assert muon_cfg["optimizer"] == "muon" and metrics_records(runs / "pre_ln-s1337")[0]
 
 
+@needs_muon  # the default variants and questions 8-9 train with Muon
 def test_q9_from_the_runs_records(tricks):
     """Final val losses and their differences; the run that stopped first is at its own final loss at t."""
     report, runs, _ = tricks
@@ -387,6 +393,7 @@ def test_q6_range_is_the_learning_rates_that_train(post_plain, post_qk, answer):
     assert "post-LN, final val loss with qk_norm minus without where both train: +0.0000 at 0.001" in text
 
 
+@needs_muon  # the default variants and questions 8-9 train with Muon
 def test_the_gpu_preset_studies_gpt2_small_width_on_bpe_shakespeare():
     """python -m scripts.study configs/study_gpu.py --preset=gpu: every run, variants and questions alike, is
     12 x 768 on the BPE data and uncompiled; the CPU study's questions keep their narrow model."""
@@ -398,6 +405,7 @@ def test_the_gpu_preset_studies_gpt2_small_width_on_bpe_shakespeare():
     assert {j.resolved["n_embd"] for j in cpu if j.group == "q"} == {64}
 
 
+@needs_muon  # the default variants and questions 8-9 train with Muon
 def test_dry_run_lists_the_runs_and_their_cost_and_runs_nothing(tmp_path, capsys):
     """--dry_run: one line per run (steps, tokens) and the totals, from the same plan the study runs; no folder."""
     argv = ["configs/study_gpu.py", "--preset=gpu", f"--study_dir={tmp_path / 'studies'}", "--dry_run=True"]

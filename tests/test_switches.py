@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import metrics_records
+from conftest import metrics_records, needs_cpu_fsdp
 from test_model import all_logits, make_model, prompt
 
 import model as model_module
@@ -186,6 +186,7 @@ def test_refused_combinations(bad, needle):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="optimizer=muon needs torch >= 2.9")
 def test_muon_config_checks(tiny_cfg, monkeypatch):
     with pytest.raises(config.ConfigError, match="parallel"):
         tiny_cfg(optimizer="muon", parallel="fsdp")
@@ -345,7 +346,7 @@ def test_attention_logit_is_measured():
 
 @pytest.mark.parametrize(
     "parallel, extra, tol",
-    [pytest.param("ddp", [], 1e-5, id="ddp"), pytest.param("fsdp", [], 1e-5, id="fsdp"),
+    [pytest.param("ddp", [], 1e-5, id="ddp"), pytest.param("fsdp", [], 1e-5, marks=needs_cpu_fsdp, id="fsdp"),
      pytest.param("ddp", ["--optimizer=muon"], 1e-2, marks=needs_muon(dict(optimizer="muon")), id="ddp-muon")],
 )
 def test_two_ranks_with_every_switch_reach_the_single_process_weights(char_data, tmp_path, parallel, extra, tol):
