@@ -230,13 +230,14 @@ def time_to_loss(cfg: config.TrainConfig, levels: list[float]) -> dict:
         out[f"val <= {level:g}: wall s"] = hit["time"] if hit else None
         out[f"val <= {level:g}: train s"] = hit["time"] - hit["eval_time"] if hit else None
         out[f"val <= {level:g}: step"] = float(hit["step"]) if hit else None
+        out[f"val <= {level:g}: val bpb"] = hit.get("val_bpb") if hit else None  # bits per byte there
     ms = statistics.median(r["ms_per_step"] for r in steps) if steps else None
     tokens_per_step = json.loads((Path(cfg.out_dir) / "config.json").read_text())["tokens_per_step"]
     out["tokens/s"], out["ms/step"] = (tokens_per_step * 1000 / ms if ms else None), ms
     out["eval s"] = result["eval_time"]
     out["train s"] = result["time"] - result["eval_time"]
     out["total s"] = result["time"]
-    out["final val loss"] = result["val_loss"]
+    out["final val loss"], out["final val bpb"] = result["val_loss"], result.get("val_bpb")
     return out
 
 

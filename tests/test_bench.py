@@ -2,6 +2,7 @@
 Timings on a shared CPU are noise; only that they are measured and printed is checked."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -116,6 +117,10 @@ def test_time_to_loss_reports_times(time_to_loss):
     assert eval_s > 0 and train_total > 0 and total == pytest.approx(eval_s + train_total, abs=2e-3, rel=1e-3)
     assert number(row(out, "tokens/s")[0]) > 0 and number(row(out, "ms/step")[0]) > 0
     assert 0 < number(row(out, "final val loss")[0]) < 3.6
+    # char-level ASCII text: a byte per token, so bits per byte is the loss over ln 2 (to the printed digits)
+    loss, bpb = number(row(out, "final val loss")[0]), number(row(out, "final val bpb")[0])
+    assert bpb == pytest.approx(loss / math.log(2), rel=2e-3)
+    assert number(row(out, "val <= 10: val bpb")[0]) > bpb  # at step 0, before training
 
 
 def test_time_to_loss_uses_a_temp_dir_by_default(char_data, tmp_path, monkeypatch, capsys):
