@@ -109,6 +109,8 @@ class TrainState:
     best_val: float = math.inf
     saved_step: int = -1  # step of the newest checkpoint written or resumed from
     last_eval: dict = field(default_factory=dict)  # the newest loss estimate: step, train, val
+    carried: dict = field(default_factory=dict)  # in every checkpoint, kept by a resume (run_dir.carried)
+    resumed: dict | None = None  # a resume's step and the keys it changed, {key: [was, now]}, for config.json
 
 
 def build_state(cfg, rt, model_cfg: GPTConfig, model: GPT | None, saved: dict | None) -> TrainState:
@@ -118,31 +120,27 @@ def build_state(cfg, rt, model_cfg: GPTConfig, model: GPT | None, saved: dict | 
                             optimizer=cfg.optimizer, muon_lr=cfg.muon_lr, scalar_lr=cfg.scalar_lr)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     torch.manual_seed(cfg.seed + rt.rank)  # dropout differs per rank
-    state = TrainState(model, model, optimizer, scaler, model)
+    state = TrainState(model, model, optimizer, scaler, model, carried=run_dir.carried(cfg, saved))
     if saved is not None:
         restore(state, saved, cfg, rt)
     return state
 
 
 def restore(state: TrainState, saved: dict, cfg: config.TrainConfig, rt: runtime.Runtime):
-    """Continue a checkpointed run: its state, and at the same sample of the data whatever the batch shape."""
+    """Continue a checkpointed run: its state, at the same sample of the data whatever the batch shape, and
+    the config's optimizer settings (weight_decay, betas, lr scales), which a resume may change."""
+    settings = optim.hyperparameters(state.optimizer)  # the config's, before the checkpoint's replace them
     if not checkpoint.restore(saved, state.raw_model, state.optimizer, state.scaler, rt):
         rt.print(f"note: the checkpoint was written by {len(saved['rng'])} process(es): dropout's RNG differs now")
+    optim.set_hyperparameters(state.optimizer, settings)
     state.step, state.best_val, state.saved_step = saved["step"], saved["best_val_loss"], saved["step"]
     state.last_eval = saved.get("last_eval", {})
     old = saved["config"]
-    shape = lambda c, w: f"{c['batch_size']} x {c['gradient_accumulation_steps']} micro-steps x {w} process(es)"
     state.samples_seen = saved["data"].get(
         "samples_seen", state.step * old["batch_size"] * old["gradient_accumulation_steps"] * len(saved["rng"])
     )
     rt.print(f"resumed from {Path(cfg.out_dir) / 'ckpt.pt'} at step {state.step}, sample {state.samples_seen:,}")
-    before, now = shape(old, len(saved["rng"])), shape(config.to_dict(cfg), rt.world_size)
-    if before != now:
-        rt.print(f"  batch shape changed: {before} -> {now}; reading on from sample {state.samples_seen:,}")
-    model_keys = set(saved["model_config"]) - {"dropout"}
-    for k, v in old.items():
-        if k not in model_keys | {"init_from"} and hasattr(cfg, k) and getattr(cfg, k) != v:
-            rt.print(f"  config change on resume: {k} = {getattr(cfg, k)!r} (was {v!r})")
+    state.resumed = {"step": state.step, "changed": run_dir.report_changes(cfg, saved, rt, state.samples_seen)}
 
 
 def will_compile(cfg: config.TrainConfig, rt: runtime.Runtime) -> bool:
@@ -229,6 +227,7 @@ def save(state: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: H
         model_config=config.to_dict(model_cfg),
         tokenizer=json.dumps(meta),
         data={"dataset": cfg.dataset, "samples_seen": state.samples_seen},
+        **state.carried,
     )
     whole = checkpoint.training_state(state.raw_model, state.optimizer, state.scaler, rt, **fields)
     if rt.master:
@@ -258,14 +257,17 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             state = build_state(cfg, rt, model_cfg, pretrained_model, saved)
             lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 state)
             compiled = will_compile(cfg, rt) and not cfg.probe_init
-            resolved = console.describe_run(cfg, rt, model_cfg, state.raw_model.num_params(), data.meta, compiled)
+            n_params = state.raw_model.num_params()
+            resolved = console.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled, state.resumed)
             rt.print(f"set up in {lap}")
             if cfg.probe_init:
                 return telemetry.probe_init(state.raw_model, data.train, state.step, cfg, rt)
             compile_s = compile_model(state, cfg, rt, data.evals["val"])
             wandb_config = resolved if cfg.wandb_log else None
             fresh = cfg.init_from != "resume"
-            logger = runlog.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh)
+            logger = runlog.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh,
+                                   run_id=state.carried["wandb_run_id"])
+            state.carried["wandb_run_id"] = logger.run_id or state.carried["wandb_run_id"]
         return loop(cfg, rt, state, data, model_cfg, logger, stop, t_start, compile_s or 0.0, argv)
     except runtime.Interrupted as e:
         rt.print(f"stopped by {e} before training began: nothing new to save")

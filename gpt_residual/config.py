@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -41,6 +42,7 @@ class TrainConfig(GPTConfig):
     n_head: int = 4  # attention heads per block (n_embd must divide by it)
     n_embd: int = 128  # width of the residual stream
     bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2: True)
+    vocab_size: int = 50304  # ignored in training: the dataset's vocabulary replaces it; used by bench's synthetic data
     # -- run
     out_dir: str = "out"  # where checkpoints, config.json and metrics.jsonl go
     init_from: str = "scratch"  # "scratch" | "resume" (out_dir/ckpt.pt) | "gpt2"... | a Hugging Face folder
@@ -89,17 +91,7 @@ class TrainConfig(GPTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        positive = ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval")
-        positive += ("keep_checkpoints", "sample_tokens")
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "telemetry_interval",
-                    "batch_tokens", "sample_interval"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.learning_rate <= 0 or self.min_lr < 0:
-            raise ConfigError("need learning_rate > 0 and min_lr >= 0")
+        check_ranges(self)
         if self.min_lr > self.learning_rate:
             raise ConfigError(
                 f"min_lr ({self.min_lr:g}) must not exceed learning_rate ({self.learning_rate:g}); "
@@ -120,8 +112,6 @@ class TrainConfig(GPTConfig):
             raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), not torch {torch.__version__}")
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise ConfigError("optimizer='muon' orthogonalizes whole matrices; FSDP shards them: use parallel='ddp'")
-        if self.muon_lr <= 0 or self.scalar_lr <= 0:
-            raise ConfigError(f"muon_lr and scalar_lr must be positive, got {self.muon_lr:g} and {self.scalar_lr:g}")
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, ("auto",))
         check_choice("compile_scope", self.compile_scope, ("blocks", "model"))
@@ -151,10 +141,45 @@ class TrainConfig(GPTConfig):
                 f"batch_tokens ({self.batch_tokens:,}) must be a multiple of batch_size x block_size x processes "
                 f"({self.batch_size} x {self.block_size} x {world_size} = {micro:,}); change one of them"
             )
-        return dataclasses.replace(self, gradient_accumulation_steps=self.batch_tokens // micro)
+        accum = self.batch_tokens // micro
+        explicit = "gradient_accumulation_steps" in getattr(self, "explicit_keys", ())  # see parse_args
+        if explicit and accum != self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"batch_tokens ({self.batch_tokens:,}) makes gradient_accumulation_steps {accum} on {world_size} "
+                f"process(es), but it is set to {self.gradient_accumulation_steps}: drop one of the two "
+                "(--batch_tokens=0 sets the steps yourself)"
+            )
+        return dataclasses.replace(self, gradient_accumulation_steps=accum)
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})
+
+
+# every numeric key's range (GPTConfig checks the model's shape, dropout and logit_softcap)
+POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval",
+            "keep_checkpoints", "learning_rate", "muon_lr", "scalar_lr", "sample_tokens")  # fmt: skip
+AT_LEAST_0 = {"max_iters": "", "warmup_iters": "", "lr_decay_iters": " (0: max_iters)", "seed": "",
+              "min_lr": "", "weight_decay": " (0: no decay)", "grad_clip": " (0: no clipping)",
+              "checkpoint_interval": " (0: only at the end)", "telemetry_interval": " (0: off)",
+              "batch_tokens": " (0: off)", "sample_interval": " (0: off)",
+              "peak_flops": " (0: looked up from the GPU's name)"}  # fmt: skip
+
+
+def check_ranges(cfg):
+    """One line naming the key when a number is out of its range (NaN and infinity included)."""
+    for key in [*POSITIVE, *AT_LEAST_0, "beta1", "beta2"]:
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    for key in POSITIVE:
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key, note in AT_LEAST_0.items():
+        if not getattr(cfg, key) >= 0:
+            raise ConfigError(f"{key} must be >= 0{note}, got {getattr(cfg, key)}")
+    for key in ("beta1", "beta2"):  # AdamW's moving averages: 1 would never forget, above it diverges
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)} (AdamW's default: 0.9 and 0.999)")
 
 
 def check_choice(key: str, value, choices):
@@ -272,11 +297,13 @@ def parse_args(cls, argv: list[str], allow_file: bool = True, overrides: dict | 
     for key, value in (overrides or {}).items():
         put(key, value, from_cli=False)
     try:
-        return cls(**values)
+        cfg = cls(**values)
     except ConfigError:
         raise
     except ValueError as e:  # GPTConfig's checks
         raise ConfigError(str(e)) from None
+    cfg.explicit_keys = frozenset(values)  # set in a file or a flag, not left at the default (see for_world)
+    return cfg
 
 
 def help_text(cls, usage: str) -> str:

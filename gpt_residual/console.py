@@ -4,6 +4,7 @@ lines, and the last line: how the run ended, and how to resume it if it was stop
 """
 
 import json
+import os
 import shlex
 import textwrap
 import time
@@ -88,8 +89,9 @@ class RecentLoss:
         return self.read()[0] if self.losses else self.last
 
 
-def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool) -> dict:
-    """Write the resolved config to out_dir/config.json; print what differs from the defaults and the model."""
+def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool, resumed: dict | None = None) -> dict:
+    """Write the resolved config to out_dir/config.json (write_config); print what differs from the defaults and
+    the model. resumed: a resume's step and changed keys (TrainState.resumed)."""
     world = rt.world_size
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
     resolved = {
@@ -106,7 +108,7 @@ def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool
     }
     if rt.master:
         path = Path(cfg.out_dir) / "config.json"
-        path.write_text(json.dumps(resolved, indent=1))
+        write_config(path, resolved, resumed)
         changed = " ".join(f"{k}={v!r}" for k, v in config.changed_from_defaults(cfg).items()) or "none"
         rt.print(textwrap.fill(f"config (all of it in {path}); set differently from the defaults: {changed}", 110))
     rt.print(
@@ -114,6 +116,22 @@ def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool
         f"{world} process(es), {rt.device} {resolved['compute_dtype']}, compile={compiled}"
     )
     return resolved
+
+
+def write_config(path: Path, resolved: dict, resumed: dict | None):
+    """config.json holds the run's config as it was first started. A resume keeps it and appends to its "resumes"
+    list the step, the keys it changed ({key: [was, now]}), the commit, processes and tokens per step."""
+    record = resolved
+    if resumed is not None:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):  # deleted or damaged: the resumed run's config is the best record left
+            record = {**resolved, "resumes": []}
+        now = {k: resolved[k] for k in ("git_commit", "world_size", "tokens_per_step")}
+        record.setdefault("resumes", []).append({**resumed, **now})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
 
 
 def log_eval(rt, logger, last: dict, elapsed: float, eval_s: float):
@@ -184,9 +202,25 @@ def summarize(cfg, rt, s, recent, stop, meter, total: float, compile_s: float, a
     }
 
 
-def resume_command(cfg, argv: list[str] | None) -> str:
-    """The command that continues an interrupted run: argv, without init_from and overwrite, resuming."""
+def resume_command(cfg, argv: list[str] | None, env=os.environ) -> str:
+    """The command that continues an interrupted run: the launcher (launcher), train.py and argv without
+    init_from and overwrite, resuming."""
     if argv is None:
         return f"the same command with --init_from=resume (out_dir={cfg.out_dir})"
     kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
-    return shlex.join(["python", "train.py", *kept, "--init_from=resume"])
+    how, where = launcher(env)
+    return shlex.join([*how, "train.py", *kept, "--init_from=resume"]) + where
+
+
+def launcher(env) -> tuple[list[str], str]:
+    """How this process was started: python, or torchrun with the process counts read from the variables it sets
+    (LOCAL_WORLD_SIZE: processes per node; GROUP_WORLD_SIZE: nodes). One node: --standalone. Several: the
+    rendezvous endpoint is not visible to the workers, so the command says HOST:PORT and where to run it."""
+    if "TORCHELASTIC_RUN_ID" not in env and "LOCAL_WORLD_SIZE" not in env:
+        return ["python"], ""
+    per_node = int(env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE") or 1)
+    nodes = int(env.get("GROUP_WORLD_SIZE") or int(env.get("WORLD_SIZE") or per_node) // per_node)
+    if nodes <= 1:
+        return ["torchrun", "--standalone", f"--nproc_per_node={per_node}"], ""
+    how = ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={per_node}", "--rdzv_backend=c10d"]
+    return [*how, "--rdzv_endpoint=HOST:PORT"], "  (on every node; HOST:PORT: the rendezvous endpoint of the run)"

@@ -2,9 +2,10 @@
 
     optimizer = build(model, weight_decay, learning_rate, betas, device_type, "muon", muon_lr, scalar_lr)
 
-train.py sets every group's "lr" to the schedule's learning rate at each step. A group may carry an
-"lr_scale": it then steps at lr * lr_scale, so it follows the same warmup and decay, peaking at its own
-rate. Two such rates:
+train.py sets every group's "lr" to the schedule's learning rate at each step. A resume takes the config's
+settings, not the checkpoint's: hyperparameters() before Optimizer.load_state_dict, set_hyperparameters()
+after. A group may carry an "lr_scale": it then steps at lr * lr_scale, so it follows the same warmup and
+decay, peaking at its own rate. Two such rates:
     muon_lr     Muon's peak rate for the 2-D weights of the blocks (nanochat: 0.02), with torch's default
                 shape adjustment max(1, rows / cols) ** 0.5 (Keller Jordan's Muon).
     scalar_lr   the peak rate of the learned scalars, without weight decay (nanochat: 0.5 for x0's b_i and
@@ -78,3 +79,19 @@ def build(model, weight_decay, learning_rate, betas, device_type, optimizer="ada
             torch.optim.Muon([{"params": muon, "lr_scale": scale}], lr=learning_rate, weight_decay=weight_decay)
         )
     return CombinedOptimizer(optimizers)
+
+
+def hyperparameters(optimizer) -> list[dict]:
+    """Every param group's settings (weight_decay, betas, lr_scale, ...; all but its parameters), in order."""
+    return [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
+
+
+def set_hyperparameters(optimizer, settings: list[dict]):
+    """Put settings (hyperparameters() of an optimizer built from the config) into optimizer's groups.
+    Optimizer.load_state_dict restores each group's saved settings; a resume calls this after it, so a changed
+    weight_decay, beta1, beta2, learning_rate (the lr_scale of Muon and the scalars), muon_lr or scalar_lr
+    takes effect from the first resumed step."""
+    if len(settings) != len(optimizer.param_groups):
+        raise RuntimeError(f"{len(settings)} settings for {len(optimizer.param_groups)} param groups")
+    for group, values in zip(optimizer.param_groups, settings):
+        group.update(values)

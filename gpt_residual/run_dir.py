@@ -1,6 +1,8 @@
 """The run's folder: an out_dir holds one run, and a new run never replaces another's checkpoints unasked
 (prepare_out_dir); a resumed run keeps the model, optimizer and dataset its checkpoint was trained with
-(check_resume). The files themselves are written and read by checkpoint.py.
+(check_resume), and what each resume changed is said (report_changes). What a checkpoint carries from run to
+run (carried: where the weights came from, the W&B run) is decided here. The files are written and read by
+checkpoint.py.
 """
 
 from pathlib import Path
@@ -51,7 +53,7 @@ def prepare_out_dir(cfg: config.TrainConfig, rt):
 
 def check_resume(cfg: config.TrainConfig, saved: dict):
     """A resumed run keeps its model and its dataset; the schedule, batch and the like may change."""
-    fine_tuned = saved["config"].get("init_from") not in ("scratch", "resume")
+    fine_tuned = weights_from(cfg, saved) not in ("scratch", "resume")
     for key, old in saved["model_config"].items():
         if key in ("dropout", "vocab_size") or (fine_tuned and key in pretrained.SHAPE_KEYS):
             continue  # a fine-tuned model's shape is GPT-2's, whatever the config says
@@ -73,3 +75,35 @@ def check_resume(cfg: config.TrainConfig, saved: dict):
             f"the checkpoint was trained on dataset '{old}' but the config says '{cfg.dataset}'; use "
             f"--dataset={old} to resume, or --init_from=scratch with a new out_dir for '{cfg.dataset}'"
         )
+
+
+def weights_from(cfg: config.TrainConfig, saved: dict | None) -> str:
+    """Where the run's weights came from: "scratch", a GPT-2 name or a Hugging Face folder. Every checkpoint
+    holds it and a resume carries it on, so a fine-tuned run stays one however often it is resumed (a checkpoint
+    older than this field has only its config's init_from, which a resume overwrote with "resume")."""
+    if saved is None:
+        return cfg.init_from
+    return saved.get("weights_from", saved["config"].get("init_from", "scratch"))
+
+
+def carried(cfg: config.TrainConfig, saved: dict | None) -> dict:
+    """The fields every checkpoint of a run holds and a resume carries on: weights_from, and wandb_run_id (the
+    W&B run that a resume with wandb_log=True continues; None until one is started)."""
+    return {"weights_from": weights_from(cfg, saved), "wandb_run_id": (saved or {}).get("wandb_run_id")}
+
+
+def report_changes(cfg: config.TrainConfig, saved: dict, rt, samples_seen: int) -> dict:
+    """Print how a resume differs from the checkpoint's run (batch shape, keys) and return the keys it
+    changes, {key: [was, now]}, for config.json. The model's shape cannot change (check_resume)."""
+    old = saved["config"]
+    shape = lambda c, w: f"{c['batch_size']} x {c['gradient_accumulation_steps']} micro-steps x {w} process(es)"
+    before, now = shape(old, len(saved["rng"])), shape(config.to_dict(cfg), rt.world_size)
+    if before != now:
+        rt.print(f"  batch shape changed: {before} -> {now}; reading on from sample {samples_seen:,}")
+    model_keys = set(saved["model_config"]) - {"dropout"}
+    changes = {}
+    for k, v in old.items():
+        if k not in model_keys | {"init_from"} and hasattr(cfg, k) and getattr(cfg, k) != v:
+            rt.print(f"  config change on resume: {k} = {getattr(cfg, k)!r} (was {v!r})")
+            changes[k] = [v, getattr(cfg, k)]
+    return changes

@@ -18,10 +18,11 @@ from pathlib import Path
 class Logger:
     """Appends every logged dict to out_dir/metrics.jsonl and, if asked, sends it to wandb.
     A new run (fresh=True) moves an earlier run's file to metrics.prev.jsonl first; a resumed run
-    appends. Inactive (a no-op) on every rank but 0."""
+    appends. With wandb, run_id (the checkpoint's wandb_run_id) continues that W&B run instead of starting
+    another; run_id is then the run's id, to keep in the checkpoint. Inactive (a no-op) on every rank but 0."""
 
-    def __init__(self, out_dir: str, active: bool, wandb_config=None, project="", name="", fresh=False):
-        self.active, self.wandb = active, None
+    def __init__(self, out_dir: str, active: bool, wandb_config=None, project="", name="", fresh=False, run_id=None):
+        self.active, self.wandb, self.run_id = active, None, None
         if active:
             path = Path(out_dir) / "metrics.jsonl"
             if fresh and path.exists() and path.stat().st_size:
@@ -30,7 +31,9 @@ class Logger:
             if wandb_config is not None:
                 import wandb
 
-                self.wandb = wandb.init(project=project, name=name or Path(out_dir).name, config=wandb_config)
+                again = dict(id=run_id, resume="allow") if run_id else {}  # "allow": also if the run was never synced
+                self.wandb = wandb.init(project=project, name=name or Path(out_dir).name, config=wandb_config, **again)
+                self.run_id = getattr(self.wandb, "id", None)
 
     def log(self, record: dict):
         if self.active:

@@ -308,3 +308,53 @@ def test_sample_help_lists_every_key():
         assert line is not None, f"--help does not list {f.name}"
         assert helps[f.name] and helps[f.name] in line
     assert "KV cache" in proc.stdout and "sample.py" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- ranges
+
+
+NUMERIC = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (int, float, "int", "float")]
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_every_numeric_key_refuses_a_negative_value(key):
+    """No numeric key means anything below 0 (and none is left unchecked): -1 is one ConfigError naming it."""
+    with pytest.raises(ConfigError, match=rf"^{key} must"):
+        parse_args(TrainConfig, [], overrides={key: -1})
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("grad_clip", -1.0), ("weight_decay", -1.0), ("beta1", 1.5), ("beta1", 1.0), ("beta2", -0.1), ("beta2", 1.0),
+     ("learning_rate", 0.0), ("learning_rate", float("inf")), ("min_lr", float("nan")), ("muon_lr", 0.0),
+     ("scalar_lr", 0.0), ("dropout", 1.0), ("logit_softcap", -0.5), ("peak_flops", float("nan"))],
+)  # fmt: skip
+def test_values_that_break_the_math_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key} must"):
+        parse_args(TrainConfig, [], overrides={key: value})
+
+
+def test_edges_of_the_ranges_are_accepted():
+    cfg = parse("--grad_clip=0", "--weight_decay=0", "--beta1=0", "--beta2=0.999", "--min_lr=0", "--warmup_iters=0")
+    assert (cfg.grad_clip, cfg.beta1, cfg.beta2) == (0.0, 0.0, 0.999)
+
+
+def test_cli_grad_clip_below_zero_is_one_line(tmp_path):
+    assert_one_line_error(run(["train.py", "--grad_clip=-1", f"--out_dir={tmp_path}"]), "grad_clip must be >= 0")
+
+
+def test_batch_tokens_with_a_disagreeing_gradient_accumulation_steps_is_refused(tmp_path):
+    gpt2 = str(ROOT / "configs/gpt2.py")  # batch_tokens = 524,288: 16 micro-steps on 1 process, 2 on 8
+    assert parse(gpt2).for_world(1).gradient_accumulation_steps == 16  # the default is no conflict
+    assert parse(gpt2, "--gradient_accumulation_steps=2").for_world(8).gradient_accumulation_steps == 2  # agrees
+    with pytest.raises(ConfigError, match="makes gradient_accumulation_steps 16 .* set to 2: drop one"):
+        parse(gpt2, "--gradient_accumulation_steps=2").for_world(1)
+    both = write(tmp_path, "batch_tokens = 4096\ngradient_accumulation_steps = 3\nbatch_size = 4\nblock_size = 64\n")
+    with pytest.raises(ConfigError, match="makes gradient_accumulation_steps 16"):
+        parse(both).for_world(1)
+    proc = run(["train.py", both, "--device=cpu", f"--out_dir={tmp_path / 'o'}"])
+    assert_one_line_error(proc, "batch_tokens (4,096)", "gradient_accumulation_steps")
+
+
+def test_vocab_size_help_says_the_dataset_replaces_it():
+    assert "the dataset's vocabulary replaces it" in config.field_help(TrainConfig)["vocab_size"]

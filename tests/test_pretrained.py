@@ -231,3 +231,18 @@ def test_sample_from_a_local_folder_without_the_bpe_is_one_line(tmp_path, offlin
     env = {**offline_env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Loading weights" bar, on stderr
     proc = run(["sample.py", f"--init_from={hf_dir}", "--device=cpu", "--max_new_tokens=2"], env=env)
     assert_one_line_error(proc, "cannot load the GPT-2 BPE", "set TIKTOKEN_CACHE_DIR")
+
+
+def test_fine_tuned_run_resumes_again_and_again(tmp_path, tiny_cfg):
+    """Fine-tune a 3-layer, 48-wide model (a shape unlike the config's), then resume twice: every checkpoint
+    says where the weights came from, so the second resume still takes the checkpoint's shape."""
+    src = tmp_path / "hf"
+    save_hf(src, n_layer=3, n_embd=48, n_head=2, vocab_size=50257)
+    data = str(bpe_dataset(tmp_path / "bpe"))
+    common = dict(data_dir=data, eval_interval=2, block_size=16)
+    train.train(tiny_cfg(init_from=str(src), max_iters=2, **common))
+    steps = [train.train(tiny_cfg(init_from="resume", max_iters=n, **common))["step"] for n in (4, 6)]
+    assert steps == [4, 6]
+    saved = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert saved["weights_from"] == str(src) and saved["config"]["init_from"] == "resume"
+    assert (saved["model_config"]["n_layer"], saved["model_config"]["n_embd"]) == (3, 48)

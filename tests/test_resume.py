@@ -5,6 +5,7 @@ first checkpoint, each followed by --init_from=resume; the final weights are bit
 """
 
 import errno
+import json
 import os
 import random
 import signal
@@ -18,7 +19,8 @@ import torch
 from conftest import ROOT, metrics_records, run
 
 import train
-from gpt_residual import checkpoint
+from gpt_residual import checkpoint, dataset, optim, runtime
+from model import GPT
 
 # dropout > 0 so the test fails if the RNG state were not restored exactly
 ARGS = [
@@ -116,16 +118,70 @@ def test_signal_saves_and_exits_cleanly(straight, char_data, tmp_path, sig):
 
 
 def test_resume_may_change_schedule_but_not_shape(char_data, tmp_path):
+    """The changed keys are printed and they apply: the checkpoint written afterwards holds them, the lr is the
+    new schedule's, and config.json keeps the first run's config with the resume's changes appended."""
     out = tmp_path / "o"
     assert run(train_args(char_data, out, "--max_iters=20")).returncode == 0
-    r = run(train_args(char_data, out, "--max_iters=30", "--learning_rate=1e-3", "--init_from=resume"))
+    changes = ["--learning_rate=1e-3", "--min_lr=1e-4", "--weight_decay=0.5", "--beta1=0.8", "--beta2=0.9"]
+    r = run(train_args(char_data, out, "--max_iters=30", *changes, "--init_from=resume"))
     assert r.returncode == 0, r.stderr
-    assert "learning_rate = 0.001 (was 0.003)" in r.stdout
-    assert checkpoint.load(out / "ckpt.pt")["step"] == 30
+    for line in ("learning_rate = 0.001 (was 0.003)", "weight_decay = 0.5 (was 0.1)", "beta1 = 0.8 (was 0.9)"):
+        assert f"config change on resume: {line}" in r.stdout
+    saved = checkpoint.load(out / "ckpt.pt")
+    assert saved["step"] == 30
+    groups = saved["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.8, 0.9) for g in groups)
+    cfg = train.config.parse_args(train.config.TrainConfig, train_args(char_data, out, "--max_iters=30", *changes)[1:])
+    assert all(g["lr"] == pytest.approx(train.get_lr(29, cfg)) for g in groups)  # the new schedule's, at step 29
+    record = json.loads((out / "config.json").read_text())
+    assert record["max_iters"] == 20 and record["learning_rate"] == 3e-3  # the first run's config
+    [resume] = record["resumes"]
+    assert resume["step"] == 20 and resume["changed"]["weight_decay"] == [0.1, 0.5]
+    assert resume["changed"]["max_iters"] == [20, 30]
     for bad in ("--n_embd=64", "--block_size=32", "--norm=rmsnorm", "--norm_position=post"):
         r = run(train_args(char_data, out, "--init_from=resume", bad))
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert r.stderr.startswith("error: the checkpoint's model has") and r.stderr.count("\n") == 1, r.stderr
+
+
+CHANGED = dict(learning_rate=1e-3, min_lr=1e-4, weight_decay=0.5, beta1=0.8, beta2=0.9, grad_clip=0.05, muon_lr=0.01,
+               scalar_lr=0.2, warmup_iters=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "muon"])
+def test_resume_applies_changed_optimizer_keys(tiny_cfg, opt_name):
+    """After a resume with changed keys the param groups hold them, and the first resumed step equals that of a
+    fresh optimizer built with those keys and given the checkpoint's weights and per-parameter state."""
+    common = dict(optimizer=opt_name, residual_scalars=True, value_residual=True, eval_interval=100)
+    train.train(tiny_cfg(max_iters=4, **common))
+    cfg = tiny_cfg(max_iters=8, init_from="resume", **common, **CHANGED)
+    rt = runtime.init_runtime("cpu", "float32")
+    data = train.load_data(cfg, rt)
+    saved = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt")
+    model_cfg, _ = train.resolve_model(cfg, data.meta, saved)
+    resumed = train.build_state(cfg, rt, model_cfg, None, saved)
+    adamw, *muon = resumed.optimizer.optimizers if opt_name == "muon" else [resumed.optimizer]
+    decay, no_decay, *scalars = adamw.param_groups
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    assert all(g["betas"] == (0.8, 0.9) for g in adamw.param_groups)
+    want = sorted(0.2 * frac / 1e-3 for frac in optim.SCALAR_LR.values())
+    assert sorted(g["lr_scale"] for g in scalars) == pytest.approx(want)
+    assert all(g["weight_decay"] == 0 for g in scalars)
+    if muon:
+        [group] = muon[0].param_groups
+        assert group["lr_scale"] == pytest.approx(0.01 / 1e-3) and group["weight_decay"] == 0.5
+
+    model = GPT(model_cfg)
+    model.load_state_dict(saved["model"])
+    fresh = optim.build(model, 0.5, 1e-3, (0.8, 0.9), "cpu", opt_name, muon_lr=0.01, scalar_lr=0.2)
+    for name, p in model.named_parameters():
+        fresh.state[p] = {k: v.clone() for k, v in saved["optimizer"]["state"][name].items()}
+    reference = train.TrainState(model, model, fresh, torch.amp.GradScaler("cpu", enabled=False), model)
+    lr = train.get_lr(resumed.step, cfg)
+    for state in (resumed, reference):
+        train.train_step(state, dataset.micro_batches(data.train, resumed.samples_seen, 0, 1, "cpu"), lr, cfg, rt)
+    got, want = resumed.raw_model.state_dict(), model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
 
 
 def test_keeps_last_k_and_best(tiny_cfg):

@@ -326,3 +326,24 @@ def test_the_meter_divides_by_the_steps_since_the_last_line(monkeypatch):
     meter = console.Meter(runtime.Runtime(0, 0, 1, "cpu", torch.float32, False), 1000, first_step=20)
     assert meter.lap(30) == (pytest.approx(100.0), pytest.approx(10_000))  # 1 s / 10 steps; 1000 tokens each
     assert meter.lap(35)[0] == pytest.approx(400.0)
+
+
+@pytest.mark.parametrize(
+    "env,want",
+    [
+        ({}, "python train.py"),
+        ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "1"},
+         "torchrun --standalone --nproc_per_node=4 train.py"),
+        ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16", "GROUP_WORLD_SIZE": "2"},
+         "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT train.py"),
+    ],
+    ids=["python", "torchrun", "torchrun-2-nodes"],
+)  # fmt: skip
+def test_resume_hint_gives_the_launcher_that_was_used(env, want):
+    """The last line of a stopped run resumes it the way it was started: python, or torchrun with its process counts."""
+    from gpt_residual import console
+
+    argv = ["configs/small.py", "--max_iters=9", "--init_from=scratch", "--overwrite=True"]
+    hint = console.resume_command(config.TrainConfig(), argv, env)
+    assert hint.startswith(f"{want} configs/small.py --max_iters=9 --init_from=resume"), hint
+    assert ("on every node" in hint) == ("GROUP_WORLD_SIZE" in env and env["GROUP_WORLD_SIZE"] != "1")

@@ -37,3 +37,33 @@ def test_offline_run_records_config_and_metrics(tiny_cfg, offline_wandb):
     missing = [k for k in ("loss", "val_loss", "train_loss", "lr", "tokens_per_sec") if k.encode() not in written]
     assert not missing, f"metrics not in the wandb run: {missing}"
     assert result["step"] == 10
+
+
+class FakeRun:
+    def __init__(self, **kwargs):
+        self.id = kwargs.get("id") or "run-of-the-first-start"
+        self.logged = []
+
+    def log(self, record, step):
+        self.logged.append(step)
+
+    def finish(self):
+        pass
+
+
+def test_resume_continues_the_same_wandb_run(tiny_cfg, monkeypatch):
+    """The checkpoint keeps the W&B run's id; a resume passes it back to wandb.init, so the run goes on."""
+    import train
+    from gpt_residual import checkpoint
+
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or FakeRun(**kwargs))
+    cfg = tiny_cfg(wandb_log=True, max_iters=4, eval_interval=2)
+    train.train(cfg)
+    assert "id" not in calls[0]  # a new run: wandb picks the id
+    assert checkpoint.load(f"{cfg.out_dir}/ckpt.pt")["wandb_run_id"] == "run-of-the-first-start"
+    train.train(tiny_cfg(wandb_log=True, max_iters=6, eval_interval=2, init_from="resume"))
+    assert calls[1]["id"] == "run-of-the-first-start" and calls[1]["resume"] in ("allow", "must")
+    train.train(tiny_cfg(max_iters=8, eval_interval=2, init_from="resume"))  # without wandb: the id is kept
+    train.train(tiny_cfg(wandb_log=True, max_iters=10, eval_interval=2, init_from="resume"))
+    assert len(calls) == 3 and calls[2]["id"] == "run-of-the-first-start"
