@@ -31,7 +31,6 @@ BPE_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 END_OF_TEXT = "<|endoftext|>"
 # the GPTConfig switches GPT2LMHeadModel has no weights or code for; bias=False is expressible (zero biases)
 EXPORT_ARCH = {k: v for k, v in pretrained.GPT2_ARCH.items() if k != "bias"}
-CHAR_SPLIT = r"[\s\S]"  # the char tokenizer's pre-tokenizer: every character (newlines too) is one piece
 
 
 class ExportError(ValueError):
@@ -105,18 +104,20 @@ def to_hf(model: GPT, meta: dict):
     return hf
 
 
-def char_tokenizer(itos: list[str]):
+def char_tokenizer(itos: list[str], max_length: int):
     """Our char vocabulary as a transformers fast tokenizer: one token per character, decoded by joining."""
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel(vocab={ch: i for i, ch in enumerate(itos)}, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_SPLIT), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pretrained.CHAR_SPLIT), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, clean_up_tokenization_spaces=False, model_max_length=max_length
+    )
 
 
-def write_gpt2_tokenizer(folder: Path):
+def write_gpt2_tokenizer(folder: Path, max_length: int):
     """GPT-2's tokenizer files in folder, from tiktoken's cache (a one-line DataError offline without it)."""
     import transformers
     from tiktoken.load import read_file_cached
@@ -124,14 +125,18 @@ def write_gpt2_tokenizer(folder: Path):
     dataset.gpt2_encoding()  # fills or checks the cache; offline without it, the one-line error
     for name, source in BPE_FILES.items():
         (folder / name).write_bytes(read_file_cached(BPE_URL + source))
-    transformers.GPT2TokenizerFast.from_pretrained(str(folder)).save_pretrained(str(folder))
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(folder), model_max_length=max_length)
+    tok.save_pretrained(str(folder))
 
 
-def write_tokenizer(folder: Path, meta: dict):
+def write_tokenizer(folder: Path, meta: dict, max_length: int):
+    """The tokenizer's files; max_length (the context) is what lm-eval-harness and pipelines truncate to."""
     if meta["tokenizer"] == "gpt2":
-        write_gpt2_tokenizer(folder)
-    else:
-        char_tokenizer(meta["itos"]).save_pretrained(str(folder))
+        write_gpt2_tokenizer(folder, max_length)
+        return
+    char_tokenizer(meta["itos"], max_length).save_pretrained(str(folder))
+    path = folder / "tokenizer_config.json"  # transformers 5 names its class TokenizersBackend, 4.x cannot load it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def train_command(saved_config: dict) -> str:
@@ -192,7 +197,7 @@ def export(out_dir: str, to: str, command: str = "") -> float:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         to_hf(model, meta).save_pretrained(str(tmp), safe_serialization=True)
-        write_tokenizer(tmp, meta)
+        write_tokenizer(tmp, meta, model.config.block_size)
         (tmp / "README.md").write_text(model_card(model, meta, state, command or f"export to {to}"))
         diff = max_logit_diff(model, tmp, meta["vocab_size"])
         if not diff <= TOLERANCE:  # NaN fails too
