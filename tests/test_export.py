@@ -230,3 +230,55 @@ def test_cli_errors_are_one_line(tmp_path, case):
     needle = {"no_checkpoint": "no checkpoint", "no_to": "--to=", "not_empty": "not empty", "refused": "positions="}
     assert_one_line_error(run(["-m", "scripts.export", *args]), needle[case])
     assert (tmp_path / "full" / "keep.txt").read_text() == "x" and not (tmp_path / "hf").exists()
+
+
+def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
+    """lm-eval-harness (optional: pip install lm-eval) scores a local multiple-choice file on an export offline,
+    each ending's summed log-likelihood given its context equal to our model's."""
+    pytest.importorskip("lm_eval")
+    out, model, meta = char_run
+    hf_export.export(str(out), str(tmp_path / "hf"))
+    docs = [
+        {"ctx": "Fi\nBefo", "endings": ["re", "r", "irst"], "label": 0},
+        {"ctx": "Ci", "endings": ["tizen", "z"], "label": 1},
+    ]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {tmp_path / 'mc.jsonl'}\nvalidation_split: validation\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{endings}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    newline = meta["itos"].index("\n")  # a char vocabulary has no end-of-text token: lm-eval needs a prefix id
+    args = [
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={tmp_path / 'hf'},dtype=float32,prefix_token_id={newline}",
+        "--tasks",
+        "tiny_mc",
+        "--include_path",
+        str(tmp_path / "tasks"),
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path / "lm"),
+        "--log_samples",
+    ]
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "ds")}
+    proc = run(args, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = [json.loads(line) for f in (tmp_path / "lm").rglob("samples_tiny_mc_*.jsonl") for line in open(f)]
+    tok = dataset.Tokenizer(meta)
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        doc = docs[s["doc_id"]]
+        for ending, resp in zip(doc["endings"], s["resps"]):
+            ctx, cont = tok.encode(doc["ctx"]), tok.encode(" " + ending)
+            idx = torch.tensor([ctx + cont])
+            logp = torch.log_softmax(logits(model, idx)[0, :-1].double(), -1)
+            ours = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+            assert float(resp[0][0]) == pytest.approx(ours, abs=1e-4)
+    assert len(samples) == len(docs)
