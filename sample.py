@@ -60,9 +60,10 @@ class SampleConfig:
 
 
 def load_model(out_dir: str, device: str, init_from: str = "resume") -> tuple[GPT, dataset.Tokenizer]:
-    """The model and tokenizer recorded in out_dir/ckpt.pt, or a pretrained GPT-2 and its BPE."""
+    """The model and tokenizer recorded in out_dir/ckpt.pt, or a pretrained GPT-2 and its BPE (or the char
+    vocabulary of a folder written by scripts.export)."""
     if init_from != "resume":  # the tokenizer first: offline without the BPE, fail before loading GBs of weights
-        tok = dataset.Tokenizer(token_files.gpt2_meta())
+        tok = dataset.Tokenizer(pretrained.char_meta(init_from) or token_files.gpt2_meta())  # an export's chars
         return pretrained.load_pretrained(init_from).eval().to(device), tok
     state = checkpoint.load(Path(out_dir) / "ckpt.pt")
     tok = dataset.Tokenizer(json.loads(state["tokenizer"]))

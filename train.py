@@ -85,11 +85,7 @@ def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tu
         model_cfg = replace(cfg.model_config(), vocab_size=padded_vocab(meta))
     else:
         pretrained.check_compatible(cfg)
-        if meta["tokenizer"] != "gpt2":
-            raise dataset.DataError(
-                f"pretrained GPT-2 reads GPT-2 BPE tokens, but dataset '{cfg.dataset}' is "
-                f"{meta['tokenizer']}-level; use a BPE dataset such as shakespeare"
-            )
+        pretrained.check_tokenizer(cfg.init_from, meta, cfg.dataset)  # GPT-2's BPE, or an export's char vocabulary
         model = pretrained.load_pretrained(cfg.init_from, cfg.dropout, cfg.block_size)
         model_cfg = model.config
     if model_cfg.vocab_size < meta["vocab_size"]:

@@ -13,6 +13,7 @@ GPT-2 is a pre-LN LayerNorm model with biases and residuals, eps 1e-5, the tanh 
 tied to the token embedding: a checkpoint or a config that differs from this is refused, not guessed.
 """
 
+import json
 import math
 import re
 import sys
@@ -36,6 +37,10 @@ GPT2_ARCH = {"norm": "layernorm", "norm_position": "pre", "deepnorm": False, "re
 # positions, norms with weights, no residual or value scalars, plain logits)
 GPT2_ARCH |= {"qk_norm": False, "norm_affine": True, "embed_norm": False, "residual_scalars": False}
 GPT2_ARCH |= {"value_residual": False, "positions": "learned", "logit_softcap": 0.0}
+GPT2_VOCAB = 50257  # GPT-2's BPE: 50256 merges' tokens and <|endoftext|>
+# a char vocabulary in tokenizer.json (scripts.export): tokenizers' WordLevel over every single character
+CHAR_SPLIT = r"[\s\S]"
+CHAR_PRE_TOKENIZER = {"type": "Split", "pattern": {"Regex": CHAR_SPLIT}, "behavior": "Isolated", "invert": False}
 
 
 class PretrainedError(ValueError):
@@ -181,6 +186,45 @@ def _from_hf(fn, source: str, local: bool, offline: bool = False, **kwargs):
                 "save_pretrained or a model already in the Hugging Face cache"
             )
         raise PretrainedError(f"could not load '{source}' ({type(e).__name__}: {first}); {advice}") from None
+
+
+def char_meta(name_or_dir: str) -> dict | None:
+    """The char tokenizer (as meta.json describes it) of a folder written by scripts.export, or None where the
+    tokenizer is GPT-2's BPE: a Hub name, GPT-2's tokenizer files, or a folder without a tokenizer (as today's
+    save_pretrained of a model alone). PretrainedError for a tokenizer that is neither."""
+    path = Path(name_or_dir).expanduser() / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+        kind, vocab = tok["model"]["type"], tok["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PretrainedError(f"cannot read '{path}' ({type(e).__name__}: {e}); re-export the model") from None
+    if kind == "BPE" and len(vocab) == GPT2_VOCAB:
+        return None
+    itos = sorted(vocab, key=vocab.get) if kind == "WordLevel" else []
+    is_char = itos and all(len(ch) == 1 for ch in itos) and [vocab[ch] for ch in itos] == list(range(len(itos)))
+    if not is_char or tok.get("pre_tokenizer") != CHAR_PRE_TOKENIZER or tok.get("normalizer"):
+        raise PretrainedError(
+            f"'{path}' is neither GPT-2's BPE nor a char vocabulary written by python -m scripts.export; "
+            "only those tokenizers can be read"
+        )
+    return {"tokenizer": "char", "vocab_size": len(itos), "itos": itos}
+
+
+def check_tokenizer(name_or_dir: str, meta: dict, dataset_name: str) -> None:
+    """Refuse fine-tuning a pretrained model on a dataset of other tokens than its tokenizer's."""
+    theirs = char_meta(name_or_dir)
+    if theirs is None and meta["tokenizer"] != "gpt2":
+        raise PretrainedError(
+            f"'{name_or_dir}' reads GPT-2 BPE tokens, but dataset '{dataset_name}' is {meta['tokenizer']}-level; "
+            "use a BPE dataset such as shakespeare"
+        )
+    if theirs is not None and (meta["tokenizer"] != "char" or list(meta["itos"]) != theirs["itos"]):
+        raise PretrainedError(
+            f"'{name_or_dir}' has a char vocabulary of {theirs['vocab_size']} characters that is not dataset "
+            f"'{dataset_name}'s; fine-tune it on the dataset it was trained on (same characters, same order)"
+        )
 
 
 def load_pretrained(name_or_dir: str, dropout: float = 0.0, block_size: int | None = None) -> GPT:

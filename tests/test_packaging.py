@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, run
 
 CORE = {"torch", "numpy", "tiktoken", "datasets", "tqdm"}  # what python train.py configs/small.py imports
-EXTRAS = {"hf": {"transformers"}, "plot": {"matplotlib"}, "wandb": {"wandb"}}
+EXTRAS = {"hf": {"transformers", "safetensors", "tokenizers"}, "plot": {"matplotlib"}, "wandb": {"wandb"}}
 DEV_TOOLS = {"pytest", "ruff"}
 
 
