@@ -23,20 +23,14 @@ import torch.distributed as dist
 
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
 from gpt_residual.health import Health, TrainingError
+from gpt_residual.schedule import describe as describe_schedule
+from gpt_residual.schedule import lr_at, resume_note
 from model import GPT, GPTConfig
 
 
 def get_lr(step: int, cfg: config.TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step >= decay_iters:
-        return cfg.min_lr
-    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    """The learning rate of step: lr_schedule's warmup, then cosine, wsd or constant (gpt_residual/schedule.py)."""
+    return lr_at(step, cfg)
 
 
 def padded_vocab(meta: dict) -> int:
@@ -142,6 +136,8 @@ def restore(state: TrainState, saved: dict, cfg: config.TrainConfig, rt: runtime
     for k, v in old.items():
         if k not in model_keys | {"init_from"} and hasattr(cfg, k) and getattr(cfg, k) != v:
             rt.print(f"  config change on resume: {k} = {getattr(cfg, k)!r} (was {v!r})")
+    if note := resume_note(old, cfg, state.step):
+        rt.print(note)
 
 
 def will_compile(cfg: config.TrainConfig, rt: runtime.Runtime) -> bool:
@@ -288,6 +284,7 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 state)
             compiled = will_compile(cfg, rt) and not cfg.probe_init
             resolved = console.describe_run(cfg, rt, model_cfg, state.raw_model.num_params(), data.meta, compiled)
+            rt.print(describe_schedule(cfg))
             rt.print(f"set up in {lap}")
             if cfg.probe_init:
                 return telemetry.probe_init(state.raw_model, data.train, state.step, cfg, rt)
