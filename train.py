@@ -85,6 +85,10 @@ def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tu
             )
         model = pretrained.load_pretrained(cfg.init_from, cfg.dropout, cfg.block_size)
         model_cfg = model.config
+    # how the model runs, not what it is: a run may turn it on or off, also on resume or when fine-tuning
+    model_cfg = replace(model_cfg, activation_checkpointing=cfg.activation_checkpointing)
+    if model is not None:
+        model.config = model_cfg
     if model_cfg.vocab_size < meta["vocab_size"]:
         raise dataset.DataError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the dataset's")
     return model_cfg, model
