@@ -16,6 +16,7 @@ More switches, each off by default (GPT-2): qk_norm (queries and keys normalised
 (norms without weight or bias), embed_norm (a norm on the embeddings), residual_scalars (before block i,
 x = a_i * x + b_i * x0, x0 the embedding output), value_residual (each layer's values mixed with layer 0's),
 positions="rope" (rotary position embeddings instead of wpe), logit_softcap (c * tanh(logits / c)).
+activation_checkpointing trades compute for memory (each block runs again in the backward pass); the math is the same.
 
 Layer names mirror GPT-2's (transformer.wte, h.N.attn.c_attn, ...) so its weights map one to one.
 Generation (the sampling loop, the KV cache's decode engines) lives in gpt_residual/engine.py.
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post", "peri", "reordered")
@@ -56,6 +58,7 @@ class GPTConfig:
     value_residual: bool = False  # mix each layer's values with layer 0's: v_i = (1 - l_i) * v_i + l_i * v_0
     positions: str = "learned"  # position embeddings: "learned" (GPT-2's wpe) | "rope" (rotary, no wpe)
     logit_softcap: float = 0.0  # cap the logits at c * tanh(logits / c), before the loss and sampling (0: off)
+    activation_checkpointing: bool = False  # keep only each block's input; recompute the rest in backward
 
     def __post_init__(self):
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -359,7 +362,10 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if c.residual_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = block(x, cache, pos, shared)
+            if c.activation_checkpointing and torch.is_grad_enabled():  # keep x only; rerun block in backward
+                x = checkpoint(block, x, cache, pos, shared, use_reentrant=False)
+            else:
+                x = block(x, cache, pos, shared)
         return self.head(x, targets)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None):

@@ -24,20 +24,14 @@ import torch.distributed as dist
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
 from gpt_residual.evaluate import TrainingSampler, byte_table, estimate_losses
 from gpt_residual.health import Health, TrainingError
+from gpt_residual.schedule import describe as describe_schedule
+from gpt_residual.schedule import lr_at, resume_note
 from model import GPT, GPTConfig
 
 
 def get_lr(step: int, cfg: config.TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step >= decay_iters:
-        return cfg.min_lr
-    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    """The learning rate of step: lr_schedule's warmup, then cosine, wsd or constant (gpt_residual/schedule.py)."""
+    return lr_at(step, cfg)
 
 
 def padded_vocab(meta: dict) -> int:
@@ -88,6 +82,10 @@ def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tu
         pretrained.check_tokenizer(cfg.init_from, meta, cfg.dataset)  # GPT-2's BPE, or an export's char vocabulary
         model = pretrained.load_pretrained(cfg.init_from, cfg.dropout, cfg.block_size)
         model_cfg = model.config
+    # how the model runs, not what it is: a run may turn it on or off, also on resume or when fine-tuning
+    model_cfg = replace(model_cfg, activation_checkpointing=cfg.activation_checkpointing)
+    if model is not None:
+        model.config = model_cfg
     if model_cfg.vocab_size < meta["vocab_size"]:
         raise dataset.DataError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the dataset's")
     return model_cfg, model
@@ -137,6 +135,8 @@ def restore(state: TrainState, saved: dict, cfg: config.TrainConfig, rt: runtime
     )
     rt.print(f"resumed from {Path(cfg.out_dir) / 'ckpt.pt'} at step {state.step}, sample {state.samples_seen:,}")
     state.resumed = {"step": state.step, "changed": run_dir.report_changes(cfg, saved, rt, state.samples_seen)}
+    if note := resume_note(old, cfg, state.step):
+        rt.print(note)
 
 
 def will_compile(cfg: config.TrainConfig, rt: runtime.Runtime) -> bool:
@@ -255,6 +255,7 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             compiled = will_compile(cfg, rt) and not cfg.probe_init
             n_params = state.raw_model.num_params()
             resolved = console.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled, state.resumed)
+            rt.print(describe_schedule(cfg))
             rt.print(f"set up in {lap}")
             if cfg.probe_init:
                 return telemetry.probe_init(state.raw_model, data.train, state.step, cfg, rt)

@@ -20,7 +20,6 @@ max_iters = 600_000
 learning_rate = 6e-4
 min_lr = 6e-5
 warmup_iters = 2000
-lr_decay_iters = 600_000
 weight_decay = 0.1
 beta2 = 0.95
 

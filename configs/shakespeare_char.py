@@ -16,7 +16,6 @@ max_iters = 5000
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 100
-lr_decay_iters = 5000  # the cosine reaches min_lr at the last step
 weight_decay = 0.1
 beta2 = 0.99  # a small model on few tokens per step: a shorter second-moment memory helps
 

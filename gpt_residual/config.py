@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from gpt_residual import schedule
 from model import GPTConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -56,10 +57,12 @@ class TrainConfig(GPTConfig):
     batch_tokens: int = 0  # tokens per optimizer step over all processes: sets gradient_accumulation_steps (0: off)
     max_iters: int = 2000  # optimizer steps in the whole run
     learning_rate: float = 5e-3  # peak learning rate, reached after warmup
-    min_lr: float = 1e-3  # learning rate at the end of the cosine decay
+    min_lr: float = 1e-3  # learning rate at the end of the decay
     warmup_iters: int = 30  # steps of linear warmup from 0 to learning_rate
-    lr_decay_iters: int = 1000  # step at which the cosine reaches min_lr (0: max_iters)
-    decay_lr: bool = True  # cosine decay after warmup; False keeps learning_rate constant
+    lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr | "wsd" constant, then linear to min_lr | "constant"
+    warmdown_frac: float = 0.2  # wsd: the last fraction of the decay (of lr_decay_iters, else max_iters) spent in it
+    lr_decay_iters: int = 0  # step at which the decay reaches min_lr (0: max_iters, so it follows a longer run)
+    decay_lr: bool = True  # the old spelling of a flat rate: False keeps learning_rate from step 0 (no warmup)
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
@@ -97,6 +100,12 @@ class TrainConfig(GPTConfig):
                 f"min_lr ({self.min_lr:g}) must not exceed learning_rate ({self.learning_rate:g}); "
                 f"set --min_lr too (e.g. --min_lr={self.learning_rate / 10:g})"
             )
+        check_choice("lr_schedule", self.lr_schedule, schedule.SCHEDULES)
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            raise ConfigError(f"warmdown_frac must be in [0, 1] (a fraction of the run), got {self.warmdown_frac:g}")
+        if not self.decay_lr and self.lr_schedule != "cosine":
+            raise ConfigError("decay_lr=False is the old spelling of a flat learning rate; with lr_schedule, drop it "
+                              "(lr_schedule='constant' --warmup_iters=0 is the same)")
         if self.init_from not in INIT_SOURCES and not Path(self.init_from).expanduser().is_dir():
             raise ConfigError(
                 f"init_from must be one of {', '.join(INIT_SOURCES)} or a folder in Hugging Face "

@@ -55,7 +55,9 @@ def check_resume(cfg: config.TrainConfig, saved: dict):
     """A resumed run keeps its model and its dataset; the schedule, batch and the like may change."""
     fine_tuned = weights_from(cfg, saved) not in ("scratch", "resume")
     for key, old in saved["model_config"].items():
-        if key in ("dropout", "vocab_size") or (fine_tuned and key in pretrained.SHAPE_KEYS):
+        if key in ("dropout", "vocab_size", "activation_checkpointing"):  # not the model's shape
+            continue
+        if fine_tuned and key in pretrained.SHAPE_KEYS:
             continue  # a fine-tuned model's shape is GPT-2's, whatever the config says
         new = getattr(cfg, key, old)
         if new != old:

@@ -149,6 +149,9 @@ def runs(char_data, tmp_path_factory):
         world, extra, *env = specs[name]
         specs[f"{name}-telemetry"] = (world, [*extra, "--telemetry_interval=3"], *env)
         specs[f"{name}-probe"] = (world, [*extra, "--probe_init=True"], *env)
+    for parallel in ("ddp", "fsdp"):  # each block recomputed in the backward: the same steps
+        world, extra = specs[parallel][:2]
+        specs[f"{parallel}-checkpointed"] = (world, [*extra, "--activation_checkpointing=True"])
     done: dict[str, Run] = {}
 
     def get(name: str) -> Run:
@@ -203,6 +206,18 @@ def test_the_compile_warm_up_leaves_no_gradient_behind(runs, parallel):
     for a, b in zip(compiled.train_records(), single.train_records(), strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
     assert_close_weights(compiled.weights(), single.weights())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_activation_checkpointing_under_two_ranks(runs, parallel):
+    """Recomputing each block in the backward (FSDP: its sharded parameters gathered again) changes nothing."""
+    single, checkpointed = runs("single"), runs(f"{parallel}-checkpointed")
+    assert json.loads((checkpointed.out / "config.json").read_text())["activation_checkpointing"] is True
+    for a, b in zip(checkpointed.train_records(), single.train_records(), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-5
+        ), a["step"]
+    assert_close_weights(checkpointed.weights(), single.weights())
 
 
 def test_fsdp_logs_what_ddp_logs(runs):
