@@ -5,6 +5,7 @@ changes the dataset, the checkpoint format or the batch shape, a signal during a
 the first compile, the defaults, the compact config print, and no per-step host sync in the loop.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -273,7 +274,9 @@ def test_compile_is_announced_timed_and_not_counted_as_evaluation(tiny_cfg, monk
 
 
 def test_the_defaults_are_the_small_model():
-    assert config.parse_args(config.TrainConfig, ["configs/small.py"]) == config.TrainConfig()
+    """Every key but lr_decay_iters: its default follows max_iters; small.py fixes its cosine's floor at 1000."""
+    small = config.parse_args(config.TrainConfig, ["configs/small.py"])
+    assert small == dataclasses.replace(config.TrainConfig(), lr_decay_iters=1000) and small.lr_decay_iters == 1000
 
 
 def test_the_config_is_printed_compactly(tiny_cfg, capsys):
