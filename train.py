@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
 from gpt_residual.health import Health, TrainingError
+from gpt_residual.multiple_choice import training_hook
 from model import GPT, GPTConfig
 
 
@@ -316,6 +317,7 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
     meter = console.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, state.step)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     recent, stopping, first_eval = console.RecentLoss(rt), False, True
+    hellaswag = training_hook(cfg, data.meta, rt)  # None when hellaswag_interval is 0
     while True:
         done = state.step >= cfg.max_iters or stopping
         is_best = False
@@ -332,6 +334,9 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
                 state.last_eval = {"step": state.step, **estimate}
                 is_best, state.best_val = estimate["val"] < state.best_val, min(state.best_val, estimate["val"])
                 console.log_eval(rt, logger, state.last_eval, time.perf_counter() - t_start, meter.eval_s)
+                if hellaswag:  # a fixed subset, every hellaswag_interval steps and at the end
+                    with meter.pause(eval_time=True):
+                        hellaswag(state.raw_model, state.step, logger, final=state.step >= cfg.max_iters)
         periodic = cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0
         if state.step > max(first_step, state.saved_step) and (periodic or is_best or done):
             with meter.pause():

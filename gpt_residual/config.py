@@ -72,6 +72,9 @@ class TrainConfig(GPTConfig):
     checkpoint_interval: int = 500  # steps between checkpoints (and one at the end; 0: only at the end)
     keep_checkpoints: int = 2  # newest ckpt-<step>.pt files to keep; ckpt.pt and ckpt-best.pt link to them
     telemetry_interval: int = 0  # steps between per-layer grad norms, update ratios, stream RMS (0: off)
+    hellaswag_interval: int = 0  # steps between HellaSwag scores on a fixed subset (multiple of eval_interval, 0: off)
+    hellaswag_examples: int = 500  # examples in that subset (a fixed sample of the validation split)
+    hellaswag_data: str = ""  # a .jsonl in HellaSwag's format to score instead (default: data/hellaswag/, downloaded)
     probe_init: bool = False  # measure that telemetry at initialisation over eval_iters batches, then exit
     wandb_log: bool = False  # also send metrics to Weights & Biases (rank 0)
     wandb_project: str = "gpt"  # wandb project name
@@ -87,14 +90,19 @@ class TrainConfig(GPTConfig):
     def __post_init__(self):
         super().__post_init__()
         positive = ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval")
-        positive += ("keep_checkpoints",)
+        positive += ("keep_checkpoints", "hellaswag_examples")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "checkpoint_interval", "telemetry_interval",
-                    "batch_tokens"):
+                    "batch_tokens", "hellaswag_interval"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.hellaswag_interval % self.eval_interval:
+            raise ConfigError(
+                f"hellaswag_interval ({self.hellaswag_interval}) must be a multiple of eval_interval "
+                f"({self.eval_interval}): HellaSwag is scored at eval steps"
+            )
         if self.learning_rate <= 0 or self.min_lr < 0:
             raise ConfigError("need learning_rate > 0 and min_lr >= 0")
         if self.min_lr > self.learning_rate:
