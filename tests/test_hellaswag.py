@@ -16,6 +16,7 @@ import train
 from gpt_residual import config, dataset, multiple_choice, runtime
 from gpt_residual.dataset import DataError
 from model import GPT, GPTConfig
+from scripts import eval as eval_command
 
 CPU = runtime.Runtime(0, 0, 1, "cpu", torch.float32, False)
 WORDS = TEXT.replace("\n", " ").split()
@@ -157,9 +158,24 @@ def test_a_bad_file_is_one_line_naming_file_and_line(tmp_path, case):
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(DataError, match=needle):
         multiple_choice.read_examples(path)
-    if case in ("missing field", "empty", "not JSON"):  # and through the command: the data is read before a model
-        proc = run(["-m", "scripts.eval", f"--data={path}", f"--out_dir={tmp_path / 'no-run'}"], timeout=120)
-        assert_one_line_error(proc, path, needle)
+    argv = [f"--data={path}", f"--out_dir={tmp_path / 'no-run'}"]  # the data is read before the model
+    if case == "not JSON":  # through the command as a user runs it
+        assert_one_line_error(run(["-m", "scripts.eval", *argv], timeout=120), path, needle)
+    else:
+        assert_one_line_error_in_process(argv, path, needle)
+
+
+def assert_one_line_error_in_process(argv, *needles):
+    """scripts.eval.main(argv) as the command runs it: exit code 2 and one line on stderr starting with error:."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert eval_command.main(argv) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
+    assert all(needle in lines[0] for needle in needles), lines[0]
 
 
 def test_the_validation_split_is_downloaded_checked_and_cached(tmp_path, monkeypatch):
@@ -204,9 +220,10 @@ def test_eval_command_writes_the_results_json(tmp_path, tiny_cfg, char_tok):
     assert all(len(r["loglik"]) == len(r["tokens"]) == 4 and max(r["loglik"]) < 0 for r in result["examples"])
 
 
-def test_eval_command_refuses_bad_flags(tmp_path):
-    assert_one_line_error(run(["-m", "scripts.eval", "--task=mmlu"], timeout=120), "task must be one of hellaswag")
-    assert_one_line_error(run(["-m", "scripts.eval", "--limitt=3"], timeout=120), "did you mean 'limit'")
+def test_eval_command_refuses_bad_flags():
+    assert_one_line_error_in_process(["--task=mmlu"], "task must be one of hellaswag")
+    assert_one_line_error_in_process(["--limitt=3"], "did you mean 'limit'")
+    assert_one_line_error_in_process(["--batch_size=0"], "batch_size must be positive")
 
 
 # ----------------------------------------------------------------------------- two ranks
