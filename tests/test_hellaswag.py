@@ -289,7 +289,7 @@ def test_the_hook_never_recompiles_compiled_blocks(tmp_path, tiny_cfg, char_tok)
     from torch._dynamo.utils import counters
 
     data = write_jsonl(tmp_path / "mc.jsonl", examples_like_text(6))
-    cfg = tiny_cfg(hellaswag_interval=10, hellaswag_data=data)
+    cfg = tiny_cfg(hellaswag_interval=10, hellaswag_data=data, block_size=64)  # no row is cut to block_size
     model = tiny_gpt(char_tok.vocab_size, block_size=cfg.block_size)
     hook = multiple_choice.training_hook(cfg, {"tokenizer": "char", "vocab_size": char_tok.vocab_size,
                                                "itos": char_tok.itos}, CPU)  # fmt: skip
