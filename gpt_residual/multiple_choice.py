@@ -179,13 +179,30 @@ def score_batch(model, batch: list[Encoded], vocab_size: int, device: str) -> li
         y[i, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
     flat = (y >= 0).flatten().nonzero().squeeze(1)  # the scored positions (on the host: no device sync)
     owner = flat // width  # the row each scored position belongs to
-    x, y = x.to(device), y.to(device)
-    logits, _ = model(x, y)  # (rows, width, model vocab); the loss it returns is unused
-    picked = logits.flatten(0, 1)[flat.to(device), :vocab_size].float()
-    logp = -F.cross_entropy(picked, y.flatten()[flat.to(device)], reduction="none")
+    x, y, on_device = x.to(device), y.to(device), flat.to(device)
+    picked = logits_at(model, x, y, on_device)[:, :vocab_size].float()
+    logp = -F.cross_entropy(picked, y.flatten()[on_device], reduction="none")
     sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, owner, logp.double().cpu())  # one read-back
     sums = sums.view(len(batch), NUM_ENDINGS).tolist()
     return [(sums[i], scored[i * NUM_ENDINGS : (i + 1) * NUM_ENDINGS]) for i in range(len(batch))]
+
+
+def logits_at(model, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The logits (len(flat), model vocab) at the flat positions of x. For a GPT, the stream after the final
+    norm is caught by a hook and only the scored positions go through the head: most of a row is context,
+    whose logits nobody needs. Under FSDP the head's weights are whole only inside the forward: the model's
+    own forward then computes every position's logits (and a loss, unused)."""
+    ln_f = getattr(getattr(model, "transformer", None), "ln_f", None)
+    if ln_f is None or hasattr(model.lm_head.weight, "full_tensor"):
+        logits, _ = model(x, y)
+        return logits.flatten(0, 1)[flat]
+    seen = []
+    handle = ln_f.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        model(x)  # without targets the head computes the last position only
+    finally:
+        handle.remove()
+    return model.softcap(model.lm_head(seen[0].flatten(0, 1)[flat]))
 
 
 def batches_of(share: list[Encoded], batch_size: int) -> list[list[Encoded]]:
