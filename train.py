@@ -24,6 +24,7 @@ import torch.distributed as dist
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
 from gpt_residual.evaluate import TrainingSampler, byte_table, estimate_losses
 from gpt_residual.health import Health, TrainingError
+from gpt_residual.multiple_choice import training_hook
 from gpt_residual.schedule import describe as describe_schedule
 from gpt_residual.schedule import lr_at, resume_note
 from model import GPT, GPTConfig
@@ -288,6 +289,7 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
     recent, stopping, first_eval = console.RecentLoss(rt), False, True
     token_bytes = byte_table(data.meta, model_cfg.vocab_size, rt.device)  # for bits per byte
     sampler = TrainingSampler(cfg, rt, data.meta)  # sample_interval's samples (rank 0)
+    hellaswag = training_hook(cfg, data.meta, rt)  # None when hellaswag_interval is 0
     while True:
         done = state.step >= cfg.max_iters or stopping
         is_best = False
@@ -307,6 +309,9 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
                 if sampler.due(state.step):
                     with meter.pause(eval_time=True):
                         sampler(state.raw_model, state.step, logger)
+                if hellaswag:  # a fixed subset, every hellaswag_interval steps and at the end
+                    with meter.pause(eval_time=True):
+                        hellaswag(state.raw_model, state.step, logger, final=state.step >= cfg.max_iters)
         periodic = cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0
         if state.step > max(first_step, state.saved_step) and (periodic or is_best or done):
             with meter.pause():

@@ -80,6 +80,9 @@ class TrainConfig(GPTConfig):
     sample_interval: int = 0  # steps between samples printed at eval steps (a multiple of eval_interval; 0: off)
     sample_prompt: str = "\n"  # the prompt of those samples (a typed \n is a newline)
     sample_tokens: int = 48  # tokens per sample (seeded by seed, so the same draw every time)
+    hellaswag_interval: int = 0  # steps between HellaSwag scores on a fixed subset (multiple of eval_interval, 0: off)
+    hellaswag_examples: int = 500  # examples in that subset (a fixed sample of the validation split)
+    hellaswag_data: str = ""  # a .jsonl in HellaSwag's format to score instead (default: data/hellaswag/, downloaded)
     probe_init: bool = False  # measure that telemetry at initialisation over eval_iters batches, then exit
     wandb_log: bool = False  # also send metrics to Weights & Biases (rank 0)
     wandb_project: str = "gpt"  # wandb project name
@@ -95,6 +98,11 @@ class TrainConfig(GPTConfig):
     def __post_init__(self):
         super().__post_init__()
         check_ranges(self)
+        if self.hellaswag_interval % self.eval_interval:
+            raise ConfigError(
+                f"hellaswag_interval ({self.hellaswag_interval}) must be a multiple of eval_interval "
+                f"({self.eval_interval}): HellaSwag is scored at eval steps"
+            )
         if self.min_lr > self.learning_rate:
             raise ConfigError(
                 f"min_lr ({self.min_lr:g}) must not exceed learning_rate ({self.learning_rate:g}); "
@@ -166,11 +174,12 @@ class TrainConfig(GPTConfig):
 
 # every numeric key's range (GPTConfig checks the model's shape, dropout and logit_softcap)
 POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval",
-            "keep_checkpoints", "learning_rate", "muon_lr", "scalar_lr", "sample_tokens")  # fmt: skip
+            "keep_checkpoints", "learning_rate", "muon_lr", "scalar_lr", "sample_tokens",
+            "hellaswag_examples")  # fmt: skip
 AT_LEAST_0 = {"max_iters": "", "warmup_iters": "", "lr_decay_iters": " (0: max_iters)", "seed": "",
               "min_lr": "", "weight_decay": " (0: no decay)", "grad_clip": " (0: no clipping)",
               "checkpoint_interval": " (0: only at the end)", "telemetry_interval": " (0: off)",
-              "batch_tokens": " (0: off)", "sample_interval": " (0: off)",
+              "batch_tokens": " (0: off)", "sample_interval": " (0: off)", "hellaswag_interval": " (0: off)",
               "peak_flops": " (0: looked up from the GPU's name)"}  # fmt: skip
 
 
