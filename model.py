@@ -133,6 +133,7 @@ class KVCache:
         self.pos = None  # (1,) long tensor: the slot of the next token
         self.filled = None  # (1, 1, 1, block_size) bool: the slots that hold the current context
         self.span = config.block_size  # slots a one-token step reads (set by the Decoder): all the filled ones
+        self.length = 0  # slots filled since reset, on the host (compiled steps: kept by the Decoder)
 
     def reset(self, device):
         """Start a new context at slot 0; the old entries stay in place, masked out."""
@@ -141,11 +142,20 @@ class KVCache:
             self.filled = torch.zeros(1, 1, 1, self.block_size, dtype=torch.bool, device=device)
         self.pos.zero_()
         self.filled.zero_()
+        self.length = 0
 
     def claim(self, T: int) -> torch.Tensor:
-        """The slots (T,) of the next T tokens, marked filled; pos moves past them (no host sync)."""
+        """The slots (T,) of the next T tokens, marked filled; pos moves past them (no host sync). Several
+        tokens at once only from slot 0 (a prompt attends to itself, not to a cached prefix)."""
         if self.pos is None:
             raise ValueError("reset the KV cache before its first use")
+        if not torch.compiler.is_compiling():  # a compiled or graphed step is checked by its caller
+            if self.length + T > self.block_size or (T > 1 and self.length):
+                raise ValueError(
+                    f"the KV cache cannot take {T} token(s) after {self.length} of its {self.block_size} slots: "
+                    "a prompt goes in from slot 0 (reset first), later tokens one at a time, within block_size"
+                )
+            self.length += T
         slots = self.pos + torch.arange(T, device=self.pos.device)
         self.filled.index_fill_(3, slots, True)
         self.pos.add_(T)

@@ -105,7 +105,8 @@ def draw(model: GPT, tok: dataset.Tokenizer, idx: torch.Tensor, cfg: SampleConfi
     eot = tok.enc.eot_token if tok.kind == "gpt2" else None
     rows, done = [[] for _ in range(idx.size(0))], [False] * idx.size(0)
     decode, cols, steps = tok.stream_decoder(), [], 0
-    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache)
+    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache,
+                  vocab_limit=tok.vocab_size)  # never a padded vocabulary slot
     for steps, col in enumerate(generate_stream(model, idx, cfg.max_new_tokens, engine=engine, **kwargs), 1):
         cols.append(col)
         if len(cols) < CHUNK and steps < cfg.max_new_tokens:

@@ -239,7 +239,7 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
     """Run training as configured; returns the final losses and timings. argv, when given, is the
     command line, quoted back in the resume hint of an interrupted run."""
     t_start, lap = time.perf_counter(), console.Laps()
-    rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    rt = runtime.init_runtime(cfg.device, cfg.dtype, cfg.parallel)
     stop, logger = runtime.GracefulStop(rt), None
     try:
         with stop.interruptible():  # nothing to save yet: a signal ends the run at once
@@ -283,7 +283,8 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
     ahead = 4 if rt.device_type == "cuda" else 0  # gather and pin batches in a background thread on GPUs
     batches = dataset.micro_batches(data.train, state.samples_seen, rt.rank, world, rt.device, ahead)
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
-    telemetry_probe, health = telemetry.Telemetry(state.raw_model), Health(rt.device, not state.scaler.is_enabled())
+    fp16 = state.scaler.is_enabled()  # the NaN watch is off: the GradScaler skips such steps; count them instead
+    telemetry_probe, health = telemetry.Telemetry(state.raw_model), Health(rt.device, not fp16, cfg.max_skipped_steps)
     meter = console.Meter(rt, cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world, state.step)
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     recent, stopping, first_eval = console.RecentLoss(rt), False, True

@@ -94,6 +94,7 @@ class TrainConfig(GPTConfig):
     compile: bool | str = "auto"  # torch.compile the model: True | False | "auto" (on for CUDA)
     compile_scope: str = "blocks"  # "blocks": each block and the head apart (one compile serves every block) | "model"
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: looked up from the GPU's name)
+    max_skipped_steps: int = 20  # float16: stop when the GradScaler has skipped this many steps in a row (0: never)
 
     def __post_init__(self):
         super().__post_init__()
@@ -124,6 +125,8 @@ class TrainConfig(GPTConfig):
         check_choice("parallel", self.parallel, ("ddp", "fsdp"))
         if self.parallel == "fsdp" and self.dtype == "float16":
             raise ConfigError("parallel=fsdp trains in bfloat16 or float32 (float16 would need a sharded GradScaler)")
+        if self.max_skipped_steps < 0:
+            raise ConfigError(f"max_skipped_steps must be >= 0 (0: never stop), got {self.max_skipped_steps}")
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), not torch {torch.__version__}")

@@ -3,9 +3,11 @@ the KV cache: a static-shape step that runs eager, through torch.compile, or rep
 
 Each generated token is one forward pass of one position per row. Run eagerly, that is hundreds of
 small kernel launches per token, and on a GPU the launches, not the arithmetic, set the speed. The
-KV cache (model.KVCache) is allocated once to block_size and written in place at a position tensor, so
-every decode step has the same shapes and touches the same memory: it can be captured once as a CUDA
-graph and replayed with one launch per token, with sampling on the device and no host sync.
+KV cache (model.KVCache) is allocated once to block_size and written in place at a position tensor. A
+compiled or graphed decode step reads the first `span` slots of it, the context's length rounded up to a
+multiple of Decoder.SPAN, so every step within a span has the same shapes and touches the same memory: it
+is captured once per span as a CUDA graph and replayed with one launch per token, with sampling on the
+device and no host sync. An eager step reads exactly the context's length of slots.
 """
 
 import time
@@ -36,6 +38,7 @@ def generate_stream(
     top_p: float | None = None,
     use_cache: bool = True,
     engine: str = "eager",
+    vocab_limit: int | None = None,
 ):
     """Continue each row of idx (B, T) by max_new_tokens tokens; yields each new (B, 1) column,
     on the device (reading it back is the caller's sync: read a few columns at a time).
@@ -45,10 +48,13 @@ def generate_stream(
     (CUDA only) replayed as a CUDA graph; see Decoder. When the text outgrows block_size, the
     context is cut to its last block_size // 2 tokens (one forward pass refills the cache) and
     fills up again; the uncached path uses exactly the same contexts, so both give the same tokens.
+    vocab_limit (the tokenizer's vocabulary size) drops the logits of ids at or above it before a token
+    is chosen: a vocabulary padded for speed (GPT-2: 50257 -> 50304) has rows that are no real token.
     """
-    check_generate_args(model, max_new_tokens, temperature, top_k, top_p, engine, idx.device)
-    choose_token = lambda logits: next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
-    decoder = decoder_for(model, idx.size(0), engine, (temperature, top_k, top_p), choose_token) if use_cache else None
+    check_generate_args(model, max_new_tokens, temperature, top_k, top_p, engine, idx.device, vocab_limit)
+    choose_token = lambda logits: next_token(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p)
+    sampling = (temperature, top_k, top_p, vocab_limit)
+    decoder = decoder_for(model, idx.size(0), engine, sampling, choose_token) if use_cache else None
     bs = model.config.block_size
     start = max(0, idx.size(1) - bs)  # where the current context begins
     fresh = True  # the cache does not hold the current context yet
@@ -65,8 +71,11 @@ def generate_stream(
         yield nxt
 
 
-def check_generate_args(model: GPT, max_new_tokens, temperature, top_k, top_p, engine, device):
+def check_generate_args(model: GPT, max_new_tokens, temperature, top_k, top_p, engine, device, vocab_limit=None):
     vocab = model.config.vocab_size
+    if vocab_limit is not None and not 1 <= vocab_limit <= vocab:
+        raise ValueError(f"vocab_limit must be between 1 and the model's vocabulary size {vocab}, got {vocab_limit}")
+    vocab = vocab_limit or vocab
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if top_k is not None and not 1 <= top_k <= vocab:
@@ -122,7 +131,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 class Decoder:
     """Cached generation for one batch shape. prefill runs a context through the model (SDPA over the
     prompt) into a fresh KV cache; step runs one token per row at the cache's position tensor and
-    picks the next token on the device. Every step has the same shapes, so engine "compile" runs it
+    picks the next token on the device. Every step of a span has the same shapes, so "compile" runs it
     through torch.compile, "graph" captures it as a CUDA graph on its first call and then replays it
     (one launch instead of hundreds), and "compile" on CUDA does both. Under autocast the compiled or
     graphed step uses a copy of the model whose matmul weights are pre-cast to the autocast dtype: the
@@ -158,6 +167,14 @@ class Decoder:
     def step(self, tok: torch.Tensor, length: int) -> torch.Tensor:
         """Feed the last token of each row (B, 1), the context being `length` tokens long with it;
         the next token (B, 1)."""
+        if not 1 < length <= self.cache.block_size:  # compiled and graphed steps skip KVCache.claim's check
+            raise ValueError(f"a cached step needs a context of 2..{self.cache.block_size} tokens, got {length}")
+        self.cache.length = length - 1  # the tokens before this one
+        out = self._run(tok, length)
+        self.cache.length = length
+        return out
+
+    def _run(self, tok: torch.Tensor, length: int) -> torch.Tensor:
         span = self.cache.span = min(self.cache.block_size, -(-length // self.span_step) * self.span_step)
         if span in self.graphs:
             self.tok.copy_(tok)
@@ -178,7 +195,7 @@ class Decoder:
         the cache's position back after each run; then record one step as a CUDA graph and replay it
         for this step. Autocast's cast cache is off while recording: a cached cast made outside the
         graph could be freed while the graph still reads it (the pre-cast weights need no casts)."""
-        pos, filled = self.cache.pos.clone(), self.cache.filled.clone()
+        pos, filled, length = self.cache.pos.clone(), self.cache.filled.clone(), self.cache.length
         self.tok = tok.clone() if not self.graphs else self.tok.copy_(tok)  # one input for every graph
         side = torch.cuda.Stream(tok.device)
         lp = self.low_precision
@@ -189,6 +206,7 @@ class Decoder:
                 self.fn(self.tok)
                 self.cache.pos.copy_(pos)
                 self.cache.filled.copy_(filled)
+                self.cache.length = length
         torch.cuda.current_stream(tok.device).wait_stream(side)
         graph = self.graphs[self.cache.span] = torch.cuda.CUDAGraph()
         with no_cast_cache, torch.cuda.graph(graph):

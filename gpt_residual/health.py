@@ -1,4 +1,5 @@
-"""The NaN watch: the first step whose loss or gradient norm was not finite, kept on the device until checked."""
+"""The NaN watch: the first step whose loss or gradient norm was not finite, kept on the device until checked;
+under float16, the step at which the GradScaler had skipped too many steps in a row."""
 
 import torch
 
@@ -10,17 +11,24 @@ class TrainingError(RuntimeError):
 class Health:
     """Remembers, on the device, the first step whose loss or gradient norm was not finite; check()
     reads it back (at log time and before any checkpoint) and stops the run before bad weights are saved.
-    Under fp16 the GradScaler skips such steps itself, so nothing is tracked."""
+    Under fp16 (enabled=False) the GradScaler skips such steps itself; then the steps skipped in a row are
+    counted instead, and check() stops the run once max_skipped of them (0: never) came one after another."""
 
-    def __init__(self, device: str, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, device: str, enabled: bool, max_skipped: int = 0):
+        self.enabled, self.max_skipped = enabled, max_skipped
         self.first = torch.full((3,), -1.0, device=device)  # (step, loss, gradient norm), step -1: none yet
+        self.skipped = torch.zeros((), device=device)  # fp16: steps skipped in a row, up to now
+        self.stalled = torch.full((), -1.0, device=device)  # fp16: the step that made max_skipped in a row
 
     def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor):
         if self.enabled:
             now = torch.stack([torch.full_like(loss, step), loss.float(), grad_norm.float()])
             bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] < 0)
             self.first = torch.where(bad, now, self.first)
+        elif self.max_skipped:  # the scaler skips exactly the steps whose unscaled gradients are not all finite
+            self.skipped = torch.where(torch.isfinite(grad_norm), 0.0, self.skipped + 1)
+            hit = (self.skipped >= self.max_skipped) & (self.stalled < 0)
+            self.stalled = torch.where(hit, float(step), self.stalled)
 
     def check(self):
         step, loss, grad_norm = self.first.tolist()
@@ -28,4 +36,11 @@ class Health:
             raise TrainingError(
                 f"step {int(step)}: loss {loss:.4g}, gradient norm {grad_norm:.4g} is not finite; the last "
                 "checkpoint is kept; lower learning_rate or use float32/bfloat16, then resume"
+            )
+        stalled = int(self.stalled.item()) if self.max_skipped else -1
+        if stalled >= 0:
+            raise TrainingError(
+                f"step {stalled}: float16 gradients overflowed {self.max_skipped} steps in a row (the GradScaler "
+                "skipped them all); the last checkpoint is kept; lower learning_rate or use dtype=bfloat16 or "
+                "float32, then resume (max_skipped_steps sets the limit)"
             )

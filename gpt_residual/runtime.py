@@ -96,7 +96,7 @@ def resolve_dtype(dtype: str, device_type: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+def init_runtime(device: str = "auto", dtype: str = "auto", parallel: str = "ddp") -> Runtime:
     """Set up this process: distributed group (under torchrun), device, dtype, TF32."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if ddp:
@@ -112,9 +112,15 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
+    compute = resolve_dtype(dtype, device_type)
+    if parallel == "fsdp" and compute == torch.float16:  # explicit float16 is refused by TrainConfig
+        raise DeviceError(
+            "dtype=auto chose float16 (this GPU has no bfloat16), but parallel=fsdp trains in bfloat16 or float32 "
+            "(float16 would need a sharded GradScaler); set dtype=float32 or parallel=ddp"
+        )
     if ddp and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Runtime(rank, local_rank, world_size, device, resolve_dtype(dtype, device_type), ddp)
+    return Runtime(rank, local_rank, world_size, device, compute, ddp)
 
 
 def synchronize(rt: Runtime):

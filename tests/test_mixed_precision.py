@@ -13,6 +13,7 @@ the GradScaler, torch.compile with autocast, and real bf16-capability detection 
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ import torch
 from conftest import metrics_records
 
 import train
-from gpt_residual import checkpoint, runtime
+from gpt_residual import checkpoint, config, runtime
+from gpt_residual.health import TrainingError
 from model import GPT
 
 
@@ -195,6 +197,62 @@ def test_checkpoint_before_the_first_real_step_does_not_change_training(tiny_cfg
     assert a["scaler"]["scale"] == b["scaler"]["scale"] < 2.0**24
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), f"{key} differs when checkpoints were saved"
+
+
+@pytest.mark.parametrize("log_interval", [1, 100], ids=["at-a-log-step", "before-a-checkpoint"])
+def test_fp16_stops_after_too_many_skipped_steps(tiny_cfg, fp16_on_cpu, monkeypatch, log_interval):
+    """From the 7th step on every scaled loss is inf (an overflow that never backs off enough): the run
+    must stop with one line naming the step at which max_skipped_steps=3 skips came in a row (step 8),
+    checked at log time or before the next checkpoint, and ckpt.pt stays the last good one (step 6)."""
+    fp16_on_cpu()
+    recorded = torch.amp.GradScaler
+
+    class Overflowing(recorded):
+        calls = 0
+
+        def scale(self, outputs):
+            Overflowing.calls += 1
+            return super().scale(outputs) * (math.inf if Overflowing.calls > 6 else 1.0)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Overflowing)
+    cfg = tiny_cfg(dtype="float16", max_iters=40, log_interval=log_interval, eval_interval=100,
+                   checkpoint_interval=3, max_skipped_steps=3)
+    with pytest.raises(TrainingError) as e:
+        train.train(cfg)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("step 8: float16 gradients overflowed 3 steps in a row")
+    assert "the last checkpoint is kept" in message
+    state = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt")
+    assert state["step"] == 6 and state["scaler"]["scale"] == 2.0**16  # saved before the first overflow
+    assert sorted(int(p.stem[5:]) for p in Path(cfg.out_dir).glob("ckpt-*.pt")) == [3, 6]  # none after step 6
+
+
+def test_fp16_skipped_steps_are_counted_in_a_row_only(tiny_cfg, fp16_on_cpu):
+    """A scale of 2**24 overflows the first steps, then backs off and trains: fewer skips in a row than
+    max_skipped_steps never stop the run."""
+    made = fp16_on_cpu(2.0**24)
+    cfg = tiny_cfg(dtype="float16", max_iters=30, log_interval=1, max_skipped_steps=20)
+    train.train(cfg)
+    skipped = 24 - int(math.log2(made[0].get_scale()))
+    assert 1 <= skipped < 20
+    with pytest.raises(TrainingError, match=f"step {skipped - 1}: float16 gradients overflowed {skipped} steps"):
+        fp16_on_cpu(2.0**24)
+        train.train(tiny_cfg(dtype="float16", max_iters=30, log_interval=1, max_skipped_steps=skipped, overwrite=True))
+
+
+def test_max_skipped_steps_is_checked(tiny_cfg):
+    with pytest.raises(config.ConfigError, match="max_skipped_steps must be >= 0"):
+        tiny_cfg(max_skipped_steps=-1)
+
+
+def test_auto_float16_under_fsdp_is_refused(monkeypatch, tmp_path, capsys):
+    """A GPU without bf16 makes dtype=auto float16, which FSDP cannot train (no sharded GradScaler)."""
+    monkeypatch.setattr(runtime, "resolve_dtype", lambda d, t: torch.float16)
+    code = train.main(["--device=cpu", "--parallel=fsdp", f"--out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: dtype=auto chose float16") and "set dtype=float32 or parallel=ddp" in err[0]
+    assert runtime.init_runtime("cpu", "auto", "ddp").dtype == torch.float16  # DDP keeps its GradScaler
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s and MFU

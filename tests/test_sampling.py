@@ -15,7 +15,7 @@ import sample
 from data import token_files
 from gpt_residual import config, dataset, engine
 from gpt_residual.engine import generate, generate_stream, precast_copy
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 
 
 def CUDA(test):
@@ -105,6 +105,66 @@ def test_seeded_sampling_same_with_and_without_cache(top_k, top_p):
     assert torch.equal(*texts)
     torch.manual_seed(12)
     assert not torch.equal(texts[0], generate(model, idx, 40, temperature=1.0, top_k=top_k, top_p=top_p))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (1.0, 30)])
+def test_padded_vocabulary_ids_are_never_chosen(use_cache, temperature, top_k):
+    """A model whose vocabulary is padded (37 real ids of 48) and whose padded rows win every logit:
+    vocab_limit masks them before a token is chosen, so they are never sampled nor fed back."""
+    model = sharp_model(vocab_size=48)
+    model.softcap = lambda logits: logits + torch.arange(48).ge(37) * 1e4  # the padded ids' logits win
+    idx = prompts(3, 4)
+    torch.manual_seed(0)
+    free = generate(model, idx, 30, temperature=temperature, top_k=top_k, use_cache=use_cache)
+    assert (free[:, 4:] >= 37).float().mean() > 0.5  # without the limit the padded ids win: the test has teeth
+    torch.manual_seed(0)
+    kept = generate(model, idx, 30, temperature=temperature, top_k=top_k, use_cache=use_cache, vocab_limit=37)
+    assert kept.shape == (3, 34) and int(kept.max()) < 37
+
+
+def test_vocab_limit_is_checked():
+    model = sharp_model()
+    for bad in (0, 38):
+        with pytest.raises(ValueError, match="vocab_limit must be between 1 and the model's vocabulary size 37"):
+            generate(model, prompts(1, 2), 1, vocab_limit=bad)
+    with pytest.raises(ValueError, match="top_k must be between 1 and the vocabulary size 10"):
+        generate(model, prompts(1, 2), 1, top_k=20, vocab_limit=10)
+
+
+def test_sample_passes_the_tokenizers_vocabulary(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(sample, "generate_stream", lambda model, idx, n, **kw: seen.update(kw) or iter(()))
+    tok = dataset.Tokenizer(token_files.gpt2_meta())
+    sample.draw(None, tok, torch.zeros(1, 1, dtype=torch.long), sample.SampleConfig(max_new_tokens=4), "eager")
+    assert seen["vocab_limit"] == tok.vocab_size == 50257
+
+
+def test_cache_refuses_an_overrun_and_a_second_prompt():
+    """KVCache.claim: never past block_size, and several tokens only from slot 0 (they would attend
+    only to themselves, not to the cached prefix)."""
+    model = sharp_model()
+    cache = KVCache(model.config)
+    cache.reset(torch.device("cpu"))
+    model(prompts(1, 10), cache=cache)
+    with pytest.raises(ValueError, match="cannot take 3 token.s. after 10 of its 16 slots"):
+        model(prompts(1, 3), cache=cache)
+    for _ in range(6):
+        model(prompts(1, 1), cache=cache)
+    assert int(cache.pos) == cache.length == 16
+    with pytest.raises(ValueError, match="cannot take 1 token.s. after 16 of its 16 slots"):
+        model(prompts(1, 1), cache=cache)
+    assert int(cache.pos) == 16  # refused before anything was written
+    cache.reset(torch.device("cpu"))
+    model(prompts(1, 16), cache=cache)  # a whole block from slot 0 fits
+
+
+def test_a_cached_step_checks_its_length_on_every_engine():
+    model = sharp_model()
+    decoder = engine.Decoder(model, lambda logits: logits[:, -1].argmax(-1, keepdim=True), "compile", None)
+    decoder.prefill(prompts(1, 4))
+    with pytest.raises(ValueError, match="a cached step needs a context of 2..16 tokens, got 17"):
+        decoder.step(prompts(1, 1), 17)
 
 
 def test_a_decode_step_makes_one_additive_mask_for_every_layer(monkeypatch):
