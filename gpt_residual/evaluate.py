@@ -46,7 +46,7 @@ def estimate_losses(model, samplers: dict, cfg, rt: runtime.Runtime, stop: runti
                     return None
                 g = min(i * rt.world_size + rt.rank, batches - 1)  # (FSDP: every rank must run each forward)
                 rows = min(sampler.B, samples - g * sampler.B)
-                x, y = sampler.get(g, rt.device, rows)
+                x, y = pad_rows(*sampler.get(g, rt.device, rows), sampler.B)
                 with rt.autocast():
                     logits, loss = model(x, y)
                 if i * rt.world_size + rt.rank < batches:  # a batch beyond the last only kept this rank in step
@@ -59,14 +59,28 @@ def estimate_losses(model, samplers: dict, cfg, rt: runtime.Runtime, stop: runti
         model.train()
 
 
+def pad_rows(x: torch.Tensor, y: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partial last batch padded to B rows, the compile warm-up's shape, so a compiled model sees no new shape
+    (and compiles nothing) at evaluation; the padded rows' targets are -1, which the loss ignores."""
+    rows, T = y.shape
+    if rows >= B:
+        return x, y
+    padded = []
+    for t, fill in ((x, 0), (y, -1)):  # views of a (B, T + 1) buffer: the strides of a batch as the sampler gives it
+        out = torch.full((B, T + 1), fill, dtype=t.dtype, device=t.device)[:, :T]
+        out[:rows] = t
+        padded.append(out)
+    return padded[0], padded[1]
+
+
 def batch_sums(logits, loss, y, rows: int, token_bytes) -> torch.Tensor:
     """(loss x rows, rows, nats over the targets that have bytes, their bytes) of one batch, on the device."""
     weighted = loss.float() * rows
     if token_bytes is None:
         zero = torch.zeros((), device=y.device)
         return torch.stack([weighted, torch.full_like(zero, rows), zero, zero])
-    nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-    nbytes = token_bytes[y.flatten()]
+    nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=-1)
+    nbytes = torch.where(y.flatten() >= 0, token_bytes[y.flatten().clamp(min=0)], 0)  # a padded row has no bytes
     counted = torch.where(nbytes > 0, nats, 0.0).sum()  # special tokens have no bytes: out of both sums
     return torch.stack([weighted, torch.full_like(weighted, rows), counted, nbytes.sum()])
 

@@ -450,3 +450,24 @@ def test_evaluation_of_a_small_split_is_its_exact_loss(tiny_cfg):
     x, y = dataset.to_device(sampler.read(0, rows=sampler.n), "cpu")  # every window in one batch
     with torch.no_grad():
         assert got == pytest.approx(model(x, y)[1].item(), rel=1e-5)
+
+
+def test_an_estimate_after_the_compile_warm_up_compiles_nothing(tiny_cfg, monkeypatch):
+    """A split estimated whole ends with a partial batch; it is padded to the warm-up's shape (its padded rows'
+    targets ignored), so the compiled blocks see no new shape and the estimate's time is not compile time."""
+    from torch._dynamo.utils import counters
+
+    compiled_during = []
+
+    def counting(*args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        out = evaluate.estimate_losses(*args, **kwargs)
+        compiled_during.append(counters["stats"]["unique_graphs"] - before)
+        return out
+
+    monkeypatch.setattr(train, "estimate_losses", counting)
+    torch._dynamo.reset()
+    cfg = tiny_cfg(compile=True, eval_iters=10_000, batch_size=7, max_iters=1, eval_interval=1)
+    result = train.train(cfg)
+    assert len(compiled_during) == 2 and compiled_during == [0, 0], compiled_during
+    assert math.isfinite(result["val_loss"])
