@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from data import token_files
-from gpt_residual import checkpoint, config, dataset, pretrained, runtime
+from gpt_residual import checkpoint, config, console, dataset, pretrained, runtime
 from gpt_residual.engine import ENGINES, generate_stream
 from model import GPT, GPTConfig
 
@@ -169,24 +169,7 @@ def sample(cfg: SampleConfig, out=sys.stdout, log=sys.stderr) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(config.help_text(SampleConfig, __doc__.strip()))
-        return 0
-    try:
-        sample(config.parse_args(SampleConfig, argv, allow_file=False))
-    except (
-        config.ConfigError,
-        dataset.DataError,
-        runtime.DeviceError,
-        checkpoint.CheckpointError,
-        pretrained.PretrainedError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return console.command(SampleConfig, __doc__, sample, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

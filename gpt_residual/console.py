@@ -6,6 +6,7 @@ lines, and the last line: how the run ended, and how to resume it if it was stop
 import json
 import os
 import shlex
+import sys
 import textwrap
 import time
 from contextlib import contextmanager
@@ -224,3 +225,30 @@ def launcher(env) -> tuple[list[str], str]:
         return ["torchrun", "--standalone", f"--nproc_per_node={per_node}"], ""
     how = ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={per_node}", "--rdzv_backend=c10d"]
     return [*how, "--rdzv_endpoint=HOST:PORT"], "  (on every node; HOST:PORT: the rendezvous endpoint of the run)"
+
+
+# ----------------------------------------------------------------------------- the commands' one shape
+
+
+def user_errors() -> tuple:
+    """The errors a user can fix: a command prints them as one line, never a traceback."""
+    from gpt_residual import checkpoint, dataset, pretrained
+
+    return (config.ConfigError, dataset.DataError, runtime.DeviceError, checkpoint.CheckpointError,
+            pretrained.PretrainedError)  # fmt: skip
+
+
+def command(cls, doc: str, run, argv: list[str]) -> int:
+    """A command line of cls's keys (--key=value, no config file): --help, else run(parsed), a user's error as one
+    line on stderr with exit 2, Ctrl-C as 130."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(config.help_text(cls, doc.strip()))
+        return 0
+    try:
+        run(config.parse_args(cls, argv, allow_file=False))
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_residual import checkpoint, config, dataset, multiple_choice, pretrained, runtime
+from gpt_residual import config, console, multiple_choice, runtime
 from sample import load_model
 
 TASKS = ("hellaswag",)
@@ -80,24 +80,7 @@ def write_json(path: Path, result: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(config.help_text(EvalConfig, __doc__.strip()))
-        return 0
-    try:
-        run_eval(config.parse_args(EvalConfig, argv, allow_file=False))
-    except (
-        config.ConfigError,
-        dataset.DataError,
-        runtime.DeviceError,
-        checkpoint.CheckpointError,
-        pretrained.PretrainedError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return console.command(EvalConfig, __doc__, run_eval, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
