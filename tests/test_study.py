@@ -59,13 +59,15 @@ def test_study_runs_variants_and_questions_1_to_5(tmp_path, char_data, monkeypat
     report = (out / "report.md").read_text()
     ln_vocab = math.log(json.loads((char_data / "meta.json").read_text())["vocab_size"])
 
-    for variant in ("pre_ln", "rmsnorm"):  # variant | train | val | ms/step | tokens/s | diverged | load
+    for variant in ("pre_ln", "rmsnorm"):  # variant | train | val | val bpb | ms/step | tokens/s | diverged | load
         cells = row(report, variant)
         losses = [float(c.split("±")[0]) for c in cells[1:3]]
         assert all(math.isfinite(x) and 0 < x < ln_vocab for x in losses), cells
-        assert float(cells[3]) > 0 and float(cells[4].replace(",", "")) > 0 and cells[5] == "no", cells
-        assert float(cells[6]) >= 0  # the load average after the run
+        assert float(cells[4]) > 0 and float(cells[5].replace(",", "")) > 0 and cells[6] == "no", cells
+        assert float(cells[7]) >= 0  # the load average after the run
         recs = metrics_records(out / f"runs/{variant}-s1337")
+        bpb = [r["val_bpb"] for r in recs if "val_bpb" in r][-1]  # one seed: the run's last estimate
+        assert float(cells[3]) == pytest.approx(bpb, abs=1e-4) and 0 < bpb < ln_vocab / math.log(2), cells
         assert 10 <= sum("rms" in r for r in recs) <= 21  # telemetry on: ~10-20 records
         assert "probe_init" in (out / f"runs/{variant}-init/metrics.jsonl").read_text()
 

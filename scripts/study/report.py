@@ -55,13 +55,15 @@ def variants_section(r: Results) -> list[str]:
         div = (f"yes ({n}/{len(rs)})" if n else "no") + (f"; failed: {', '.join(failed)}" if failed else "")
         ms, tok = step_stat(fastest(rs), "ms_per_step"), step_stat(fastest(rs), "tokens_per_sec")
         losses = [mean_std(final(j, "train_loss") for j in rs), mean_std(final(j) for j in rs)]
+        losses.append(mean_std(final(j, "val_bpb") for j in rs))  # bits per byte: comparable across tokenizers
         rows.append(
             [v, *losses, fmt(ms, 1), f"{tok:,.0f}" if math.isfinite(tok) else "—", div, fmt(fastest(rs).load, 1)]
         )
         i, e = init[v], end[v]
         per_layer.append([v, fmt(i.get("loss")), *(fmt(ratio(rec.get(k))) for rec in (i, e) for k in GRADS)])
         per_layer[-1] += [fmt(ratio(i.get("rms", [])[1:])), fmt(ratio(e.get("rms", [])[1:])), e.get("step", "—")]
-    md = table(["variant", "final train loss", "final val loss", "ms/step*", "tokens/s*", "diverged", "load"], rows)
+    header = ["variant", "final train loss", "final val loss", "val bits/byte", "ms/step*", "tokens/s*", "diverged"]
+    md = table([*header, "load"], rows)
     md += ["*: of the fastest seed (the median over its log records but the first); load: the 1-minute load average"]
     md += [f"after that run, on {os.cpu_count()} cores (above that, the cores were shared: slower steps).", ""]
     md += ["Per layer: L/1 is the last block's value over the first block's (RMS: of the stream leaving it).", ""]

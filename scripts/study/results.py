@@ -33,7 +33,8 @@ def mean_std(xs) -> str:
 
 
 def final(job: Job, key: str = "val_loss") -> float:
-    return job.evals[-1][key] if job.status == "ok" and job.evals else NAN
+    value = job.evals[-1].get(key) if job.status == "ok" and job.evals else None
+    return NAN if value is None else value  # None: a record without the key (bits per byte before it existed)
 
 
 def step_stat(job: Job, key: str) -> float:
