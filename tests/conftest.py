@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,13 @@ def assert_one_line_error(proc, *needles, code=2):
 def metrics_records(out_dir) -> list[dict]:
     """Every line of a run's metrics.jsonl, strictly (runlog.read forgives a partial last line; a test must not)."""
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """A test that builds a GracefulStop (train.train does) leaves its SIGINT/SIGTERM handlers installed; a later
+    fork (datasets' worker pools) would inherit them, and a pool's SIGTERM would no longer end its workers."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
