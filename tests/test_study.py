@@ -120,7 +120,7 @@ def test_a_diverging_run_is_a_result(tmp_path, char_data):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\[\d/2\] pre_ln seed 1337 \.\.\. DIVERGED: step \d+: loss", proc.stdout, re.M), proc.stdout
     report = (tmp_path / "small/report.md").read_text()
-    assert row(report, "pre_ln")[1:3] == ["—", "—"] and row(report, "pre_ln")[5] == "yes (1/1)"
+    assert row(report, "pre_ln")[1:4] == ["—", "—", "—"] and row(report, "pre_ln")[6] == "yes (1/1)"
     assert "Not trained: pre_ln-s1337 diverged" in report
 
 
