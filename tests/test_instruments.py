@@ -245,6 +245,16 @@ class StandInModel(nn.Module):
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+@torch.no_grad()
+def summed_streams(model: StandInModel, x) -> list[torch.Tensor]:
+    """The sum over the streams leaving each block of the stand-in, block by block."""
+    h, out = model.transformer.wte(x).unsqueeze(2).expand(-1, -1, model.n, -1), []
+    for block in model.transformer.h:
+        h = block(h)
+        out.append(h.sum(2))
+    return out
+
+
 def composite_gain(model) -> float:
     """streams.composite_gain's stand-in: max row sum of |prod of the static H_res|."""
     product = torch.eye(model.n)
@@ -267,6 +277,9 @@ def test_switch_modules_are_read_as_the_contract_says(fake_streams):
     model_loss = sum(model(x, y)[1].item() for x, y in batches(n=2)) / 2
     assert got["layers"][-1]["logit_lens_loss"] == pytest.approx(model_loss, abs=1e-6)  # the streams' sum, read
     assert got["hc_gain"] == pytest.approx(1.5**3)
+    after = [summed_streams(model, x) for x, _ in batches(n=2)]
+    for i, r in enumerate(got["layers"]):  # the massive activations of the streams' sum
+        assert r["top_abs"][0] == pytest.approx(max(s[i].abs().max().item() for s in after), rel=1e-6)
     sw = got["switches"]
     for i, block in enumerate(model.transformer.h):  # each stand-in kept what it saw; [:2]: measure's first pass
 
@@ -313,11 +326,7 @@ def test_telemetry_reads_the_sum_of_the_streams_and_the_composite_gain(fake_stre
     with tele.capture_rms():
         model(x, y)
     got = tele.learned()
-    with torch.no_grad():
-        h, want = model.transformer.wte(x).unsqueeze(2).expand(-1, -1, model.n, -1), []
-        for block in model.transformer.h:
-            h = block(h)
-            want.append(h.sum(2).abs())
+    want = [h.abs() for h in summed_streams(model, x)]
     assert got["act_top"] == pytest.approx([w.max().item() for w in want], rel=1e-6)
     assert got["act_median"] == pytest.approx([w.median().item() for w in want], rel=1e-6)
     assert got["hc_gain"] == pytest.approx(1.5**3)
