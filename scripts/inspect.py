@@ -5,11 +5,12 @@ python -m scripts.inspect --out_dir=out --json=inspect.json    # the same number
 python -m scripts.inspect --out_dir=out --batches=20 --device=cuda
 
 Loads out_dir/ckpt.pt (sample.load_model) and measures in float32 on the first `batches` of the run's fixed
-validation batches (train.load_data: the batches its loss estimates read; --batches=eval_iters gives the run's own
-val loss). Per block: the three largest |h| of the stream leaving it and the median |h| (Sun et al. 2024), where the
-largest sits (token position, channel), the logit lens loss, the loss increase when the block is skipped, and the
-angular distance between its input and output (Gromov et al. 2024); then the switches' readings. Every number is
-explained in gpt_residual/instruments.py. Costs n_layer + 1 forward passes per batch.
+validation batches (train.load_data: the batches its loss estimates read; with --batches=eval_iters the val loss is
+the run's own estimate at that step, exactly for a run trained in float32). Per block: the three largest |h| of the
+stream leaving it and the median |h| (Sun et al. 2024), where the largest sits (token position, channel), the logit
+lens loss, the loss increase when the block is skipped, and the angular distance between its input and output
+(Gromov et al. 2024); then the switches' readings. Every number is explained in gpt_residual/instruments.py.
+Costs n_layer + 1 forward passes per batch.
 """
 
 import dataclasses
@@ -57,7 +58,10 @@ def run_record(out_dir: str) -> dict:
 def val_batches(saved: dict, n: int, rt) -> list:
     """The first n of the run's fixed validation batches (fewer when the split is smaller), on rt.device."""
     known = {f.name for f in dataclasses.fields(config.TrainConfig)}
-    cfg = config.TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, "init_from": "resume"})
+    try:
+        cfg = config.TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, "init_from": "resume"})
+    except ValueError as e:  # a config this code no longer accepts (ConfigError is one)
+        raise checkpoint.CheckpointError(f"the run's recorded config does not validate here ({e})") from None
     sampler = train.load_data(cfg, rt).evals["val"]
     samples = sampler.estimate_samples(n)
     return [sampler.get(g, rt.device, min(sampler.B, samples - g * sampler.B)) for g in range(-(-samples // sampler.B))]
@@ -138,8 +142,8 @@ def run_inspect(cfg: InspectConfig, out=sys.stdout) -> dict:
     rt = runtime.init_runtime(cfg.device, "float32")
     try:
         record = run_record(cfg.out_dir)
+        batches = val_batches(record["config"], cfg.batches, rt)  # a data problem fails before the weights load
         model, _ = load_model(cfg.out_dir, rt.device)
-        batches = val_batches(record["config"], cfg.batches, rt)
         result = {"out_dir": cfg.out_dir, "step": record["step"], **instruments.measure(model, batches)}
     finally:
         runtime.shutdown(rt)

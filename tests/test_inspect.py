@@ -84,14 +84,15 @@ def test_no_checkpoint_is_one_line(tmp_path):
         (["--json={tmp}"], "is a folder"),
         (["--png={tmp}"], "is a folder"),
         (["--out_dir={tmp}/nothing"], "no checkpoint"),
-        (["--out_dir={old}"], "no training config"),
+        (["--out_dir={tmp}/old"], "no training config"),
+        (["--out_dir={tmp}/bad"], "recorded config does not validate here (n_embd (30) must be divisible"),
     ],
 )
 def test_bad_input_is_one_line(flags, needle, tmp_path, capsys):
-    old = tmp_path / "old"
-    old.mkdir()
-    torch.save({"model": {}, "model_config": {}}, old / "ckpt.pt")  # a checkpoint without the run's config
-    argv = [f.format(tmp=tmp_path, old=old) for f in flags]
+    for name, fields in (("old", {}), ("bad", {"config": {"n_embd": 30, "n_head": 4}, "step": 5})):
+        (tmp_path / name).mkdir()  # a checkpoint without the run's config, and one whose config is refused
+        torch.save({"model": {}, "model_config": {}, **fields}, tmp_path / name / "ckpt.pt")
+    argv = [f.format(tmp=tmp_path) for f in flags]
     assert inspect_cmd.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
