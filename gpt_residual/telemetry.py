@@ -7,6 +7,10 @@ For each block i (0 = the first):
                                    embeddings), rms[i + 1] leaving block i (n_layer + 1 entries)
     attn_logit_max[i]              the largest attention logit |q.k| / sqrt(hs) of block i (over the causal
                                    pairs of the first micro-batch), with or without qk_norm
+    act_top[i], act_median[i]      massive activations (Sun et al. 2024; instruments.py): the largest and the median
+                                   |h| of the stream leaving block i (its sum over the streams with hyper_connections),
+                                   over the step's last micro-batch
+    hc_gain                        hyper_connections: the composite gain of H_res over depth (instruments.hc_gain)
 What the model's own scalars have learned, after the step (present when the switch is on):
     resid_a[i], resid_b[i]         residual_scalars: x = a_i * x + b_i * x0 before block i
     v_lambda[i]                    value_residual: block i's share of layer 0's values (0 for block 0)
@@ -19,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from gpt_residual import runlog
+from gpt_residual import instruments, runlog
 from model import ForwardContext
 
 
@@ -42,13 +46,16 @@ class Telemetry:
         self.blocks = list(model.transformer.h)
         self.rms: list[float] = []
         self.attn_logit_max: list[float] = []
+        self.act: dict[str, list[float]] = {}  # act_top, act_median
 
     @contextmanager
     def capture_rms(self):
-        """Record the RMS of the residual stream entering block 0 and leaving every block, and the
-        largest attention logit of every block (in the first forward pass of the context)."""
+        """Record the RMS of the residual stream entering block 0 and leaving every block, the largest and the
+        median |h| leaving every block (kept on the device until the context ends), and the largest attention
+        logit of every block (in the first forward pass of the context)."""
         rms = [0.0] * (len(self.blocks) + 1)
         logit_max = [None] * len(self.blocks)
+        act = [None] * len(self.blocks)
 
         def attn_hook(i):
             def fn(module, args, output):
@@ -62,6 +69,8 @@ class Telemetry:
                 if i == 0:
                     rms[0] = args[0].detach().float().pow(2).mean().sqrt().item()
                 rms[i + 1] = output.detach().float().pow(2).mean().sqrt().item()
+                h = instruments.stream_view(output.detach()).abs()
+                act[i] = torch.stack([h.max(), h.median()]).float()
 
             return fn
 
@@ -75,11 +84,17 @@ class Telemetry:
                 h.remove()
             self.rms = rms
             self.attn_logit_max = [v or 0.0 for v in logit_max]
+            if all(a is not None for a in act):  # one read-back for every block
+                top, median = torch.stack(act).T.tolist()
+                self.act = {"act_top": top, "act_median": median}
 
     def learned(self) -> dict[str, list[float]]:
-        """The learned scalars (residual_scalars' a_i, b_i; value_residual's l_i) and, after capture_rms,
-        the largest attention logit of every block."""
-        out = {"attn_logit_max": self.attn_logit_max} if self.attn_logit_max else {}
+        """The learned scalars (residual_scalars' a_i, b_i; value_residual's l_i), hyper_connections' hc_gain and,
+        after capture_rms, the largest attention logit and the largest and median |h| of every block."""
+        out = {"attn_logit_max": self.attn_logit_max, **self.act} if self.attn_logit_max else {}
+        gain = instruments.hc_gain(self.model)
+        if gain is not None:
+            out["hc_gain"] = gain
         if hasattr(self.model, "resid_lambdas"):
             out["resid_a"] = _values(self.model.resid_lambdas)
             out["resid_b"] = _values(self.model.x0_lambdas)
@@ -138,11 +153,14 @@ def probe(model, batches, autocast) -> dict:
         with tele.capture_rms() as rms, autocast():
             _, loss = model(x, y)
         loss.backward()
-        for key, values in {**tele.grad_norms(), **tele.learned(), "rms": rms, "loss": [loss.item()]}.items():
+        for key, values in {**tele.grad_norms(), **tele.learned(), "rms": rms, "loss": loss.item()}.items():
+            values = values if isinstance(values, list) else [values]
             sums[key] = [a + b for a, b in zip(sums.get(key, [0.0] * len(values)), values)]
         model.zero_grad(set_to_none=True)
     result = {k: [v / len(batches) for v in vals] for k, vals in sums.items()}
     result["loss"] = result["loss"][0]
+    if "hc_gain" in result:  # one number, not one per layer
+        result["hc_gain"] = result["hc_gain"][0]
     return result
 
 

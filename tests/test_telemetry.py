@@ -24,6 +24,9 @@ def test_telemetry_records_every_interval(tiny_cfg):
             assert len(r[key]) == 3 and all(v > 0 and math.isfinite(v) for v in r[key]), key
         assert len(r["rms"]) == 4 and all(v > 0 for v in r["rms"])
         assert all(u < 1 for u in r["update_attn"])  # an update is a small fraction of the weights
+        assert len(r["act_top"]) == len(r["act_median"]) == 3  # massive activations (test_instruments: the values)
+        for top, median, rms in zip(r["act_top"], r["act_median"], r["rms"][1:]):
+            assert top >= rms > 0 and top > median > 0
 
 
 SUBLAYERS = {"attn": ("ln_1", "attn", "ln_1_out"), "mlp": ("ln_2", "mlp", "ln_2_out")}  # as telemetry.py documents
@@ -80,6 +83,7 @@ def test_probe_init_measures_and_exits(tiny_cfg):
     cfg = tiny_cfg(probe_init=True, n_layer=4, eval_iters=3)
     record = train.train(cfg)
     assert record["probe_init"] is True and len(record["grad_mlp"]) == 4 and len(record["rms"]) == 5
+    assert len(record["act_top"]) == len(record["act_median"]) == 4  # averaged over the batches like the rest
     vocab = json.loads((Path(cfg.data_dir) / "meta.json").read_text())["vocab_size"]
     assert abs(record["loss"] - math.log(vocab)) < 0.5  # an untrained model is near uniform
     assert not list(Path(cfg.out_dir).glob("ckpt*.pt"))  # probing trains nothing and saves nothing
