@@ -187,8 +187,10 @@ def check_trial(job: Job, out: Path, before: int | None, mode: str) -> int | Non
         assert not training, f"trained, then stopped without saving ({mode})\n{text[-3000:]}"
         assert step == before
         assert stdout.count("before training began") <= 1
-    if mode == "one":
-        assert job.proc.returncode == 0, text[-3000:]  # every worker exited 0; torchrun itself was never signalled
+    if mode == "one":  # torchrun was not signalled: every worker exits 0, but one that the signal found still
+        # importing torch, before train.py could set its handler, which the signal's default action ends at once
+        importing = "config (all" not in stdout and "Signal 15 (SIGTERM) received by PID" in text
+        assert job.proc.returncode == 0 or importing, text[-3000:]
     return step
 
 
