@@ -245,16 +245,12 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
         with ExitStack() as held:  # out_dir's lock and the run log, let go however the run ends
             with stop.interruptible():  # nothing to save yet: a signal ends the run at once
                 run = setup(cfg, rt, argv, held)
-            if isinstance(run, dict):  # probe_init: statistics at initialisation, no training
-                ended_well = True
-                return run
-            result = loop(run, rt, stop, t_start, argv)
+            result = run if isinstance(run, dict) else loop(run, rt, stop, t_start, argv)  # a dict: probe_init's
         ended_well = True
         return result
     except runtime.Interrupted as e:
         ended_well = not rt.ddp  # the other ranks may be anywhere: no barrier on the way out
-        text = f"stopped by {e} before training began: nothing new to save"
-        rt.print(text) if not rt.ddp else console.report(text, "stop", err=False)
+        console.report(f"stopped by {e} before training began: nothing new to save", "stop", err=False)
         return {"step": None, "interrupted": str(e)}
     except Exception as e:
         if rt.ddp and runtime.is_peer_loss(e):  # not this rank's fault: say what is saved and how to go on

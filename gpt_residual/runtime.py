@@ -129,12 +129,12 @@ def init_runtime(device: str = "auto", dtype: str = "auto", parallel: str = "ddp
 
 
 def attempt_store(env=os.environ):
-    """Under torchrun, the launcher's store seen through a prefix of its own for each attempt (TORCHELASTIC_RESTART_
-    COUNT), or None elsewhere. torchrun (2.4 and later) lets its workers share the launcher's store across restarts
-    (--max-restarts), and the store still holds the addresses the previous attempt's processes published: a restarted
-    rank may read one and connect to a process that is gone (gloo: "Connection refused"; with torch 2.13 the restart
-    in tests/test_faults.py failed 3 times in 3 without this, and passed 3 in 3 with it). torch's own rendezvous
-    once gave each attempt a prefix; this does it again."""
+    """Under torchrun, the launcher's store seen through a prefix of its own for each attempt (the restart count), or
+    None elsewhere. torchrun lets its workers share the launcher's store (TORCHELASTIC_USE_AGENT_STORE) across
+    restarts (--max-restarts), and the store still holds the addresses the previous attempt's processes published: a
+    restarted rank may read one and connect to a process that is gone (gloo: "Connection refused"; with torch 2.13 the
+    restart in tests/test_faults.py failed 3 times in 3 without this, and passed 3 in 3 with it). torch's own
+    rendezvous once gave each attempt a prefix; this does it again."""
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
