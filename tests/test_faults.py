@@ -1,24 +1,21 @@
-"""Faults as a cluster user meets them, with real processes: two ranks under torchrun (gloo on the CPU) signalled at
-random instants, a rank that fails alone, a worker killed with -9, torchrun restarting a job, two runs into one
-out_dir, and the Slurm job script (scripts/slurm_train.sh) with stand-ins for srun and scontrol.
+"""Faults as a cluster user meets them, with real processes (tests/torchrun_jobs.py): two ranks under torchrun (gloo on
+the CPU) signalled at random instants, an error on every rank, a rank that fails alone, a worker killed with -9,
+torchrun restarting a job, and the Slurm job script (scripts/slurm_train.sh) with stand-ins for srun and scontrol.
 
 What must hold:
   (a) SIGTERM to the launcher, to every process (as Slurm sends it) or to one worker, at any instant, ends every
       process within seconds, with one checkpoint at a step every rank agreed on, no temporary file, the resume
       command, and a checkpoint the next run resumes from;
   (b) an error on any rank ends every rank at once, the error printed once in one line; a rank that fails alone
-      (its disk full) does not leave the others waiting; the survivors of a killed worker say in one line what is
+      (its disk full) does not leave the others waiting; the survivor of a killed worker says in one line what is
       saved and how to resume, without gloo's tracebacks;
-  (c) init_from=auto resumes the run in out_dir or starts one, so torchrun --max-restarts and a requeued Slurm job
-      go on by themselves, bit-identical to a run never interrupted;
-  (d) one run at a time writes into an out_dir; a killed run's lock is gone with it.
+  (c) with init_from=auto, torchrun --max-restarts and a requeued Slurm job go on by themselves, bit-identical to a
+      run never interrupted.
 """
 
-import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,127 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run
+from conftest import ROOT
+from torchrun_jobs import DEADLINE, TINY, Job, free_port, launcher, needs_proc, no_worker_tracebacks, saved_step
 
-import train
-from gpt_residual import checkpoint, config, run_dir, runtime
-
-TINY = [
-    "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--device=cpu",
-    "--dtype=float32", "--compile=False", "--bias=False", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=5",
-    "--eval_iters=2", "--dropout=0.1",
-]  # fmt: skip
-DEADLINE = 30  # seconds for every process to end after a signal or a failure (torchrun's own grace period is 30)
-needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers in /proc")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of pid (from /proc: torchrun starts its workers in their own sessions)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return sorted(found)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class Job:
-    """A launched command (torchrun or bash), its output in files, and the workers it started."""
-
-    def __init__(self, cmd: list[str], folder: Path, name: str, env: dict | None = None):
-        self.out, self.err = folder / f"{name}.out", folder / f"{name}.err"
-        full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        full.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR", **(env or {})})
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=full)
-        self.seen: set[int] = set()
-
-    @classmethod
-    def torchrun(cls, args: list[str], folder: Path, name: str, *launcher: str) -> "Job":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher]
-        return cls([*cmd, "train.py", *args], folder, name)
-
-    def workers(self, n: int = 2, timeout: float = 120) -> list[int]:
-        """The n processes torchrun started (waits for them)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.proc.poll() is None:
-            found = children(self.proc.pid)
-            self.seen.update(found)
-            if len(found) >= n:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"torchrun started no {n} workers\n{self.output()}")
-
-    def stdout(self) -> str:
-        return self.out.read_text()
-
-    def output(self) -> str:
-        return self.out.read_text() + self.err.read_text()
-
-    def wait_for(self, text: str, timeout: float = 180):
-        deadline = time.time() + timeout
-        while text not in self.stdout():
-            assert time.time() < deadline and self.proc.poll() is None, f"never printed {text!r}\n{self.output()}"
-            time.sleep(0.02)
-
-    def ended_within(self, seconds: float) -> bool:
-        """Whether the launcher and every worker it started ended within seconds; if not, they are killed."""
-        deadline = time.time() + seconds
-        while time.time() < deadline:
-            if self.proc.poll() is not None and not any(alive(p) for p in self.seen):
-                return True
-            time.sleep(0.05)
-        self.kill()
-        return False
-
-    def kill(self):
-        self.seen.update(children(self.proc.pid))  # a restart's workers too
-        for pid in [self.proc.pid, *self.seen]:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait()
+from gpt_residual import checkpoint, runtime
 
 
 @pytest.fixture
 def jobs():
-    """Job launcher for a test; whatever is left running at its end is killed."""
-    started: list[Job] = []
-
-    def start(kind: str, *args, **kwargs) -> Job:
-        job = getattr(Job, kind)(*args, **kwargs) if kind != "cmd" else Job(*args, **kwargs)
-        started.append(job)
-        return job
-
-    yield start
-    for job in started:
-        job.kill()
-
-
-def no_worker_tracebacks(text: str):
-    """Nothing but one-line messages from the workers: no traceback of our code, no gloo error, no second Ctrl-C."""
-    assert str(ROOT / "train.py") not in text and str(ROOT / "gpt_residual") not in text, text[-3000:]
-    for needle in ("gloo", "[rank0]", "[rank1]", "KeyboardInterrupt", "\ninterrupted"):
-        assert needle not in text, (needle, text[-3000:])
-
-
-def saved_step(out: Path) -> int | None:
-    return checkpoint.load(out / "ckpt.pt")["step"] if (out / "ckpt.pt").exists() else None
+    yield from launcher()
 
 
 # ----------------------------------------------------------------------------- (a) SIGTERM at random instants
@@ -289,19 +174,7 @@ def survivor_said_how_to_resume(text: str, out: Path, again: str):
     no_worker_tracebacks(text)
 
 
-# ----------------------------------------------------------------------------- (c) init_from=auto
-
-
-def test_init_from_auto_starts_then_resumes(tiny_cfg, capsys):
-    first = train.train(tiny_cfg(init_from="auto", max_iters=10))
-    assert "init_from=auto: a new run in" in capsys.readouterr().out and first["step"] == 10
-    second = train.train(tiny_cfg(init_from="auto", max_iters=20))
-    printed = capsys.readouterr().out
-    assert "init_from=auto: resuming the run in" in printed and "resumed from" in printed and second["step"] == 20
-    out = Path(tiny_cfg().out_dir)
-    (out / "ckpt.pt").unlink()  # step files but no ckpt.pt: not a run to resume, nor one to overwrite unasked
-    with pytest.raises(config.ConfigError, match="already holds a run"):
-        train.train(tiny_cfg(init_from="auto", max_iters=30))
+# ----------------------------------------------------------------------------- (c) init_from=auto restarts
 
 
 @pytest.fixture(scope="module")
@@ -379,73 +252,6 @@ def test_the_slurm_job_script_saves_requeues_and_resumes(char_data, tmp_path, jo
     assert f"done: step {stopped + 5}" in again.stdout() and log.read_text() == "requeue 77\n"
 
 
-# ----------------------------------------------------------------------------- (d) one run per out_dir
-
-
-def cli(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={out}", "--log_interval=5", *extra]
-
-
-def race(args: list[str]):
-    """Two identical runs started together: one trains, the other refuses in one line naming the first."""
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]  # fmt: skip
-    results = [(p, *p.communicate(timeout=300)) for p in procs]
-    winners = [r for r in results if r[0].returncode == 0]
-    losers = [r for r in results if r[0].returncode != 0]
-    assert len(winners) == len(losers) == 1, [(p.returncode, err[-500:]) for p, _, err in results]
-    (winner, _, _), (loser, _, err) = winners[0], losers[0]
-    lines = err.strip().splitlines()
-    assert loser.returncode == 2 and len(lines) == 1, err
-    assert lines[0].startswith("error: out_dir") and "is in use by another run" in lines[0], lines[0]
-    assert f"pid {winner.pid} on {socket.gethostname()}" in lines[0] and "python train.py" in lines[0], lines[0]
-
-
-def test_two_runs_started_together_into_one_out_dir(char_data, tmp_path):
-    out = tmp_path / "run"
-    race(cli(char_data, out, "--max_iters=50", "--eval_interval=10"))
-    race(cli(char_data, out, "--max_iters=100", "--eval_interval=10", "--init_from=resume"))
-    record = json.loads((out / "config.json").read_text())
-    assert [r["step"] for r in record["resumes"]] == [50]  # one resume went on from step 50, the other was refused
-    assert saved_step(out) == 100
-
-
-@needs_proc
-def test_a_run_under_torchrun_refuses_a_locked_out_dir_in_one_line(char_data, tmp_path, jobs):
-    """Rank 0 takes the lock and every rank learns the outcome: all of them refuse together, one line is printed."""
-    out = tmp_path / "run"
-    held = run_dir.lock_out_dir(out)  # as a run in progress holds it
-    try:
-        job = jobs("torchrun", [*TINY, f"--data_dir={Path(char_data)}", f"--out_dir={out}"], tmp_path, "j")
-        job.workers()
-        assert job.ended_within(120), job.output()[-3000:]
-    finally:
-        held.close()
-    errors = [line for line in job.output().splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"is in use by another run (pid {os.getpid()}" in errors[0], job.output()[-3000:]
-    no_worker_tracebacks(job.output())
-
-
-def test_a_killed_runs_lock_does_not_block_the_next(char_data, tmp_path):
-    out = tmp_path / "run"
-    args = cli(char_data, out, "--max_iters=100000", "--eval_interval=20", "--checkpoint_interval=20")
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 20/"):
-                break
-        while not (out / "ckpt.pt").exists():
-            time.sleep(0.01)
-        with pytest.raises(config.ConfigError, match=f"in use by another run \\(pid {proc.pid} "):
-            run_dir.lock_out_dir(out)  # held while the run lives
-    finally:
-        proc.kill()
-        proc.communicate()
-    r = run(cli(char_data, out, "--max_iters=25", "--eval_interval=20", "--init_from=auto")[1:])
-    assert r.returncode == 0, r.stderr
-    assert "init_from=auto: resuming the run in" in r.stdout and "done: step 25" in r.stdout
-
-
 # ----------------------------------------------------------------------------- the stop flag itself
 
 
@@ -512,4 +318,3 @@ def test_a_peer_loss_is_told_from_a_fault_of_this_rank():
     assert runtime.is_peer_loss(gloo) and runtime.is_peer_loss(torch.distributed.DistBackendError("NCCL"))
     assert not runtime.is_peer_loss(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert runtime.first_to_report("error", env={}) == (True, "error")  # one process: always its own report
-
