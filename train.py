@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -238,47 +238,81 @@ def save(state: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: H
 def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
     """Run training as configured; returns the final losses and timings. argv, when given, is the
     command line, quoted back in the resume hint of an interrupted run."""
-    t_start, lap = time.perf_counter(), console.Laps()
+    t_start = time.perf_counter()
     rt = runtime.init_runtime(cfg.device, cfg.dtype, cfg.parallel)
-    stop, logger = runtime.GracefulStop(rt), None
+    stop, ended_well = runtime.GracefulStop(rt), False
     try:
-        with stop.interruptible():  # nothing to save yet: a signal ends the run at once
-            cfg = cfg.for_world(rt.world_size)
-            lap("device")
-            run_dir.prepare_out_dir(cfg, rt)
-            data = load_data(cfg, rt)
-            saved = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt") if cfg.init_from == "resume" else None
-            lap("data")
-            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-            model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
-            state = build_state(cfg, rt, model_cfg, pretrained_model, saved)
-            lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 state)
-            compiled = will_compile(cfg, rt) and not cfg.probe_init
-            n_params = state.raw_model.num_params()
-            resolved = console.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled, state.resumed)
-            rt.print(describe_schedule(cfg))
-            rt.print(f"set up in {lap}")
-            if cfg.probe_init:
-                return telemetry.probe_init(state.raw_model, data.train, state.step, cfg, rt)
-            compile_s = compile_model(state, cfg, rt, data.evals["val"])
-            wandb_config = resolved if cfg.wandb_log else None
-            fresh = cfg.init_from != "resume"
-            logger = runlog.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh,
-                                   run_id=state.carried["wandb_run_id"])
-            state.carried["wandb_run_id"] = logger.run_id or state.carried["wandb_run_id"]
-        return loop(cfg, rt, state, data, model_cfg, logger, stop, t_start, compile_s or 0.0, argv)
+        with ExitStack() as held:  # out_dir's lock and the run log, let go however the run ends
+            with stop.interruptible():  # nothing to save yet: a signal ends the run at once
+                run = setup(cfg, rt, argv, held)
+            result = run if isinstance(run, dict) else loop(run, rt, stop, t_start, argv)  # a dict: probe_init's
+        ended_well = True
+        return result
     except runtime.Interrupted as e:
-        rt.print(f"stopped by {e} before training began: nothing new to save")
+        ended_well = not rt.ddp  # the other ranks may be anywhere: no barrier on the way out
+        console.report(f"stopped by {e} before training began: nothing new to save", "stop", err=False)
         return {"step": None, "interrupted": str(e)}
+    except Exception as e:
+        if rt.ddp and runtime.is_peer_loss(e):  # not this rank's fault: say what is saved and how to go on
+            raise runtime.PeerLost(console.after_a_lost_peer(cfg, argv)) from None
+        raise
     finally:
-        stop.restore()
-        if logger:
-            logger.close()
-        runtime.shutdown(rt)
+        stop.restore(ending=rt.ddp and not ended_well)
+        runtime.shutdown(rt, ended_well)
 
 
-def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_start, compile_s, argv) -> dict:
-    """Evaluate now and then, step, log, checkpoint, until max_iters or a stop is requested."""
+@dataclass
+class Run:
+    """What setup builds for the loop."""
+
+    cfg: config.TrainConfig  # for this world size, init_from resolved
+    data: Data
+    model_cfg: GPTConfig
+    state: TrainState
+    logger: runlog.Logger
+    sampler: TrainingSampler  # sample_interval's samples (rank 0)
+    hellaswag: object  # multiple_choice.training_hook's scorer, or None when hellaswag_interval is 0
+    compile_s: float  # seconds spent compiling
+
+
+def setup(cfg: config.TrainConfig, rt: runtime.Runtime, argv, held: ExitStack) -> Run | dict:
+    """Everything before the first step, on every rank: out_dir (locked), data, model, optimizer, what the eval
+    steps need (a sample prompt is checked here, on every rank), compilation and the run log. With probe_init, the
+    statistics at initialisation instead."""
+    lap = console.Laps()
+    cfg = cfg.for_world(rt.world_size)
+    lap("device")
+    cfg, lock = run_dir.prepare_out_dir(cfg, rt)
+    if lock:
+        held.callback(lock.close)
+    data = load_data(cfg, rt)
+    saved = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt") if cfg.init_from == "resume" else None
+    lap("data")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
+    state = build_state(cfg, rt, model_cfg, pretrained_model, saved)
+    lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 s)
+    sampler, hellaswag = TrainingSampler(cfg, rt, data.meta), training_hook(cfg, data.meta, rt)
+    compiled = will_compile(cfg, rt) and not cfg.probe_init
+    n_params = state.raw_model.num_params()
+    resolved = console.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled, state.resumed)
+    rt.print(describe_schedule(cfg))
+    rt.print(f"set up in {lap}")
+    if cfg.probe_init:
+        return telemetry.probe_init(state.raw_model, data.train, state.step, cfg, rt)
+    compile_s = compile_model(state, cfg, rt, data.evals["val"])
+    wandb_config = resolved if cfg.wandb_log else None
+    fresh = cfg.init_from != "resume"
+    logger = runlog.Logger(cfg.out_dir, rt.master, wandb_config, cfg.wandb_project, cfg.wandb_run_name, fresh,
+                           run_id=state.carried["wandb_run_id"])
+    held.callback(logger.close)
+    state.carried["wandb_run_id"] = logger.run_id or state.carried["wandb_run_id"]
+    return Run(cfg, data, model_cfg, state, logger, sampler, hellaswag, compile_s or 0.0)
+
+
+def loop(run: Run, rt: runtime.Runtime, stop: runtime.GracefulStop, t_start: float, argv) -> dict:
+    """Evaluate now and then, step, log, checkpoint, until max_iters or a stop the ranks agreed on."""
+    cfg, state, data, model_cfg, logger = run.cfg, run.state, run.data, run.model_cfg, run.logger
     world, first_step = rt.world_size, state.step
     ahead = 4 if rt.device_type == "cuda" else 0  # gather and pin batches in a background thread on GPUs
     batches = dataset.micro_batches(data.train, state.samples_seen, rt.rank, world, rt.device, ahead)
@@ -289,8 +323,7 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
     peak = runtime.peak_flops(rt, cfg.peak_flops)
     recent, stopping, first_eval = console.RecentLoss(rt), False, True
     token_bytes = byte_table(data.meta, model_cfg.vocab_size, rt.device)  # for bits per byte
-    sampler = TrainingSampler(cfg, rt, data.meta)  # sample_interval's samples (rank 0)
-    hellaswag = training_hook(cfg, data.meta, rt)  # None when hellaswag_interval is 0
+    sampler, hellaswag = run.sampler, run.hellaswag
     while True:
         done = state.step >= cfg.max_iters or stopping
         is_best = False
@@ -315,7 +348,7 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
                         hellaswag(state.raw_model, state.step, logger, final=state.step >= cfg.max_iters)
         periodic = cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0
         if state.step > max(first_step, state.saved_step) and (periodic or is_best or done):
-            with meter.pause():
+            with meter.pause(), stop.shielded():  # a second Ctrl-C waits for the write to end
                 save(state, cfg, rt, model_cfg, data.meta, health, is_best)
         if done:
             break
@@ -333,8 +366,8 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
             lr, elapsed = get_lr(state.step - 1, cfg), time.perf_counter() - t_start
             console.log_step(rt, logger, state.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
         if not rt.ddp or state.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
-            stopping = stop.agreed()
-    return console.summarize(cfg, rt, state, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
+            stopping = stop.agreed()  # the agreed value: never this rank's own flag, which a signal may set now
+    return console.summarize(cfg, rt, state, recent, stop, meter, time.perf_counter() - t_start, run.compile_s, argv)
 
 
 USER_ERRORS = (
@@ -348,6 +381,8 @@ USER_ERRORS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    """train.py's command line. A user's error is one line on stderr, printed once however many processes raise it
+    (console.report); a process that fails never waits for the others, which end as soon as they next need it."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(config.help_text(config.TrainConfig, __doc__.strip()))
@@ -356,11 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.parse_args(config.TrainConfig, argv)
         train(cfg, argv)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        console.report(f"error: {e}", "error")
         return 1 if isinstance(e, TrainingError) else 2
+    except runtime.PeerLost as e:  # silent if the peer said why it ended (or stopped when asked: then exit 0)
+        return 0 if console.report(f"error: {e}", "error") == "stop" else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        runtime.first_to_report("error")  # a bug: its traceback follows, and the other ranks stay silent
+        raise
     return 0
 
 

@@ -25,7 +25,7 @@ from model import GPTConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-INIT_SOURCES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+INIT_SOURCES = ("scratch", "resume", "auto", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,7 @@ class TrainConfig(GPTConfig):
     vocab_size: int = 50304  # ignored in training: the dataset's vocabulary replaces it; used by bench's synthetic data
     # -- run
     out_dir: str = "out"  # where checkpoints, config.json and metrics.jsonl go
-    init_from: str = "scratch"  # "scratch" | "resume" (out_dir/ckpt.pt) | "gpt2"... | a Hugging Face folder
+    init_from: str = "scratch"  # scratch | resume (out_dir/ckpt.pt) | auto: resume, else scratch | gpt2... | HF folder
     overwrite: bool = False  # let a scratch run delete the checkpoints of the run already in out_dir
     dataset: str = "shakespeare_char"  # a folder of data/ with a prepare.py; prepared on first use
     data_dir: str = ""  # folder holding train.bin, val.bin, meta.json (default: data/<dataset>)

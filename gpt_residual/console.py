@@ -179,13 +179,13 @@ def summarize(cfg, rt, s, recent, stop, meter, total: float, compile_s: float, a
     val_txt = f"val loss {last['val']:.4f}{bpb} (step {last['step']})" if last else "no val loss yet"
     train_txt = f"train loss {train_loss:.4f} (recent steps)" if train_loss is not None else "no step taken"
     timing = f"{total:.1f}s ({meter.eval_s:.1f}s in eval, {compile_s:.1f}s compiling)"
-    if stop.requested:
+    if stop.stopped:
         if s.saved_step >= 0:
             kept = f"{Path(cfg.out_dir) / 'ckpt.pt'} is at step {s.saved_step}"
             how = f"resume with: {resume_command(cfg, argv)}"
         else:
             kept, how = "nothing saved: no step was completed", "start again with the same command"
-        rt.print(f"stopped by {stop.requested} at step {s.step}: {train_txt}, {val_txt}; {kept}; {timing}\n{how}")
+        rt.print(f"stopped by {stop.stopped} at step {s.step}: {train_txt}, {val_txt}; {kept}; {timing}\n{how}")
     else:
         rt.print(f"done: step {s.step}, {train_txt}, {val_txt}, {timing}")
     return {
@@ -199,18 +199,41 @@ def summarize(cfg, rt, s, recent, stop, meter, total: float, compile_s: float, a
         "time": total,
         "eval_time": meter.eval_s,
         "compile_time": compile_s,
-        "interrupted": stop.requested,
+        "interrupted": stop.stopped,
     }
 
 
 def resume_command(cfg, argv: list[str] | None, env=os.environ) -> str:
     """The command that continues an interrupted run: the launcher (launcher), train.py and argv without
-    init_from and overwrite, resuming."""
+    init_from and overwrite, resuming (with init_from=auto: the same command)."""
     if argv is None:
         return f"the same command with --init_from=resume (out_dir={cfg.out_dir})"
     kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
     how, where = launcher(env)
-    return shlex.join([*how, "train.py", *kept, "--init_from=resume"]) + where
+    again = "--init_from=auto" if "--init_from=auto" in argv else "--init_from=resume"
+    return shlex.join([*how, "train.py", *kept, again]) + where
+
+
+def after_a_lost_peer(cfg, argv: list[str] | None) -> str:
+    """What the survivors of a process that ended without a word (killed, out of memory) say: what is saved and how
+    to go on. The step is read from out_dir/ckpt.pt, which rank 0 may not have finished writing when it died."""
+    from gpt_residual import checkpoint
+
+    latest = Path(cfg.out_dir) / "ckpt.pt"
+    if latest.is_file():
+        saved = f"{latest} is at {checkpoint.describe(latest)}; resume with: {resume_command(cfg, argv)}"
+    else:
+        saved = "nothing was saved; start again with the same command"
+    return f"another process of this run ended without a word (killed? out of memory?); {saved}"
+
+
+def report(text: str, kind: str, err: bool = True) -> str:
+    """Print text (one line on stderr, or stdout) if this process is the first of the run to report how it ended
+    (runtime.first_to_report; always outside torchrun); returns the kind of the run's first report."""
+    first, first_kind = runtime.first_to_report(kind)
+    if first:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    return first_kind
 
 
 def launcher(env) -> tuple[list[str], str]:

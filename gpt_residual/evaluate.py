@@ -107,7 +107,7 @@ class TrainingSampler:
 
     def __init__(self, cfg, rt: runtime.Runtime, meta: dict):
         self.cfg, self.rt, self.active = cfg, rt, cfg.sample_interval > 0 and rt.master
-        if self.active:  # a prompt outside a char vocabulary fails here, at start-up, in one line
+        if cfg.sample_interval > 0:  # a prompt outside a char vocabulary fails here, in setup, on every rank
             self.tokenizer = dataset.Tokenizer(meta)
             self.prompt = self.tokenizer.encode(cfg.sample_prompt.replace("\\n", "\n").replace("\\t", "\t"))
 

@@ -1,14 +1,25 @@
-"""The run's folder: an out_dir holds one run, and a new run never replaces another's checkpoints unasked
-(prepare_out_dir); a resumed run keeps the model, optimizer and dataset its checkpoint was trained with
-(check_resume), and what each resume changed is said (report_changes). What a checkpoint carries from run to
-run (carried: where the weights came from, the W&B run) is decided here. The files are written and read by
-checkpoint.py.
+"""The run's folder: an out_dir holds one run, written by one run at a time (its lock), a new run never replaces
+another's checkpoints unasked, and init_from="auto" resumes the run there or starts one (prepare_out_dir); a resumed
+run keeps the model, optimizer and dataset its checkpoint was trained with (check_resume), and what each resume
+changed is said (report_changes). What a checkpoint carries from run to run (carried: where the weights came from,
+the W&B run) is decided here. The files are written and read by checkpoint.py.
 """
 
+import fcntl
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import IO
 
-from gpt_residual import config, pretrained
+from gpt_residual import config, console, pretrained, runtime
 from gpt_residual.checkpoint import CheckpointError, describe, remove_stale_temps, step_files
+
+LOCK = ".lock"  # out_dir's lock file: held by the run writing there; says which run that is
 
 
 def existing_run(out_dir: Path) -> Path | None:
@@ -27,28 +38,96 @@ def remove_run(out_dir: Path):
         f.unlink(missing_ok=True)
 
 
-def prepare_out_dir(cfg: config.TrainConfig, rt):
-    """out_dir must be writable, and a new run never replaces the checkpoints of another one unasked."""
-    out_dir = Path(cfg.out_dir)
-    found = existing_run(out_dir) if cfg.init_from != "resume" else None
+def prepare_out_dir(cfg: config.TrainConfig, rt) -> tuple[config.TrainConfig, IO | None]:
+    """Rank 0 takes out_dir's lock (lock_out_dir), checks that it may write there and that a new run replaces no
+    other run unasked, and resolves init_from="auto" (claim_out_dir). Every rank gets the outcome from rank 0, so a
+    refusal is raised by every rank together. Returns the config with init_from resolved, and the lock (rank 0's;
+    None elsewhere) to hold until the run ends."""
+    lock, outcome = None, None
+    if rt.master:
+        try:
+            lock = lock_out_dir(Path(cfg.out_dir))
+            outcome = ("ok", claim_out_dir(cfg, rt))
+        except config.ConfigError as e:
+            outcome = ("error", str(e))
+            if lock:
+                lock.close()
+    kind, value = runtime.from_rank0(rt, outcome)
+    if kind == "error":
+        raise config.ConfigError(value)
+    return replace(cfg, init_from=value), lock
+
+
+def claim_out_dir(cfg: config.TrainConfig, rt) -> str:
+    """On rank 0, holding the lock: the init_from to run ("auto": "resume" when out_dir holds ckpt.pt, else
+    "scratch"); a new run into an out_dir that holds a run is refused, unless overwrite (its checkpoints deleted)."""
+    out_dir, init_from = Path(cfg.out_dir), cfg.init_from
+    if init_from == "auto":
+        init_from = "resume" if (out_dir / "ckpt.pt").is_file() else "scratch"
+        rt.print(f"init_from=auto: {'resuming the run in' if init_from == 'resume' else 'a new run in'} {out_dir}")
+    found = existing_run(out_dir) if init_from != "resume" else None
     if found and not cfg.overwrite:
+        ways = "--init_from=resume" if cfg.init_from != "auto" else "a copy of its newest step file as ckpt.pt"
         raise config.ConfigError(
             f"out_dir '{out_dir}' already holds a run ({describe(found)}); continue it with "
-            "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it"
+            f"{ways}, choose another --out_dir, or pass --overwrite=True to replace it"
         )
-    if not rt.master:
-        return
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / ".write_test").touch()
         (out_dir / ".write_test").unlink()
         remove_stale_temps(out_dir)
     except OSError as e:
-        msg = f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir"
-        raise config.ConfigError(msg) from None
+        raise cannot_write(out_dir, e) from None
     if found:
         rt.print(f"--overwrite=True: deleting the checkpoints of the run in {out_dir} ({describe(found)})")
         remove_run(out_dir)
+    return init_from
+
+
+def lock_out_dir(out_dir: Path) -> IO:
+    """Create out_dir, take its lock (an exclusive flock on out_dir/.lock) and write into the lock file who holds
+    it: pid, host, start time and command. The lock lasts as long as the returned file is open or the process lives:
+    the OS releases it when the process ends, however it ends, so a killed run leaves no stale lock. Another run that
+    holds it is named in a one-line refusal. A filesystem without locks (Lustre mounted without -o flock) gets a
+    note and no lock. Across nodes the lock needs a filesystem that shares locks between hosts (NFSv4 does)."""
+    path = out_dir / LOCK
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise cannot_write(out_dir, e) from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = holder_text(f.read())
+        f.close()
+        raise config.ConfigError(
+            f"out_dir '{out_dir}' is in use by another run ({holder}); wait for it to end or stop it, "
+            "or choose another --out_dir"
+        ) from None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: this filesystem has no locks
+        print(f"note: cannot lock out_dir '{out_dir}' ({e.strerror}): nothing stops a second run from writing there")
+        return f
+    f.truncate(0)  # append mode: the record is written from the start
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    command = shlex.join([*console.launcher(os.environ)[0], *sys.argv])  # python or torchrun, then train.py ...
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}))
+    f.flush()
+    return f
+
+
+def cannot_write(out_dir: Path, e: OSError) -> config.ConfigError:
+    return config.ConfigError(f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir")
+
+
+def holder_text(record: str) -> str:
+    """The lock file's record as "pid 123 on host h since <time>: <command>"."""
+    try:
+        r = json.loads(record)
+        return f"pid {r['pid']} on {r['host']} since {r['started']}: {r['command']}"
+    except (ValueError, KeyError, TypeError):  # the holder has not written it yet
+        return "its details are not written yet"
 
 
 def check_resume(cfg: config.TrainConfig, saved: dict):

@@ -6,6 +6,7 @@ rank 0 prints, logs and writes files.
 """
 
 import contextlib
+import datetime
 import os
 import signal
 from dataclasses import dataclass
@@ -119,8 +120,26 @@ def init_runtime(device: str = "auto", dtype: str = "auto", parallel: str = "ddp
             "(float16 would need a sharded GradScaler); set dtype=float32 or parallel=ddp"
         )
     if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        backend, store = "nccl" if device_type == "cuda" else "gloo", attempt_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     return Runtime(rank, local_rank, world_size, device, compute, ddp)
+
+
+def attempt_store(env=os.environ):
+    """Under torchrun, the launcher's store seen through a prefix of its own for each attempt (the restart count), or
+    None elsewhere. torchrun lets its workers share the launcher's store (TORCHELASTIC_USE_AGENT_STORE) across
+    restarts (--max-restarts), and the store still holds the addresses the previous attempt's processes published: a
+    restarted rank may read one and connect to a process that is gone (gloo: "Connection refused"; with torch 2.13 the
+    restart in tests/test_faults.py failed 3 times in 3 without this, and passed 3 in 3 with it). torch's own
+    rendezvous once gave each attempt a prefix; this does it again."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(minutes=30))  # torch's default for the process group's store
+    return dist.PrefixStore(f"gpt_residual/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def synchronize(rt: Runtime):
@@ -129,9 +148,28 @@ def synchronize(rt: Runtime):
         torch.cuda.synchronize(rt.device)
 
 
-def shutdown(rt: Runtime):
-    if rt.ddp and dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while another still has collectives in flight
+def from_rank0(rt: Runtime, value):
+    """value as rank 0 has it, on every rank (one broadcast under torchrun): a check that only rank 0 can make
+    reaches every rank, so all of them act on it, or raise, together."""
+    if not rt.ddp:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown(rt: Runtime, ended_well: bool = True):
+    """Leave the process group. After a run that ended well, every rank comes here: a barrier first, so no rank tears
+    the group down while another still has collectives in flight. After a failure no rank waits for the others (the
+    one that failed may never come): the process ends, its connections close, and a peer's pending collective fails
+    at once (gloo: "Connection closed by peer") instead of waiting out its timeout. torchtitan does the same: it
+    destroys the group only after a clean run."""
+    if rt.ddp and dist.is_initialized() and ended_well:
+        try:
+            dist.barrier()
+        except Exception as e:  # a peer through the barrier may close its connection before this rank read its part
+            if not is_peer_loss(e):  # (seen with gloo: "Connection reset by peer"): the run has ended all the same
+                raise
         dist.destroy_process_group()
 
 
@@ -208,24 +246,31 @@ class Interrupted(BaseException):
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM (a preemption) asks the run to stop; the training loop checks `requested`.
+    """Ctrl-C or SIGTERM (a preemption) asks the run to stop. A signal only sets a flag, `requested` (the first
+    signal this process received); the training loop acts on agreed(), which under torchrun all-reduces every
+    rank's flag at the same point on every rank, so all ranks stop, and save, at the same step, whichever of them
+    was signalled (a scheduler may signal every process, torchrun forwards its own, or one process alone gets it).
 
-    Inside `interruptible()` a signal raises Interrupted at once, so a long phase that has nothing
-    to save (preparing data, the first compile) ends within seconds, not when the phase ends. A
-    second signal outside such a phase raises KeyboardInterrupt: the user insists.
+    Inside `interruptible()` a signal raises Interrupted at once, so a long phase that has nothing to save
+    (preparing data, the first compile) ends within seconds. A second Ctrl-C (SIGINT) that this process receives
+    raises KeyboardInterrupt: the user insists; inside `shielded()` (a checkpoint being written) it waits until
+    the write is done. SIGTERM never insists: Slurm sends it to every process of a job and torchrun forwards its own,
+    so a worker may get two at once; a scheduler that insists sends SIGKILL.
     """
 
     def __init__(self, rt: Runtime):
-        self.rt, self.requested, self._depth = rt, None, 0
+        self.rt, self.requested, self.stopped = rt, None, None  # stopped: the signal the ranks agreed to stop on
+        self._depth, self._shield, self._insisted = 0, 0, False
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
-        if self.requested is not None and not self._depth:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        again, self.requested = self.requested is not None, self.requested or signal.Signals(signum).name
         if self._depth:
             raise Interrupted(self.requested)
-        self.rt.print(f"\n{self.requested} received: finishing this step and saving a checkpoint")
+        if again and signum == signal.SIGINT:
+            if not self._shield:
+                raise KeyboardInterrupt
+            self._insisted = True  # raised when the checkpoint is written
 
     @contextlib.contextmanager
     def interruptible(self):
@@ -237,17 +282,65 @@ class GracefulStop:
         finally:
             self._depth -= 1
 
-    def agreed(self) -> bool:
-        """Whether any rank was asked to stop. Under torchrun a signal may reach one rank only, so the
-        ranks agree by an all-reduce: call it at the same point on every rank (it syncs with the device)."""
-        if not self.rt.ddp:
-            return self.requested is not None
-        flag = torch.tensor(float(self.requested is not None), device=self.rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.requested is None:
-            self.requested = "SIGTERM"
-        return self.requested is not None
+    @contextlib.contextmanager
+    def shielded(self):
+        """A checkpoint write: an insisting Ctrl-C waits for its end, so it never leaves a checkpoint half written."""
+        self._shield += 1
+        try:
+            yield
+        finally:
+            self._shield -= 1
+        if self._insisted and not self._shield:
+            raise KeyboardInterrupt
 
-    def restore(self):
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop. Under torchrun the ranks all-reduce their flags: call it at the same
+        point on every rank (it waits for the device). Every rank acts on the value they agreed on, never on its own
+        flag read again (a signal may land just after the all-reduce): `stopped` is set once, on every rank at the
+        same call, to the agreed signal (the highest-numbered one any rank received)."""
+        flag = signal.Signals[self.requested].value if self.requested else 0
+        if self.rt.ddp:
+            reduced = torch.tensor(float(flag), device=self.rt.device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+            flag = int(reduced.item())
+        if flag and self.stopped is None:
+            self.stopped = signal.Signals(flag).name
+            self.rt.print(f"\n{self.stopped} received: saving a checkpoint and stopping")
+        return self.stopped is not None
+
+    def restore(self, ending: bool = False):
+        """Put back the handlers found at start. ending: this process is leaving a failed run of many processes, and
+        torchrun's SIGTERM to the survivors must not cut short the line that says why: signals are ignored."""
         for s, handler in self._old.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if ending else handler)
+
+
+# ----------------------------------------------------------------------------- when a process of the run fails
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another process of the run is gone (its message: what to do now)."""
+
+
+def is_peer_loss(e: BaseException) -> bool:
+    """Whether e is a collective that failed because a peer process ended: gloo's closed or reset connection (a
+    plain RuntimeError naming its transport), or a DistError (NCCL, the store)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo/transport" in str(e))
+
+
+def first_to_report(kind: str, env=os.environ) -> tuple[bool, str]:
+    """Claim the run's one report of how it ended, kind "error" or "stop": (whether this process is the first of the
+    run to report, the first report's kind). Under torchrun the claim is one compare-and-set on the launcher's store,
+    which outlives the workers, so an error that every rank raises, or that one rank's failure caused in the others,
+    is printed once. Without torchrun, or when the store cannot be reached: (True, kind)."""
+    if "RANK" not in env or "MASTER_ADDR" not in env:
+        return True, kind
+    mine = f"{kind}:{env['RANK']}"
+    key = f"gpt_residual/ended/{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=5))  # fmt: skip
+        first = store.compare_set(key, "", mine).decode()
+    except Exception:  # e.g. rank 0 hosted the store and is gone
+        return True, kind
+    return first == mine, first.split(":")[0]

@@ -306,9 +306,11 @@ def test_ranks_share_the_eval_batches(runs):
 def test_only_rank_0_writes_files(runs):
     multi = runs("ddp")
     names = sorted(p.name for p in multi.out.iterdir())
-    assert names == ["ckpt-0000003.pt", "ckpt-0000006.pt", "ckpt-best.pt", "ckpt.pt", "config.json", "metrics.jsonl"]
+    want = [".lock", "ckpt-0000003.pt", "ckpt-0000006.pt", "ckpt-best.pt", "ckpt.pt", "config.json", "metrics.jsonl"]
+    assert names == want
     assert ours(multi.rank(1)["writes"], multi.out) == [], "rank 1 wrote files"
     writes = [(kind, Path(p).name) for kind, p in multi.rank(0)["writes"]]
+    assert writes.count(("open", ".lock")) == 1  # rank 0 holds out_dir's lock
     assert writes.count(("write_text", ".config.json.tmp")) == 1  # written whole, then renamed to config.json
     assert writes.count(("open", "metrics.jsonl")) == 1
     assert [p for kind, p in writes if kind == "save"] == ["ckpt-0000003.pt", "ckpt-0000006.pt"]

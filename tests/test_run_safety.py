@@ -36,7 +36,9 @@ def cli(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file's hash but the lock file's (it names the run that holds the lock, or the last one that did)."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def start(args: list[str]) -> subprocess.Popen:
