@@ -89,15 +89,32 @@ def gpt2_encoding(pattern: str | None = None):
     try:
         if pattern is None:
             return tiktoken.get_encoding("gpt2")
-        from tiktoken_ext import openai_public  # the gpt2 encoding's own definition: its files, ranks, special tokens
-
-        return tiktoken.Encoding(**{**openai_public.gpt2(), "name": "gpt2_pattern", "pat_str": pattern})
+        return tiktoken.Encoding(**{**gpt2_definition(), "name": "gpt2_pattern", "pat_str": pattern})
     except Exception as e:  # requests' ConnectionError / HTTPError, a hash mismatch (ValueError), a cache OSError
         cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "unset"
         raise DataError(
             f"cannot load the GPT-2 BPE (no network and no cache? {type(e).__name__}): set TIKTOKEN_CACHE_DIR to a "
             f"folder holding tiktoken's cache (now {cache}), or connect to the internet once to download it"
         ) from None
+
+
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+
+
+def gpt2_definition() -> dict:
+    """tiktoken's definition of the gpt2 encoding (tiktoken_ext.openai_public.gpt2()). r50k_base has the same ranks,
+    pattern and special token in a format read ~6x faster (0.15 s instead of 0.9 on a loaded 2-core machine): its
+    file is used when tiktoken's cache already holds it (never downloaded for this)."""
+    import hashlib
+    import tempfile
+
+    from tiktoken_ext import openai_public
+
+    default = os.path.join(tempfile.gettempdir(), "data-gym-cache")  # where tiktoken caches (tiktoken/load.py)
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR", default))
+    if cache and os.path.isfile(os.path.join(cache, hashlib.sha1(R50K_URL.encode()).hexdigest())):
+        return {**openai_public.r50k_base(), "name": "gpt2"}
+    return openai_public.gpt2()
 
 
 def hub_reachable() -> bool:
