@@ -29,11 +29,12 @@ ASCII_SPACE = bytes(IS_SPACE[:256])  # for bytes.translate: 1 for a space, else 
 GPT2_NO_LOOKAHEAD = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"""
 
 
-def read_chunks(path: Path, size: int = CHUNK) -> Iterator[str]:
-    """path's text, `size` characters at a time, read as open() reads it (UTF-8, universal newlines)."""
+def read_chunks(path: Path, size: int | None = None) -> Iterator[str]:
+    """path's text, `size` (default CHUNK) characters at a time, read as open() reads it (UTF-8, universal
+    newlines)."""
     try:
         with open(path, encoding="utf-8") as f:
-            while chunk := f.read(size):
+            while chunk := f.read(size or CHUNK):
                 yield chunk
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read '{path}' as UTF-8 text: {e}") from None
@@ -60,11 +61,18 @@ def is_space(text: str) -> np.ndarray:
 def vocabulary(chunks: Iterable[str]) -> tuple[list[str], int]:
     """(the sorted characters, how many characters) of the concatenated chunks."""
     seen = np.zeros(0x110000, dtype=bool)
-    n = 0
+    ascii_seen, n = b"", 0
     for chunk in chunks:
-        counts = np.bincount(code_points(chunk))
-        seen[: len(counts)] |= counts > 0
         n += len(chunk)
+        if chunk.isascii():  # bytes.translate deletes the characters seen so far: what is left is new
+            rest = chunk.encode("ascii").translate(None, ascii_seen)
+            while rest:
+                ascii_seen += rest[:1]
+                rest = rest.translate(None, rest[:1])
+        else:
+            counts = np.bincount(code_points(chunk))
+            seen[: len(counts)] |= counts > 0
+    seen[list(ascii_seen)] = True
     return [chr(c) for c in np.flatnonzero(seen)], n
 
 
@@ -74,10 +82,16 @@ class CharEncoder:
     def __init__(self, itos: list[str], dtype: str):
         self.table = np.zeros(ord(itos[-1]) + 1 if itos else 1, dtype=dtype)
         self.table[[ord(c) for c in itos]] = np.arange(len(itos))
+        small = len(self.table) <= 256 and len(itos) <= 256  # ASCII text and ids below 256: a byte translation
+        self.ascii = bytes(self.table.astype(np.uint8)) + bytes(256 - len(self.table)) if small else None
 
     def encode(self, chunks: Iterable[str]) -> Iterator[np.ndarray]:
         for chunk in chunks:
-            yield self.table[code_points(chunk)]
+            if self.ascii is not None and chunk.isascii():
+                ids = np.frombuffer(chunk.encode("ascii").translate(self.ascii), dtype=np.uint8)
+                yield ids.astype(self.table.dtype)
+            else:
+                yield self.table[code_points(chunk)]
 
 
 # ----------------------------------------------------------------------------- GPT-2 BPE

@@ -161,7 +161,7 @@ def write_tokens(path: Path, chunks: Iterable, total: int, dtype: str, desc: str
     """Write an iterable of int arrays (total tokens in all) as one token file, in order, atomically."""
     out = TokenFile(Path(path), dtype)
     try:
-        with tqdm(total=total, unit="tok", unit_scale=True, desc=desc) as bar:
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=None) as bar:  # None: on a terminal
             for chunk in chunks:
                 out.write(chunk)
                 bar.update(len(chunk))
@@ -223,7 +223,7 @@ def prepare_text(path: Path, out_dir: Path, tokenizer: str, val_fraction: float 
         encoder = encode.BPEEncoder().encode  # the BPE's one-line error before reading a large file
         n, meta = count_chars(encode.read_chunks(path), path), gpt2_meta()
     train, val = split_chars(encode.read_chunks(path), int(n * (1 - val_fraction)))
-    with tqdm(total=n, unit="char", unit_scale=True, desc=f"tokenizing {Path(path).name}") as bar:
+    with tqdm(total=n, unit="char", unit_scale=True, desc=f"tokenizing {Path(path).name}", disable=None) as bar:
         with DatasetWriter(out_dir, meta) as w:
             for split, chunks in (("train", train), ("val", val)):
                 for ids in encoder(progress(chunks, bar)):

@@ -35,8 +35,12 @@ def os_error(e: BaseException) -> OSError | None:
     return None
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+def size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
 
 
 def failure(e: BaseException, path: Path, what: str, need: int | None = None, after: str = "") -> WriteError | None:
@@ -49,7 +53,7 @@ def failure(e: BaseException, path: Path, what: str, need: int | None = None, af
     code = cause.errno if cause is not None else None
     free = free_bytes(path)
     if code in NO_SPACE or (code is None and need is not None and free is not None and free < need):
-        room = f"; about {mib(need)} is needed, {mib(free or 0)} is free" if need else ""
+        room = f"; about {size(need)} is needed, {size(free or 0)} is free" if need else ""
         msg = f"no space left on the device writing {what} ({path}){room}: free some space there or write elsewhere"
     elif code in DENIED:
         msg = f"cannot write {what} ({path}): {cause.strerror.lower()}; choose a folder you can write to"

@@ -48,7 +48,7 @@ def too_few(n: int, val_fraction: float) -> DataError:
 
 def joined(files: list[Path]):
     """The files' text joined by a blank line, chunk by chunk."""
-    for i, f in enumerate(tqdm(files, desc="reading", unit="file", disable=len(files) < 2)):
+    for i, f in enumerate(tqdm(files, desc="reading", unit="file", disable=len(files) < 2 or None)):
         if i:
             yield "\n\n"
         yield from encode.read_chunks(f)
@@ -76,7 +76,7 @@ def write_gpt2(files: list[Path], folder: Path, val_fraction: float):
     bpe, meta = encode.BPEEncoder(), token_files.gpt2_meta()  # the BPE's one-line error before reading the files
     text_seen = []
     with token_files.DatasetWriter(folder, meta) as w:
-        for i, f in enumerate(tqdm(files, desc="encoding", unit="file", disable=len(files) < 2)):
+        for i, f in enumerate(tqdm(files, desc="encoding", unit="file", disable=len(files) < 2 or None)):
             if i:  # between files: where one document ends and the next begins
                 w.write(np.array([meta["eot_token"]]), "train")
             for ids in bpe.encode(watch(encode.read_chunks(f), text_seen)):
