@@ -6,6 +6,7 @@ needs no torch; its names are here too, so `dataset.Tokenizer`, `dataset.read_me
 
 import queue
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,10 +23,17 @@ from gpt_residual.tokens import (  # noqa: F401  (the dataset's names, for the m
     hub_reachable,
     is_prepared,
     load_tokens,
-    prepare_and_check,
     read_meta,
     token_dtype,
 )
+
+
+def prepare_and_check(dataset: str, data_dir: str = "") -> Path:
+    """ensure_prepared, then every id of the token files checked against the vocabulary: what one process per node
+    runs before training (the others wait for it)."""
+    folder = ensure_prepared(dataset, data_dir)
+    check_ids(folder, read_meta(folder))
+    return folder
 
 
 class BatchSampler:

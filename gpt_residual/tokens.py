@@ -250,13 +250,6 @@ def check_ids(folder: Path, meta: dict, chunk: int = 1 << 24):
                 )
 
 
-def prepare_and_check(dataset: str, data_dir: str = "") -> Path:
-    """ensure_prepared, then every file checked, ids included: what one process per node runs before training."""
-    folder = ensure_prepared(dataset, data_dir)
-    check_ids(folder, read_meta(folder))
-    return folder
-
-
 def vocabulary(meta: dict) -> tuple:
     """What makes two datasets' token ids mean the same: the tokenizer, its size, a char vocabulary's order."""
     return meta.get("tokenizer"), meta.get("vocab_size"), meta.get("itos"), meta.get("eot_token")
