@@ -5,13 +5,14 @@ traceback, and never leaves a half-written file behind.
     with writing(path, "the export"):   # any write inside: ENOSPC, EDQUOT, EACCES, EROFS -> one WriteError line
         ...
 
-torch.save reports a failed write as a RuntimeError whose __context__ is the OSError ("unexpected pos ..."):
-failure() finds the OSError behind such an error too. Imports nothing of the project (the prepare scripts use it
-without torch).
+torch.save reports a failed write as a RuntimeError whose __context__ is the OSError ("unexpected pos ..."), and
+safetensors as a SafetensorError that says "(os error 28)": failure() reads those too. Imports nothing of the
+project (the prepare scripts use it without torch).
 """
 
 import errno
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,21 +49,30 @@ def failure(e: BaseException, path: Path, what: str, need: int | None = None, af
     (a bug: let it through). need: bytes the write needed, to say how much to free; after: what still holds."""
     path = Path(path)
     cause = os_error(e)
-    if cause is None and not (isinstance(e, RuntimeError) and is_torch_write_failure(e)):
+    code = cause.errno if cause is not None else errno_in_message(str(e))
+    if cause is None and code is None and not (isinstance(e, RuntimeError) and is_torch_write_failure(e)):
         return None
-    code = cause.errno if cause is not None else None
     free = free_bytes(path)
     if code in NO_SPACE or (code is None and need is not None and free is not None and free < need):
         room = f"; about {size(need)} is needed, {size(free or 0)} is free" if need else ""
         msg = f"no space left on the device writing {what} ({path}){room}: free some space there or write elsewhere"
     elif code in DENIED:
-        msg = f"cannot write {what} ({path}): {cause.strerror.lower()}; choose a folder you can write to"
+        msg = f"cannot write {what} ({path}): {os.strerror(code).lower()}; choose a folder you can write to"
     elif code == errno.ENOENT and not path.parent.is_dir():
         msg = f"cannot write {what}: its folder {path.parent} no longer exists"
     else:
-        reason = cause.strerror if cause is not None and cause.strerror else str(e).splitlines()[0][:120]
+        reason = os.strerror(code) if code is not None else str(e).splitlines()[0][:120]
         msg = f"could not write {what} ({path}): {reason}"
     return WriteError(msg + (f"; {after}" if after else ""))
+
+
+def errno_in_message(text: str) -> int | None:
+    """The errno a library wrote into its message instead of raising an OSError: Rust's "(os error 28)"
+    (safetensors), or the C library's words."""
+    if m := re.search(r"\(os error (\d+)\)", text):
+        return int(m.group(1))
+    words = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
+    return next((code for phrase, code in words.items() if phrase in text), None)
 
 
 def is_torch_write_failure(e: RuntimeError) -> bool:
@@ -95,7 +105,7 @@ def writing(path: Path, what: str, need: int | None = None, after: str = "", cle
     """Turn a failed write inside the block into one WriteError line; the files in cleanup are removed first."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # an OSError, torch's RuntimeError, safetensors' SafetensorError, ...
         err = failure(e, path, what, need, after)
         if err is None:
             raise

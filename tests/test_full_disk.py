@@ -257,3 +257,16 @@ def test_token_files_and_meta_fail_whole(tmp_path, disk_full, room):
     with pytest.raises(files.WriteError, match="no space left on the device writing (train.bin|val.bin|meta.json)"):
         token_files.write_dataset(tmp_path / "d", [1, 2, 3] * 500, [4] * 100, meta)
     assert leftovers(tmp_path) == [] and not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_a_library_that_names_the_errno_in_its_message(tmp_path):
+    """safetensors (the export's weights) raises SafetensorError '... (os error 28)'; a bug stays a bug."""
+    full = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(files.WriteError, match="no space left on the device writing the weights"):
+        with files.writing(tmp_path / "model.safetensors", "the weights"):
+            raise full
+    denied = files.failure(Exception("I/O error: Permission denied (os error 13)"), tmp_path / "x", "x")
+    assert "permission denied; choose a folder you can write to" in str(denied)
+    with pytest.raises(KeyError):
+        with files.writing(tmp_path / "x", "x"):
+            raise KeyError("a bug")
