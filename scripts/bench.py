@@ -323,7 +323,7 @@ def run(argv: list[str]):
     if any(a.split("=")[0] == "--suite" for a in argv):
         raise config.ConfigError("the GPU suite is a command of its own: python -m scripts.gpu_suite --nanogpt=PATH")
     if any(a.split("=")[0] == "--prepare" for a in argv):
-        return bench_prepare.main(argv)
+        return bench_prepare.main(argv, print_table)
     opts, rest = parse(argv)
     flags = [a for a in rest if a.startswith("--")]
     out_dir = next((a.split("=", 1)[1] for a in reversed(flags) if a.startswith("--out_dir=")), None)

@@ -128,10 +128,9 @@ def compare(kind: str, opts: PrepareBenchOptions, text: Path, work: Path) -> tup
 LABELS = ["this project", "nanoGPT"]
 
 
-def main(argv: list[str]):
-    """bench.py --prepare ...: parse the flags, measure, print the table (and write --json)."""
-    from scripts.bench import print_table
-
+def main(argv: list[str], print_table):
+    """bench.py --prepare ...: parse the flags, measure, print the table with bench.py's print_table (and write
+    --json)."""
     opts, rest = config.split_flags(PrepareBenchOptions, argv)
     if rest:
         raise config.ConfigError(f"--prepare takes only its own flags (see scripts/bench_prepare.py); got {rest}")
