@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
 from gpt_residual.evaluate import TrainingSampler, byte_table, estimate_losses
+from gpt_residual.files import WriteError
 from gpt_residual.health import Health, TrainingError
 from gpt_residual.multiple_choice import training_hook
 from gpt_residual.schedule import describe as describe_schedule
@@ -54,8 +55,8 @@ class Data:
 
 def load_data(cfg: config.TrainConfig, rt: runtime.Runtime) -> Data:
     """Prepare the dataset if needed (one process per node), then map its token files."""
-    if rt.local_rank == 0:
-        dataset.ensure_prepared(cfg.dataset, cfg.data_dir)
+    if rt.local_rank == 0:  # prepared if need be, and every token id checked against the vocabulary, once per node
+        dataset.prepare_and_check(cfg.dataset, cfg.data_dir)
     if rt.ddp:
         dist.barrier()
     folder = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
@@ -74,7 +75,7 @@ def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tu
     model), else the config's keys with the dataset's vocabulary."""
     model = None
     if saved is not None:
-        run_dir.check_resume(cfg, saved)
+        run_dir.check_resume(cfg, saved, meta)
         model_cfg = GPTConfig(**{**saved["model_config"], "dropout": cfg.dropout})
     elif cfg.init_from == "scratch":
         model_cfg = replace(cfg.model_config(), vocab_size=padded_vocab(meta))
@@ -377,6 +378,7 @@ USER_ERRORS = (
     checkpoint.CheckpointError,
     pretrained.PretrainedError,
     TrainingError,
+    WriteError,  # a full disk or an unwritable folder
 )
 
 

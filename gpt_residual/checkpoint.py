@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt_residual import files
+
 FORMAT_VERSION = 1
 EARLIER = "resume from an earlier ckpt-<step>.pt (copy it to ckpt.pt) or start a new out_dir"
 
@@ -26,19 +28,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, unsafe or does not fit; printed as one line."""
 
 
-def fsync_dir(folder: Path):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows: directories cannot be opened
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(state: dict, path: Path):
-    """Write state to path atomically (temp file + fsync + rename)."""
+    """Write state to path atomically (temp file + fsync + rename). A failed write (a full disk: torch.save reports
+    it as a RuntimeError, fsync as an OSError) is one CheckpointError line saying what to free; the temp file is
+    removed and the previous checkpoint is left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -47,13 +40,35 @@ def save(state: dict, path: Path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"could not write checkpoint {path} ({e.strerror or e}); "
-            "the previous checkpoint is untouched; free space or choose another out_dir"
-        ) from None
-    fsync_dir(path.parent)
+    except BaseException as e:  # nothing half-written stays, whatever stopped the write
+        files.remove(tmp)
+        failed = isinstance(e, (OSError, RuntimeError))
+        err = failed and files.failure(e, path, "a checkpoint", state_bytes(state), what_is_left(path.parent))
+        if not err:
+            raise
+        raise CheckpointError(str(err)) from None
+    files.fsync_dir(path.parent)
+
+
+def state_bytes(state) -> int:
+    """About how many bytes torch.save writes for state: its tensors' (the pickled rest is small)."""
+    if isinstance(state, torch.Tensor):
+        return state.nelement() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def what_is_left(out_dir: Path) -> str:
+    """After a failed save: what a resume can start from."""
+    latest = Path(out_dir) / "ckpt.pt"
+    if not Path(out_dir).is_dir():
+        return "nothing was saved"
+    if latest.exists():
+        return f"the previous checkpoint, ckpt.pt ({describe(latest)}), is intact: resume from it once there is room"
+    return "no earlier checkpoint exists"
 
 
 def load(path: Path) -> dict:
@@ -127,7 +142,11 @@ def _link(src: Path, dst: Path):
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError:
+            files.remove(tmp)  # a copy that a full disk cut short
+            raise
     os.replace(tmp, dst)
 
 
@@ -152,7 +171,7 @@ def save_run(state: dict, out_dir: Path, keep: int, is_best: bool) -> Path:
         raise CheckpointError(
             f"could not update {out_dir}/ckpt.pt ({e.strerror or e}); the new checkpoint is {path}"
         ) from None
-    fsync_dir(out_dir)
+    files.fsync_dir(out_dir)
     for old in step_files(out_dir, below=state["step"])[: -keep + 1 or None]:
         old.unlink(missing_ok=True)
     return path

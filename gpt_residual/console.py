@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gpt_residual import config, runtime
+from gpt_residual import config, files, runtime
 from gpt_residual.runlog import git_commit
 
 
@@ -130,9 +130,7 @@ def write_config(path: Path, resolved: dict, resumed: dict | None):
             record = {**resolved, "resumes": []}
         now = {k: resolved[k] for k in ("git_commit", "world_size", "tokens_per_step")}
         record.setdefault("resumes", []).append({**resumed, **now})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    files.write_atomic(path, json.dumps(record, indent=1), "config.json")  # a full disk: one line, no temp file
 
 
 def log_eval(rt, logger, last: dict, elapsed: float, eval_s: float):

@@ -1,184 +1,39 @@
-"""What train.py and sample.py read of a prepared dataset: its tokenizer, its token files, and batches of them.
+"""What train.py reads of a prepared dataset: its token files in deterministic batches, on the device.
 
-A prepared dataset is a folder with three files:
-    train.bin, val.bin   flat arrays of token ids (numpy memmaps), dtype given in meta.json
-    meta.json            {"tokenizer": "char" | "gpt2", "vocab_size": ..., "dtype": "uint16", ...}
-The tokenizer is described in JSON (a char vocabulary is its list of characters), never pickled.
+The dataset itself (meta.json, the tokenizer, the token files and their checks) is gpt_residual/tokens.py, which
+needs no torch; its names are here too, so `dataset.Tokenizer`, `dataset.read_meta` and the like work as before.
 """
 
-import codecs
-import importlib.util
-import json
-import os
 import queue
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-DATA_ROOT = Path(__file__).resolve().parents[1] / "data"  # the repo's data/ folder of datasets
-
-
-class DataError(ValueError):
-    """A dataset problem the user can fix; printed as one line."""
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-
-class Tokenizer:
-    """Encode and decode text as described by a dataset's meta.json."""
-
-    def __init__(self, meta: dict):
-        self.kind = meta.get("tokenizer")
-        self.vocab_size = int(meta["vocab_size"])
-        if self.kind == "char":
-            self.itos = list(meta["itos"])
-            self.stoi = {ch: i for i, ch in enumerate(self.itos)}
-        elif self.kind == "gpt2":
-            self.enc = gpt2_encoding()
-        else:
-            raise DataError(f"unknown tokenizer {self.kind!r} in meta.json; expected 'char' or 'gpt2'")
-
-    def encode(self, text: str) -> list[int]:
-        if self.kind == "gpt2":
-            return self.enc.encode_ordinary(text)
-        missing = sorted(set(text) - self.stoi.keys())
-        if missing:
-            shown = "".join(missing[:20])
-            raise DataError(
-                f"text has {len(missing)} character(s) outside this model's vocabulary: {shown!r}; "
-                "use only characters from the training text"
-            )
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids) -> str:
-        if self.kind == "gpt2":
-            return self.enc.decode(list(ids))
-        return "".join(self.itos[i] for i in ids)
-
-    def token_bytes(self) -> list[int]:
-        """The UTF-8 length of each token id's text, 0 for special tokens (GPT-2's <|endoftext|>): what bits
-        per byte divides by. Exact for both tokenizers: a text's bytes are the sum over its tokens'."""
-        if self.kind == "char":
-            return [len(ch.encode("utf-8")) for ch in self.itos]
-        special = {self.enc.encode_single_token(s) for s in self.enc.special_tokens_set}
-        return [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
-
-    def stream_decoder(self):
-        """A function of one token id -> the text it completes (BPE tokens can split a UTF-8 char)."""
-        if self.kind == "char":
-            return lambda i: self.itos[i]
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda i: utf8.decode(self.enc.decode_single_token_bytes(i))
+from gpt_residual.tokens import (  # noqa: F401  (the dataset's names, for the modules that use them from here)
+    DATA_ROOT,
+    DataError,
+    Tokenizer,
+    check_ids,
+    dataset_dir,
+    download,
+    ensure_prepared,
+    gpt2_encoding,
+    hub_reachable,
+    is_prepared,
+    load_tokens,
+    read_meta,
+    token_dtype,
+)
 
 
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE, or a one-line DataError saying what to do when it can be neither read nor downloaded.
-
-    tiktoken reads two files (~1.5 MB) from TIKTOKEN_CACHE_DIR (default: a folder in the temp dir) and
-    downloads them there when missing; offline and without them, it raises a network error."""
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' ConnectionError / HTTPError, a hash mismatch (ValueError), a cache OSError
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "unset"
-        raise DataError(
-            f"cannot load the GPT-2 BPE (no network and no cache? {type(e).__name__}): set TIKTOKEN_CACHE_DIR to a "
-            f"folder holding tiktoken's cache (now {cache}), or connect to the internet once to download it"
-        ) from None
-
-
-def hub_reachable() -> bool:
-    """Whether the Hugging Face Hub answers at all. Its client retries a refused or timed-out connection with
-    backoff for ~25 s, logging each retry, before it gives up; asking once here finds an offline machine out
-    in seconds. HF_ENDPOINT, HF_HUB_ETAG_TIMEOUT (10 s) and the HTTPS_PROXY variables count, as for the client."""
-    from huggingface_hub import constants  # installed with datasets and transformers
-
-    request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
-    try:
-        urllib.request.urlopen(request, timeout=constants.HF_HUB_ETAG_TIMEOUT).close()
-    except urllib.error.HTTPError:
-        return True  # an answer, even an error status, means the network is there
-    except (OSError, ValueError):  # URLError, refused, timed out, a malformed proxy or endpoint
-        return False
-    return True
-
-
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-def download(url: str, path: Path):
-    """Download url to path with a progress bar; the file appears only when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
-                while chunk := r.read(1 << 16):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"could not download {url} ({e}); put the file at {path} yourself or pass --input") from None
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def dataset_dir(dataset: str, data_dir: str = "") -> Path:
-    return Path(data_dir) if data_dir else DATA_ROOT / dataset
-
-
-def is_prepared(folder: Path) -> bool:
-    return all((folder / f).exists() for f in ("meta.json", "train.bin", "val.bin"))
-
-
-def ensure_prepared(dataset: str, data_dir: str = "") -> Path:
-    """The dataset's folder, running data/<dataset>/prepare.py first if it has not been prepared."""
-    folder = dataset_dir(dataset, data_dir)
-    if is_prepared(folder):
-        return folder
-    script = DATA_ROOT / dataset / "prepare.py"
-    if not script.is_file():
-        known = sorted(p.parent.name for p in DATA_ROOT.glob("*/prepare.py"))
-        where = f"'{folder}' has no train.bin/val.bin/meta.json and " if data_dir else ""
-        raise DataError(
-            f"{where}unknown dataset '{dataset}'; choose one of {', '.join(known)} "
-            "or point data_dir at a prepared folder"
-        )
-    print(f"dataset '{dataset}' is not prepared yet: running {script.relative_to(DATA_ROOT.parent)}")
-    spec = importlib.util.spec_from_file_location(f"prepare_{dataset}", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.prepare(out_dir=folder)
+def prepare_and_check(dataset: str, data_dir: str = "") -> Path:
+    """ensure_prepared, then every id of the token files checked against the vocabulary: what one process per node
+    runs before training (the others wait for it)."""
+    folder = ensure_prepared(dataset, data_dir)
+    check_ids(folder, read_meta(folder))
     return folder
-
-
-def read_meta(folder: Path) -> dict:
-    try:
-        meta = json.loads((Path(folder) / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {folder}/meta.json ({e}); prepare the dataset again") from None
-    for key in ("tokenizer", "vocab_size", "dtype"):
-        if key not in meta:
-            raise DataError(f"{folder}/meta.json lacks '{key}'; prepare the dataset again")
-    return meta
-
-
-def load_tokens(folder: Path, split: str, meta: dict) -> np.ndarray:
-    path = Path(folder) / f"{split}.bin"
-    if path.stat().st_size == 0:  # an empty split (numpy cannot map an empty file)
-        return np.zeros(0, dtype=meta["dtype"])
-    return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
 class BatchSampler:

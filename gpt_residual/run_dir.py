@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
-from gpt_residual import config, console, pretrained, runtime
+from gpt_residual import config, console, pretrained, runtime, tokens
 from gpt_residual.checkpoint import CheckpointError, describe, remove_stale_temps, step_files
 
 LOCK = ".lock"  # out_dir's lock file: held by the run writing there; says which run that is
@@ -130,20 +130,23 @@ def holder_text(record: str) -> str:
         return "its details are not written yet"
 
 
-def check_resume(cfg: config.TrainConfig, saved: dict):
-    """A resumed run keeps its model and its dataset; the schedule, batch and the like may change."""
+def check_resume(cfg: config.TrainConfig, saved: dict, meta: dict | None = None):
+    """A resumed run keeps its model, its tokenizer (meta: the dataset's meta.json it would train on) and its
+    dataset; the schedule, batch and the like may change."""
     fine_tuned = weights_from(cfg, saved) not in ("scratch", "resume")
     for key, old in saved["model_config"].items():
         if key in ("dropout", "vocab_size", "activation_checkpointing"):  # not the model's shape
             continue
-        if fine_tuned and key in pretrained.SHAPE_KEYS:
-            continue  # a fine-tuned model's shape is GPT-2's, whatever the config says
+        if fine_tuned and key in pretrained.SHAPE_KEYS and key != "block_size":
+            continue  # a fine-tuned model's shape is GPT-2's, whatever the config says; its context is the run's
         new = getattr(cfg, key, old)
         if new != old:
             raise CheckpointError(
                 f"the checkpoint's model has {key}={old!r} but the config says {new!r}; "
                 f"use --{key}={old!r} to resume, or a new out_dir to start over"
             )
+    if meta is not None:
+        check_same_vocabulary(cfg, saved, meta)
     old = saved["config"].get("optimizer", "adamw")
     if old != getattr(cfg, "optimizer", "adamw"):
         raise CheckpointError(
@@ -156,6 +159,24 @@ def check_resume(cfg: config.TrainConfig, saved: dict):
             f"the checkpoint was trained on dataset '{old}' but the config says '{cfg.dataset}'; use "
             f"--dataset={old} to resume, or --init_from=scratch with a new out_dir for '{cfg.dataset}'"
         )
+
+
+def check_same_vocabulary(cfg: config.TrainConfig, saved: dict, meta: dict):
+    """The token ids the run would read mean what they meant to the checkpoint's model (another data_dir of the
+    same dataset name can hold another vocabulary)."""
+    trained = json.loads(saved["tokenizer"]) if saved.get("tokenizer") else None
+    if trained is None or tokens.vocabulary(trained) == tokens.vocabulary(meta):
+        return
+    was, now = tokens.describe_vocabulary(trained), tokens.describe_vocabulary(meta)
+    if was == now:
+        now = f"another {now.removeprefix('a ').removeprefix('the ')}"
+    where = tokens.dataset_dir(cfg.dataset, cfg.data_dir)
+    old_dir = saved["config"].get("data_dir") or ""
+    use = f"--data_dir={old_dir}" if old_dir else f"the dataset's own folder ({tokens.dataset_dir(cfg.dataset)})"
+    raise CheckpointError(
+        f"the checkpoint was trained on {was}, but {where}/meta.json has {now}: its token ids mean other things to "
+        f"this model; resume with {use}, or start a new out_dir"
+    )
 
 
 def weights_from(cfg: config.TrainConfig, saved: dict | None) -> str:

@@ -11,23 +11,31 @@ Records written by train.py, each with "step":
 """
 
 import json
+import os
 import subprocess
 from pathlib import Path
+
+from gpt_residual import files
 
 
 class Logger:
     """Appends every logged dict to out_dir/metrics.jsonl and, if asked, sends it to wandb.
     A new run (fresh=True) moves an earlier run's file to metrics.prev.jsonl first; a resumed run
-    appends. With wandb, run_id (the checkpoint's wandb_run_id) continues that W&B run instead of starting
-    another; run_id is then the run's id, to keep in the checkpoint. Inactive (a no-op) on every rank but 0."""
+    appends, after cutting a partial last line (left by a run killed mid-write or stopped by a full disk). A record
+    is one write of a whole line; a write that fails is cut back off (the file stays whole lines) and is one
+    files.WriteError line. With wandb, run_id (the checkpoint's wandb_run_id) continues that W&B run instead of
+    starting another; run_id is then the run's id, to keep in the checkpoint. Inactive (a no-op) on every rank but 0."""
 
     def __init__(self, out_dir: str, active: bool, wandb_config=None, project="", name="", fresh=False, run_id=None):
         self.active, self.wandb, self.run_id = active, None, None
         if active:
-            path = Path(out_dir) / "metrics.jsonl"
+            self.path = path = Path(out_dir) / "metrics.jsonl"
             if fresh and path.exists() and path.stat().st_size:
                 path.replace(path.with_name("metrics.prev.jsonl"))
-            self.file = open(path, "a")
+            with files.writing(path, "metrics.jsonl"):
+                self.file = open(path, "a+b", buffering=0)  # unbuffered: nothing is left to flush when a write fails
+                if cut := cut_partial_line(self.file):
+                    print(f"{path}: cut a partial last line ({cut} bytes) left by a run that stopped mid-write")
             if wandb_config is not None:
                 import wandb
 
@@ -37,8 +45,17 @@ class Logger:
 
     def log(self, record: dict):
         if self.active:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            line = memoryview((json.dumps(record) + "\n").encode())
+            end = os.fstat(self.file.fileno()).st_size
+            try:
+                while line:
+                    line = line[self.file.write(line) :]
+            except OSError as e:
+                try:
+                    self.file.truncate(end)  # no partial record: the next one starts on a line of its own
+                except OSError:
+                    pass
+                raise files.failure(e, self.path, "metrics.jsonl", after="it keeps every earlier record") from None
             if self.wandb is not None:
                 flat = flatten(record)
                 self.wandb.log({k: v for k, v in flat.items() if k != "step"}, step=record["step"])
@@ -48,6 +65,23 @@ class Logger:
             self.file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def cut_partial_line(f) -> int:
+    """Truncate an append-mode file after its last newline; returns the bytes cut (0: it ended in one)."""
+    fd = f.fileno()
+    end = size = os.fstat(fd).st_size
+    while end > 0:
+        start = max(0, end - 4096)
+        block = os.pread(fd, end - start, start)
+        if start + len(block) == size and block.endswith(b"\n"):
+            return 0
+        if (i := block.rfind(b"\n")) >= 0:
+            end = start + i + 1
+            break
+        end = start
+    f.truncate(end)
+    return size - end
 
 
 def flatten(record: dict) -> dict:
@@ -63,7 +97,9 @@ def flatten(record: dict) -> dict:
 
 def read(out_dir: str) -> list[dict]:
     """Every record of a run, in order ([] if it logged nothing yet). A partial last line, left by a run
-    killed mid-write, is skipped; a missing file or a line that is not a record is a one-line ValueError."""
+    killed mid-write, is skipped, and so is a partial line with a record glued to it (as runs resumed by older
+    versions left them: the record is read); a missing file or a line that is not a record is a one-line
+    ValueError."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         where = "" if Path(out_dir).is_dir() else " (no such folder)"
@@ -76,15 +112,24 @@ def read(out_dir: str) -> list[dict]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            record["step"] = int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            if n == len(lines):
-                continue  # a partial last line
-            raise ValueError(f"'{path}' line {n} is not a metrics record; is it train.py's metrics.jsonl?") from None
-        records.append(record)
+        record = parse(line)
+        if record is None and (glued := line.rfind('{"step"', 1)) > 0:  # an older version's resume appended a
+            record = parse(line[glued:])  # record to a partial line: the record is whole, the partial one lost
+        if record is None and n < len(lines):  # a partial last line is skipped
+            raise ValueError(f"'{path}' line {n} is not a metrics record; is it train.py's metrics.jsonl?")
+        if record is not None:
+            records.append(record)
     return records
+
+
+def parse(line: str) -> dict | None:
+    """A metrics record, or None when line is not one."""
+    try:
+        record = json.loads(line)
+        record["step"] = int(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record
 
 
 def git_commit() -> str | None:

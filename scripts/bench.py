@@ -7,6 +7,7 @@
     python -m scripts.bench configs/small.py --sample --out_dir=out --repeats=3   # sampling, cache or not
     python -m scripts.bench configs/gpt2.py --sample --synthetic=True --repeats=2  # on a GPU: CUDA graphs, batch of 64
     python -m scripts.bench configs/small.py --synthetic=True --json=bench.json  # the table's figures as JSON too
+    python -m scripts.bench --prepare --nanogpt=PATH/TO/nanoGPT      # data preparation vs nanoGPT's (bench_prepare.py)
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
 tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and the peak memory of the
@@ -36,6 +37,7 @@ import train
 from gpt_residual import config, dataset, runlog, runtime
 from gpt_residual.engine import ENGINES, generate
 from model import GPT
+from scripts import bench_prepare
 
 
 @dataclass
@@ -320,6 +322,8 @@ def run(argv: list[str]):
         raise config.ConfigError("bench.py measures one process; run it with python, not torchrun")
     if any(a.split("=")[0] == "--suite" for a in argv):
         raise config.ConfigError("the GPU suite is a command of its own: python -m scripts.gpu_suite --nanogpt=PATH")
+    if any(a.split("=")[0] == "--prepare" for a in argv):
+        return bench_prepare.main(argv, print_table)
     opts, rest = parse(argv)
     flags = [a for a in rest if a.startswith("--")]
     out_dir = next((a.split("=", 1)[1] for a in reversed(flags) if a.startswith("--out_dir=")), None)

@@ -247,14 +247,32 @@ def test_ensure_prepared_uses_prepared_data_dir(char_data):
     assert dataset.ensure_prepared("anything", str(char_data)) == char_data
 
 
-def test_ensure_prepared_runs_prepare(tmp_path, monkeypatch):
-    """An unprepared data_dir of a known dataset is prepared by its script (input.txt already there)."""
-    folder = tmp_path / "sc"
+def test_ensure_prepared_runs_prepare_in_its_own_folder(tmp_path, monkeypatch):
+    """A dataset not prepared yet is prepared by its script into data/<dataset>, the folder made for it."""
+    from gpt_residual import tokens
+
+    root = tmp_path / "data"
+    (root / "shakespeare_char").mkdir(parents=True)
+    (root / "shakespeare_char" / "prepare.py").write_text((ROOT / "data/shakespeare_char/prepare.py").read_text())
+    (root / "shakespeare_char" / "input.txt").write_text(tiny_text(2))
+    monkeypatch.setattr(tokens, "DATA_ROOT", root)
+    folder = dataset.ensure_prepared("shakespeare_char")
+    assert folder == root / "shakespeare_char" and dataset.is_prepared(folder)
+    assert dataset.read_meta(folder)["vocab_size"] == len(set(tiny_text(2)))
+
+
+def test_a_data_dir_of_yours_is_never_prepared_into(tmp_path):
+    """A --data_dir without meta.json is the user's folder: refused in one line that says how to prepare it, and
+    nothing in it is touched (shakespeare_char's prepare used to run into it and replace its token files)."""
+    folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "input.txt").write_text(tiny_text(2))
-    assert dataset.ensure_prepared("shakespeare_char", str(folder)) == folder
-    assert dataset.is_prepared(folder)
-    assert dataset.read_meta(folder)["vocab_size"] == len(set(tiny_text(2)))
+    (folder / "train.bin").write_bytes(b"my own tokens")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    proc = run(["train.py", "--dataset=shakespeare_char", f"--data_dir={folder}", f"--out_dir={tmp_path / 'out'}",
+                "--device=cpu", "--max_iters=1"])  # fmt: skip
+    assert_one_line_error(proc, str(folder), f"python data/shakespeare_char/prepare.py --out_dir {folder}")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_train_cli_unknown_dataset(tmp_path):

@@ -311,7 +311,8 @@ def test_only_rank_0_writes_files(runs):
     assert ours(multi.rank(1)["writes"], multi.out) == [], "rank 1 wrote files"
     writes = [(kind, Path(p).name) for kind, p in multi.rank(0)["writes"]]
     assert writes.count(("open", ".lock")) == 1  # rank 0 holds out_dir's lock
-    assert writes.count(("write_text", ".config.json.tmp")) == 1  # written whole, then renamed to config.json
+    config_temps = [name for kind, name in writes if kind == "open" and name.startswith(".config.json.tmp")]
+    assert len(config_temps) == 1  # written whole (files.write_atomic), then renamed to config.json
     assert writes.count(("open", "metrics.jsonl")) == 1
     assert [p for kind, p in writes if kind == "save"] == ["ckpt-0000003.pt", "ckpt-0000006.pt"]
 

@@ -318,8 +318,9 @@ def test_no_host_sync_between_log_steps(tiny_cfg, monkeypatch):
 def test_an_empty_val_split_is_a_one_line_error(char_data, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("train.bin", "meta.json"):
-        (data / name).write_bytes((char_data / name).read_bytes())
+    (data / "train.bin").write_bytes((char_data / "train.bin").read_bytes())
+    meta = json.loads((char_data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "val_tokens": 0}))
     (data / "val.bin").write_bytes(b"")  # e.g. a text too short for a val split
     proc = run(["train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *ARGS, "--max_iters=2"])
     assert_one_line_error(proc, "val split has 0 tokens", "block_size")

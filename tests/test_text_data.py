@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_one_line_error, run, tiny_text
 
-from gpt_residual import dataset
+from gpt_residual import tokens
 from gpt_residual.dataset import DataError
 
 
@@ -26,7 +26,7 @@ def data_root(tmp_path, monkeypatch):
     """data/ in a temporary folder, so --name NAME writes there and train.py --dataset=NAME reads there."""
     root = tmp_path / "data"
     root.mkdir()
-    monkeypatch.setattr(dataset, "DATA_ROOT", root)
+    monkeypatch.setattr(tokens, "DATA_ROOT", root)
     return root
 
 

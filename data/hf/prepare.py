@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data/token_files.py and gpt_residual
 from data import token_files  # noqa: E402
-from gpt_residual import dataset  # noqa: E402
-from gpt_residual.dataset import DataError  # noqa: E402
+from gpt_residual import tokens  # noqa: E402
+from gpt_residual.tokens import DataError  # noqa: E402
 
 DEFAULT_NUM_PROC = max(1, (os.cpu_count() or 2) // 2)
 LOCAL_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
@@ -67,7 +67,7 @@ def local_files(path: str) -> tuple[str, list[str]] | None:
 def check_hub(what: str, local_alternative: str):
     """A DataError at once when the Hub cannot be reached (its client would retry for ~25 s); with
     HF_HUB_OFFLINE=1, datasets reads its cache instead, so nothing is checked."""
-    if not datasets.config.HF_HUB_OFFLINE and not dataset.hub_reachable():
+    if not datasets.config.HF_HUB_OFFLINE and not tokens.hub_reachable():
         raise DataError(
             f"could not load {what}: no network to the Hugging Face Hub; connect, set HF_HUB_OFFLINE=1 to use a "
             f"cached copy, or {local_alternative}"
@@ -113,7 +113,7 @@ def encode_batch(batch: dict, text_field: str, itos: str | None = None, num_thre
     """GPT-2 BPE ids of each document + EOT, or (itos given) char ids of each document + a blank line."""
     texts = [t or "" for t in batch[text_field]]
     if itos is None:
-        enc = dataset.gpt2_encoding()  # per worker process; tiktoken caches it, so this is cheap after the first call
+        enc = tokens.gpt2_encoding()  # per worker process; tiktoken caches it, so this is cheap after the first call
         # encode_ordinary ignores special tokens written in the text; EOT marks where each document ends
         ids = [x + [enc.eot_token] for x in enc.encode_ordinary_batch(texts, num_threads=num_threads)]
     else:  # itos is sorted, so a character's id is where its code point falls among them
@@ -196,9 +196,9 @@ def tokenize_and_write(ds: datasets.Dataset, out_dir: Path, opt: Options, source
         meta = char_vocab_meta(chars["chars"])
         itos = "".join(meta["itos"])
     else:
-        dataset.gpt2_encoding()  # a missing BPE fails here, in one line, rather than in every tokenizing process
+        tokens.gpt2_encoding()  # a missing BPE fails here, in one line, rather than in every tokenizing process
         meta = token_files.gpt2_meta()
-    meta["dtype"] = dataset.token_dtype(meta["vocab_size"])
+    meta["dtype"] = tokens.token_dtype(meta["vocab_size"])
     # storing ids as uint16 in the map's cache files keeps them 4x smaller than the default int64;
     # Sequence rather than List, which datasets < 4 lacks
     features = datasets.Features(
@@ -209,12 +209,12 @@ def tokenize_and_write(ds: datasets.Dataset, out_dir: Path, opt: Options, source
     for split, part in (("train", splits["train"]), ("val", splits["test"])):
         kw = dict(batched=True, remove_columns=part.column_names, num_proc=min(opt.num_proc, len(part)))
         fn_kwargs = {"text_field": opt.text_field, "itos": itos}
-        tokens = part.map(encode_batch, fn_kwargs=fn_kwargs, features=features, desc=f"tokenizing {split}", **kw)
-        tokens = tokens.with_format("arrow")
-        total = pc.sum(tokens["len"]).as_py() or 0
+        encoded = part.map(encode_batch, fn_kwargs=fn_kwargs, features=features, desc=f"tokenizing {split}", **kw)
+        encoded = encoded.with_format("arrow")
+        total = pc.sum(encoded["len"]).as_py() or 0
         total = total if limit[split] is None else min(total, limit[split])
         # a batch of documents at a time, so memory stays bounded however many tokens there are
-        chunks = (pc.list_flatten(batch["ids"]).to_numpy() for batch in tokens.iter(batch_size=4096))
+        chunks = (pc.list_flatten(batch["ids"]).to_numpy() for batch in encoded.iter(batch_size=4096))
         path, dtype = out_dir / f"{split}.bin", meta["dtype"]
         token_files.write_tokens(path, take(chunks, total), total, dtype, desc=f"writing {split}.bin")
         meta[f"{split}_tokens"] = total
@@ -245,13 +245,12 @@ def stream_and_write(ds, out_dir: Path, opt: Options, source: dict | None = None
     check_text_field(list(first), opt.text_field, isinstance(first.get(opt.text_field), (str, type(None))))
     documents = (row[opt.text_field] or "" for row in itertools.chain([first], rows))
     meta = token_files.gpt2_meta()
-    meta["dtype"] = dataset.token_dtype(meta["vocab_size"])
+    meta["dtype"] = tokens.token_dtype(meta["vocab_size"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until the new meta.json
     limit, rng = caps(opt.max_tokens, opt.val_fraction), np.random.default_rng(opt.seed)
-    files = {s: open(out_dir / f"{s}.bin.tmp", "wb") for s in ("train", "val")}
-    count = {"train": 0, "val": 0}
-    full = lambda s: limit[s] is not None and count[s] >= limit[s]
+    files = {s: token_files.TokenFile(out_dir / f"{s}.bin", meta["dtype"]) for s in ("train", "val")}
+    full = lambda s: limit[s] is not None and files[s].n >= limit[s]
     try:
         with tqdm(total=opt.max_tokens or None, unit="tok", unit_scale=True, desc="streaming") as bar:
             for batch in batched(documents, 1024):  # tiktoken encodes a batch in num_proc threads
@@ -259,23 +258,20 @@ def stream_and_write(ds, out_dir: Path, opt: Options, source: dict | None = None
                     split = "val" if rng.random() < opt.val_fraction else "train"
                     if full(split):
                         split = "train" if split == "val" else "val"
-                    room = None if limit[split] is None else limit[split] - count[split]
+                    room = None if limit[split] is None else limit[split] - files[split].n
                     ids = np.asarray(ids, dtype=meta["dtype"])[:room]
-                    files[split].write(ids.tobytes())
-                    count[split] += len(ids)
+                    files[split].write(ids)
                     bar.update(len(ids))
                 if full("train") and full("val"):
                     break
-    except BaseException:  # no half-written files left behind (Ctrl-C, network error, ...)
         for f in files.values():
-            f.close()
-            os.remove(f.name)
+            f.finish()
+    except BaseException:  # no half-written files left behind (Ctrl-C, network error, a full disk, ...)
+        for f in files.values():
+            f.abort()
         raise
-    for f in files.values():
-        f.close()
-    for s in files:
-        os.replace(out_dir / f"{s}.bin.tmp", out_dir / f"{s}.bin")
-        meta[f"{s}_tokens"] = count[s]
+    for s, f in files.items():
+        meta[f"{s}_tokens"] = f.n
     return finish(out_dir, meta, source)
 
 
@@ -343,5 +339,5 @@ if __name__ == "__main__":
     p.add_argument("--cache_dir", help="Hugging Face datasets cache (default ~/.cache/huggingface/datasets)")
     try:
         prepare(**vars(p.parse_args()))
-    except DataError as e:
+    except token_files.ERRORS as e:
         token_files.exit_with_error(e)

@@ -22,7 +22,7 @@ import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data/token_files.py and gpt_residual
 from data import token_files  # noqa: E402
-from gpt_residual import dataset  # noqa: E402
+from gpt_residual import tokens  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 HUB_NAME = "Skylion007/openwebtext"
@@ -64,7 +64,7 @@ def load(name: str, revision: str | None, data_files: str | None, num_proc: int,
             data_files = os.path.join(data_files, "**", "*.parquet")  # e.g. a snapshot of the parquet branch
         # load_dataset's own error for a glob that matches nothing is an opaque "{'train': []}"
         if "://" not in data_files and not glob.glob(data_files, recursive=True):
-            raise dataset.DataError(f"no files match --data_files '{data_files}'; give a path or glob of parquet files")
+            raise tokens.DataError(f"no files match --data_files '{data_files}'; give a path or glob of parquet files")
         args, kwargs = ("parquet",), {"data_files": data_files}
         advice = "pass --data_files with a path or glob of parquet files"
         what = f"parquet files '{data_files}'"
@@ -116,5 +116,5 @@ if __name__ == "__main__":
             text_field=args.text_field,
             cache_dir=args.cache_dir,
         )
-    except dataset.DataError as e:
+    except token_files.ERRORS as e:
         token_files.exit_with_error(e)

@@ -10,16 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data/token_files.py and gpt_residual
 from data import token_files  # noqa: E402
-from gpt_residual import dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
-def prepare(out_dir: Path = HERE, input_path: str | None = None, val_fraction: float = 0.1):
-    text = token_files.read_text(Path(out_dir), input_path)
-    n = int(len(text) * (1 - val_fraction))
-    tok = dataset.Tokenizer(token_files.gpt2_meta())
-    token_files.write_dataset(out_dir, tok.encode(text[:n]), tok.encode(text[n:]), token_files.gpt2_meta())
+def prepare(out_dir: Path = HERE, input_path: str | None = None, val_fraction: float = 0.1) -> dict:
+    path = token_files.input_file(Path(out_dir), input_path)
+    return token_files.prepare_text(path, Path(out_dir), "gpt2", val_fraction)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,9 @@ from data import token_files  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def prepare(out_dir: Path = HERE, input_path: str | None = None, val_fraction: float = 0.1):
-    text = token_files.read_text(Path(out_dir), input_path)
-    meta = token_files.char_meta(text)
-    stoi = {ch: i for i, ch in enumerate(meta["itos"])}
-    ids = [stoi[c] for c in text]
-    n = int(len(ids) * (1 - val_fraction))
-    token_files.write_dataset(out_dir, ids[:n], ids[n:], meta)
+def prepare(out_dir: Path = HERE, input_path: str | None = None, val_fraction: float = 0.1) -> dict:
+    path = token_files.input_file(Path(out_dir), input_path)
+    return token_files.prepare_text(path, Path(out_dir), "char", val_fraction)
 
 
 if __name__ == "__main__":

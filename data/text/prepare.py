@@ -14,12 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for data/token_files.py and gpt_residual
-from data import token_files  # noqa: E402
-from gpt_residual import dataset  # noqa: E402
-from gpt_residual.dataset import DataError  # noqa: E402
+from data import encode, token_files  # noqa: E402
+from gpt_residual import tokens  # noqa: E402
+from gpt_residual.tokens import DataError  # noqa: E402
 
 TOKENIZERS = ("char", "gpt2")
 
@@ -36,33 +37,66 @@ def input_files(path: str) -> list[Path]:
     return [p]
 
 
-def read_texts(files: list[Path]) -> list[str]:
-    texts = []
-    for f in tqdm(files, desc="reading", unit="file", disable=len(files) < 2):
-        try:
-            texts.append(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read '{f}' as UTF-8 text: {e}") from None
-    if not any(t.strip() for t in texts):
-        where = f"'{files[0]}' is" if len(files) == 1 else f"all {len(files)} .txt files are"
-        raise DataError(f"{where} empty; give some text")
-    return texts
+def empty(files: list[Path]) -> DataError:
+    where = f"'{files[0]}' is" if len(files) == 1 else f"all {len(files)} .txt files are"
+    return DataError(f"{where} empty; give some text")
 
 
-def encode(texts: list[str], tokenizer: str) -> tuple[list[int], dict]:
-    """The token ids of all texts and the dataset's meta (tokenizer description)."""
-    if tokenizer == "char":
-        text = "\n\n".join(texts)
-        meta = token_files.char_meta(text)
-        return dataset.Tokenizer(meta).encode(text), meta
-    meta = token_files.gpt2_meta()
-    tok = dataset.Tokenizer(meta)
-    ids: list[int] = []
-    for i, text in enumerate(tqdm(texts, desc="encoding", unit="file", disable=len(texts) < 2)):
+def too_few(n: int, val_fraction: float) -> DataError:
+    return DataError(f"{n} tokens are too few to split with val_fraction {val_fraction}; give more text")
+
+
+def joined(files: list[Path]):
+    """The files' text joined by a blank line, chunk by chunk."""
+    for i, f in enumerate(tqdm(files, desc="reading", unit="file", disable=len(files) < 2 or None)):
         if i:
-            ids.append(meta["eot_token"])  # between files: where one document ends and the next begins
-        ids.extend(tok.encode(text))
-    return ids, meta
+            yield "\n\n"
+        yield from encode.read_chunks(f)
+
+
+def write_char(files: list[Path], folder: Path, val_fraction: float):
+    """One reading for the vocabulary and the length, one to encode; the last val_fraction of tokens to val."""
+    itos, n = encode.vocabulary(joined(files))
+    if not "".join(itos).strip():
+        raise empty(files)
+    n_train = int(n * (1 - val_fraction))
+    if n_train == 0 or n_train == n:
+        raise too_few(n, val_fraction)
+    meta = token_files.char_meta(itos)
+    encoder = encode.CharEncoder(itos, tokens.token_dtype(meta["vocab_size"]))
+    with token_files.DatasetWriter(folder, meta, n_train) as w:
+        for ids in encoder.encode(joined(files)):
+            w.write(ids)
+    token_files.report(folder, w)
+
+
+def write_gpt2(files: list[Path], folder: Path, val_fraction: float):
+    """Each file encoded on its own, end-of-text between them, all into train.bin; then the last val_fraction of
+    the tokens moves to val.bin."""
+    bpe, meta = encode.BPEEncoder(), token_files.gpt2_meta()  # the BPE's one-line error before reading the files
+    text_seen = []
+    with token_files.DatasetWriter(folder, meta) as w:
+        for i, f in enumerate(tqdm(files, desc="encoding", unit="file", disable=len(files) < 2 or None)):
+            if i:  # between files: where one document ends and the next begins
+                w.write(np.array([meta["eot_token"]]), "train")
+            for ids in bpe.encode(watch(encode.read_chunks(f), text_seen)):
+                w.write(ids, "train")
+        if not text_seen:
+            raise empty(files)
+        total = w.files["train"].n
+        n_train = int(total * (1 - val_fraction))
+        if n_train == 0 or n_train == total:
+            raise too_few(total, val_fraction)
+        w.move_tail(n_train)
+    token_files.report(folder, w)
+
+
+def watch(chunks, text_seen: list):
+    """The chunks, noting in text_seen whether any holds more than whitespace."""
+    for chunk in chunks:
+        if not text_seen and chunk.strip():
+            text_seen.append(True)
+        yield chunk
 
 
 def prepare(
@@ -78,14 +112,9 @@ def prepare(
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     folder = token_files.named_dataset_dir(name, out_dir)
-    if tokenizer == "gpt2":
-        dataset.gpt2_encoding()  # fail now, with what to do, rather than after reading a large folder
-    ids, meta = encode(read_texts(input_files(input_path)), tokenizer)
-    n = int(len(ids) * (1 - val_fraction))
-    if n == 0 or n == len(ids):
-        raise DataError(f"{len(ids)} tokens are too few to split with val_fraction {val_fraction}; give more text")
-    token_files.write_dataset(folder, ids[:n], ids[n:], meta)
-    return dataset.read_meta(folder)
+    files = input_files(input_path)
+    (write_gpt2 if tokenizer == "gpt2" else write_char)(files, folder, val_fraction)
+    return tokens.read_meta(folder)
 
 
 if __name__ == "__main__":
@@ -98,7 +127,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         prepare(args.input, args.name, args.tokenizer, args.val_fraction, args.out_dir)
-    except DataError as e:
+    except token_files.ERRORS as e:
         token_files.exit_with_error(e)
     how = f"--data_dir={args.out_dir}" if args.out_dir else f"--dataset={args.name}"
     print(f"train on it: python train.py configs/small.py {how}")
