@@ -2,7 +2,11 @@
 with its Auto classes, computing our logits, with a tokenizer that encodes and decodes as ours."""
 
 import dataclasses
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,9 +239,10 @@ def test_cli_errors_are_one_line(tmp_path, case):
 
 
 def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
-    """lm-eval-harness (optional: pip install lm-eval) scores a local multiple-choice file on an export offline,
-    each ending's summed log-likelihood given its context equal to our model's."""
-    pytest.importorskip("lm_eval")
+    """lm-eval-harness scores a local multiple-choice file on an export offline, each ending's summed
+    log-likelihood given its context equal to our model's. lm-eval runs in its own environment, as a user runs it
+    (CI: .ci/run's virtual environment, named by LM_EVAL_PYTHON); where none is set up, this one's lm_eval."""
+    python = lm_eval_python()
     out, model, meta = char_run
     hf_export.export(str(out), str(tmp_path / "hf"))
     docs = [
@@ -254,6 +259,7 @@ def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
     )
     newline = meta["itos"].index("\n")  # a char vocabulary has no end-of-text token: lm-eval needs a prefix id
     args = [
+        python,
         "-m",
         "lm_eval",
         "--model",
@@ -270,8 +276,8 @@ def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
         str(tmp_path / "lm"),
         "--log_samples",
     ]
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "ds")}
-    proc = run(args, env=env, timeout=600)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "ds")}
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = [json.loads(line) for f in (tmp_path / "lm").rglob("samples_tiny_mc_*.jsonl") for line in open(f)]
     tok = dataset.Tokenizer(meta)
@@ -284,3 +290,14 @@ def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
             ours = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
             assert float(resp[0][0]) == pytest.approx(ours, abs=1e-4)
     assert len(samples) == len(docs)
+
+
+def lm_eval_python() -> str:
+    """The Python that runs lm-eval: $LM_EVAL_PYTHON when set (then it must work: CI sets it, so the test cannot
+    skip there), else this one when it has lm_eval; skips only where neither is set up (pip install lm-eval[hf])."""
+    chosen = os.environ.get("LM_EVAL_PYTHON")
+    if chosen:
+        return chosen
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("lm-eval is not installed here; set LM_EVAL_PYTHON to a Python that has it (.ci/run makes one)")
+    return sys.executable
