@@ -252,10 +252,13 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
             state = build_state(cfg, rt, model_cfg, pretrained_model, saved)
+            if saved is None:  # the run's first start: its command line, carried by every checkpoint of the run
+                state.carried["command"] = console.start_command(argv)
             lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 state)
             compiled = will_compile(cfg, rt) and not cfg.probe_init
             n_params = state.raw_model.num_params()
-            resolved = console.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled, state.resumed)
+            resolved = console.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled, state.resumed,
+                                            console.start_command(argv))
             rt.print(describe_schedule(cfg))
             rt.print(f"set up in {lap}")
             if cfg.probe_init:

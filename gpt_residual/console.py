@@ -90,9 +90,10 @@ class RecentLoss:
         return self.read()[0] if self.losses else self.last
 
 
-def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool, resumed: dict | None = None) -> dict:
+def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool, resumed: dict | None = None,
+                 command: str | None = None) -> dict:
     """Write the resolved config to out_dir/config.json (write_config); print what differs from the defaults and
-    the model. resumed: a resume's step and changed keys (TrainState.resumed)."""
+    the model. resumed: a resume's step and changed keys (TrainState.resumed); command: this start's command line."""
     world = rt.world_size
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
     resolved = {
@@ -106,6 +107,7 @@ def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool
         "tokens_per_step": tokens_per_step,
         "num_params": num_params,
         "tokenizer": meta["tokenizer"],
+        "command": command,
     }
     if rt.master:
         path = Path(cfg.out_dir) / "config.json"
@@ -121,14 +123,14 @@ def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool
 
 def write_config(path: Path, resolved: dict, resumed: dict | None):
     """config.json holds the run's config as it was first started. A resume keeps it and appends to its "resumes"
-    list the step, the keys it changed ({key: [was, now]}), the commit, processes and tokens per step."""
+    list the step, the keys it changed ({key: [was, now]}), the commit, processes, tokens per step and its command."""
     record = resolved
     if resumed is not None:
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):  # deleted or damaged: the resumed run's config is the best record left
             record = {**resolved, "resumes": []}
-        now = {k: resolved[k] for k in ("git_commit", "world_size", "tokens_per_step")}
+        now = {k: resolved[k] for k in ("git_commit", "world_size", "tokens_per_step", "command")}
         record.setdefault("resumes", []).append({**resumed, **now})
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -211,6 +213,12 @@ def resume_command(cfg, argv: list[str] | None, env=os.environ) -> str:
     kept = [a for a in argv if not a.startswith(("--init_from=", "--overwrite="))]
     how, where = launcher(env)
     return shlex.join([*how, "train.py", *kept, "--init_from=resume"]) + where
+
+
+def start_command(argv: list[str] | None, env=os.environ) -> str | None:
+    """The command line that started this process, shell-quoted: the launcher, train.py and argv (None: train() was
+    called from Python). config.json records it, and a run's checkpoints carry its first (the export's model card)."""
+    return None if argv is None else shlex.join([*launcher(env)[0], "train.py", *argv])
 
 
 def launcher(env) -> tuple[list[str], str]:

@@ -9,6 +9,7 @@ Reads out_dir/ckpt.pt; needs transformers (pip install -e .[hf]). After writing,
 transformers and its logits compared with ours; the largest difference is printed, and above 1e-4 nothing is kept.
 """
 
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config.parse_args(ExportConfig, argv, allow_file=False)
-        command = " ".join(["python -m scripts.export", *argv])
+        command = shlex.join(["python", "-m", "scripts.export", *argv])
         diff = hf_export.export(cfg.out_dir, cfg.to, command)
     except (
         config.ConfigError,

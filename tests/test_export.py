@@ -5,12 +5,13 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run
+from conftest import TINY, assert_one_line_error, run
 
 import sample
 import train
@@ -59,7 +60,7 @@ def char_meta():
 
 
 def small(vocab_size: int, **overrides) -> GPTConfig:
-    return GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, **overrides)
+    return GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size), **overrides})
 
 
 @pytest.fixture
@@ -186,6 +187,43 @@ def test_logit_mismatch_fails_and_removes_the_export(char_run, tmp_path, monkeyp
     with pytest.raises(hf_export.ExportError, match="logits differ"):
         hf_export.export(str(char_run[0]), str(tmp_path / "hf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # neither the folder nor its temp
+
+
+def test_every_position_is_compared(tmp_path, monkeypatch):
+    """An export wrong from position 64 on (past where an earlier check stopped looking) is refused."""
+    meta = char_meta()
+    save_run(tmp_path / "run", small(meta["vocab_size"], block_size=80), meta)
+    real = hf_export.to_hf
+
+    def wrong_late(model, meta):
+        hf = real(model, meta)
+        with torch.no_grad():
+            hf.transformer.wpe.weight[64:].add_(0.01 * torch.randn_like(hf.transformer.wpe.weight[64:]))
+        return hf
+
+    monkeypatch.setattr(hf_export, "to_hf", wrong_late)
+    with pytest.raises(hf_export.ExportError, match="logits differ"):
+        hf_export.export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    monkeypatch.undo()
+    assert hf_export.export(str(tmp_path / "run"), str(tmp_path / "hf")) <= hf_export.TOLERANCE
+
+
+def test_the_card_quotes_the_runs_first_command(char_data, tmp_path, capsys):
+    """The model card gives the command that started the run, shell-quoted, not the last resume's; config.json
+    records it and each resume's."""
+    out = tmp_path / "the run's out"  # a space and a quote: only a quoted command can be pasted back
+    common = [*(f"--{k}={v}" for k, v in TINY.items()), f"--data_dir={char_data}", f"--out_dir={out}"]
+    first = [*common, "--max_iters=4", "--eval_interval=2"]
+    assert train.main(first) == 0
+    assert train.main([*common, "--max_iters=6", "--eval_interval=2", "--init_from=resume"]) == 0
+    capsys.readouterr()
+    hf_export.export(str(out), str(tmp_path / "hf"), command="python -m scripts.export ...")
+    card = (tmp_path / "hf" / "README.md").read_text().splitlines()
+    trained = card[card.index("Trained with:") + 3]
+    assert shlex.split(trained) == ["python", "train.py", *first], trained
+    record = json.loads((out / "config.json").read_text())
+    assert record["command"] == trained
+    assert shlex.split(record["resumes"][0]["command"])[-1] == "--init_from=resume"
 
 
 def test_init_from_export_round_trip_bpe(bpe_run, tmp_path):
