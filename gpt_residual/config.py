@@ -187,11 +187,12 @@ AT_LEAST_0 = {"max_iters": "", "warmup_iters": "", "lr_decay_iters": " (0: max_i
 
 
 def check_ranges(cfg):
-    """One line naming the key when a number is out of its range (NaN and infinity included)."""
-    for key in [*POSITIVE, *AT_LEAST_0, "beta1", "beta2"]:
-        value = getattr(cfg, key)
+    """One line naming the key when a number is out of its range; NaN and infinity (--logit_softcap=1e999) never
+    are in range, whatever the key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
     for key in POSITIVE:
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
