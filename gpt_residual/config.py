@@ -58,10 +58,10 @@ class TrainConfig(GPTConfig):
     max_iters: int = 2000  # optimizer steps in the whole run
     learning_rate: float = 5e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-3  # learning rate at the end of the decay
-    warmup_iters: int = 30  # steps of linear warmup from 0 to learning_rate
+    warmup_iters: int = 30  # steps of linear warmup from 0 to learning_rate (cut to max_iters)
     lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr | "wsd" constant, then linear to min_lr | "constant"
     warmdown_frac: float = 0.2  # wsd: the last fraction of the decay (of lr_decay_iters, else max_iters) spent in it
-    lr_decay_iters: int = 0  # step at which the decay reaches min_lr (0: max_iters, so it follows a longer run)
+    lr_decay_iters: int = 0  # step at which the decay reaches min_lr (0 or more than max_iters: max_iters)
     decay_lr: bool = True  # the old spelling of a flat rate: False keeps learning_rate from step 0 (no warmup)
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights
     beta1: float = 0.9  # AdamW beta1

@@ -33,6 +33,32 @@ def test_wsd_warms_up_holds_then_warms_down_linearly():
     assert train.get_lr(50, lr_cfg(lr_schedule="wsd", lr_decay_iters=60)) < cfg.learning_rate  # ends at 60 then
 
 
+def test_a_decay_past_max_iters_is_cut_to_end_with_the_run():
+    """small.py's decay ends at step 1000; a 50-step wsd run of it still warms down, over steps 40-50, and says
+    so at start-up; a 500-step cosine reaches min_lr at 500."""
+    wsd = config.parse_args(config.TrainConfig, ["configs/small.py", "--lr_schedule=wsd", "--max_iters=50"])
+    lrs = [train.get_lr(s, wsd) for s in range(50)]
+    assert all(lr == wsd.learning_rate for lr in lrs[30:41])
+    assert all(b < a for a, b in zip(lrs[40:], lrs[41:])) and lrs[49] < 0.3 * wsd.learning_rate  # warms down
+    assert schedule.describe(wsd) == (
+        "lr: warmup 30 steps to 5e-3, constant to step 40, linear to 1e-3 at step 50 "
+        "(lr_decay_iters=1000 is past max_iters=50: cut to end with the run)"
+    )
+    cosine = config.parse_args(config.TrainConfig, ["configs/small.py", "--max_iters=500"])
+    assert train.get_lr(499, cosine) == pytest.approx(cosine.min_lr, rel=1e-3)
+    assert "cosine to 1e-3 at step 500 (lr_decay_iters=1000 is past max_iters=500" in schedule.describe(cosine)
+
+
+def test_a_warmup_longer_than_the_run_is_what_the_line_says():
+    """warmup_iters=30 with max_iters=10: the warmup is the whole run, rising linearly, as the start-up line says."""
+    cfg = lr_cfg(warmup_iters=30, max_iters=10, learning_rate=5e-3)
+    lrs = [train.get_lr(s, cfg) for s in range(10)]
+    assert lrs == pytest.approx([5e-3 * (s + 1) / 11 for s in range(10)])
+    note = "(warmup_iters=30 is past max_iters=10: cut to end with the run)"
+    assert schedule.describe(cfg) == f"lr: warmup 10 steps to 5e-3 {note}"
+    assert schedule.describe(lr_cfg(max_iters=0)) == "lr: none: no step is taken (max_iters=0)"
+
+
 def test_constant_schedule_and_the_old_decay_lr():
     flat = lr_cfg(lr_schedule="constant")
     assert [train.get_lr(s, flat) for s in range(10)] == [train.get_lr(s, lr_cfg()) for s in range(10)]  # warmup
