@@ -215,7 +215,7 @@ def train_step(state: TrainState, batches, lr: float, cfg, rt: runtime.Runtime, 
 
 
 def save(state: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: Health, is_best: bool):
-    health.check()
+    health.check(state.saved_step)
     fields = dict(
         step=state.step,
         best_val_loss=state.best_val,
@@ -331,7 +331,7 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
         state.step, state.samples_seen = state.step + 1, state.samples_seen + samples_per_step
         recent.add(loss, grad_norm)
         if state.step % cfg.log_interval == 0 or state.step == cfg.max_iters:
-            health.check()
+            health.check(state.saved_step)
             mfu_of = lambda tok_s: state.raw_model.estimate_mfu(tok_s, peak) if peak else None
             lr, elapsed = get_lr(state.step - 1, cfg), time.perf_counter() - t_start
             console.log_step(rt, logger, state.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
