@@ -49,11 +49,19 @@ def save(state: dict, path: Path):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"could not write checkpoint {path} ({e.strerror or e}); "
-            "the previous checkpoint is untouched; free space or choose another out_dir"
-        ) from None
+        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); {left_behind(path)}") from None
     fsync_dir(path.parent)
+
+
+def left_behind(path: Path) -> str:
+    """After a failed write of path: what is true of the run's earlier checkpoints, and what to do."""
+    folder = path.parent
+    if not folder.is_dir():
+        return (f"its folder {folder} no longer exists (deleted while training?), and with it every checkpoint of "
+                "this run; start again with an out_dir that stays")  # fmt: skip
+    if not (folder / "ckpt.pt").exists():
+        return "no earlier checkpoint exists; free space or choose another out_dir"
+    return "the previous checkpoint is untouched; free space or choose another out_dir"
 
 
 def load(path: Path) -> dict:
