@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
+from gpt_residual.errors import USER_ERRORS
 from gpt_residual.evaluate import TrainingSampler, byte_table, estimate_losses
 from gpt_residual.health import Health, TrainingError
 from gpt_residual.multiple_choice import training_hook
@@ -338,16 +339,6 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
         if not rt.ddp or state.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
             stopping = stop.agreed()
     return console.summarize(cfg, rt, state, recent, stop, meter, time.perf_counter() - t_start, compile_s, argv)
-
-
-USER_ERRORS = (
-    config.ConfigError,
-    dataset.DataError,
-    runtime.DeviceError,
-    checkpoint.CheckpointError,
-    pretrained.PretrainedError,
-    TrainingError,
-)
 
 
 def main(argv: list[str] | None = None) -> int:

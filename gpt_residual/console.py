@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_residual import config, runtime
+from gpt_residual.errors import USER_ERRORS
 from gpt_residual.runlog import git_commit
 
 
@@ -238,14 +239,6 @@ def launcher(env) -> tuple[list[str], str]:
 # ----------------------------------------------------------------------------- the commands' one shape
 
 
-def user_errors() -> tuple:
-    """The errors a user can fix: a command prints them as one line, never a traceback."""
-    from gpt_residual import checkpoint, dataset, pretrained
-
-    return (config.ConfigError, dataset.DataError, runtime.DeviceError, checkpoint.CheckpointError,
-            pretrained.PretrainedError)  # fmt: skip
-
-
 def command(cls, doc: str, run, argv: list[str]) -> int:
     """A command line of cls's keys (--key=value, no config file): --help, else run(parsed), a user's error as one
     line on stderr with exit 2, Ctrl-C as 130."""
@@ -254,7 +247,7 @@ def command(cls, doc: str, run, argv: list[str]) -> int:
         return 0
     try:
         run(config.parse_args(cls, argv, allow_file=False))
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from gpt_residual import checkpoint, config, dataset, hf_export, pretrained
+from gpt_residual import config, hf_export
+from gpt_residual.errors import USER_ERRORS
 
 
 @dataclass
@@ -35,13 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.parse_args(ExportConfig, argv, allow_file=False)
         command = shlex.join(["python", "-m", "scripts.export", *argv])
         diff = hf_export.export(cfg.out_dir, cfg.to, command)
-    except (
-        config.ConfigError,
-        dataset.DataError,
-        checkpoint.CheckpointError,
-        pretrained.PretrainedError,
-        hf_export.ExportError,
-    ) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {cfg.out_dir} to {cfg.to}: largest logit difference against our model {diff:.2e}")
