@@ -10,8 +10,8 @@ written as GPT-2's own files (vocab.json, merges.txt, tokenizer.json: tiktoken's
 are those files); a char vocabulary as a tokenizer.json of one token per character (tokenizers' WordLevel over a
 pre-tokenizer that splits every character, decoded by joining them). A bias=False model is written with zero
 biases, which computes the same. A model whose architecture GPT-2 cannot express is refused before anything is
-written; after writing, the folder is loaded back and its logits compared with ours (the export is removed when
-they differ by more than TOLERANCE).
+written; after writing, the folder is loaded back and its logits compared with ours at every position of the
+context (the export is removed when they differ by more than TOLERANCE).
 """
 
 import json
