@@ -58,10 +58,10 @@ class TrainConfig(GPTConfig):
     max_iters: int = 2000  # optimizer steps in the whole run
     learning_rate: float = 5e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-3  # learning rate at the end of the decay
-    warmup_iters: int = 30  # steps of linear warmup from 0 to learning_rate (cut to max_iters)
+    warmup_iters: int = 30  # steps of linear warmup from 0 to learning_rate
     lr_schedule: str = "cosine"  # after warmup: "cosine" to min_lr | "wsd" constant, then linear to min_lr | "constant"
     warmdown_frac: float = 0.2  # wsd: the last fraction of the decay (of lr_decay_iters, else max_iters) spent in it
-    lr_decay_iters: int = 0  # step at which the decay reaches min_lr (0 or more than max_iters: max_iters)
+    lr_decay_iters: int = 0  # step at which the decay reaches min_lr (0: max_iters, so it follows a longer run)
     decay_lr: bool = True  # the old spelling of a flat rate: False keeps learning_rate from step 0 (no warmup)
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights
     beta1: float = 0.9  # AdamW beta1
@@ -112,6 +112,11 @@ class TrainConfig(GPTConfig):
         check_choice("lr_schedule", self.lr_schedule, schedule.SCHEDULES)
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise ConfigError(f"warmdown_frac must be in [0, 1] (a fraction of the run), got {self.warmdown_frac:g}")
+        if self.decay_lr and self.lr_schedule != "constant" and 0 < self.lr_decay_iters <= self.warmup_iters:
+            raise ConfigError(
+                f"lr_decay_iters ({self.lr_decay_iters}) is where the decay reaches min_lr, but the warmup lasts until "
+                f"step {self.warmup_iters}: raise --lr_decay_iters or lower --warmup_iters"
+            )
         if not self.decay_lr and self.lr_schedule != "cosine":
             raise ConfigError("decay_lr=False is the old spelling of a flat learning rate; with lr_schedule, drop it "
                               "(lr_schedule='constant' --warmup_iters=0 is the same)")

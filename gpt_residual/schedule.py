@@ -6,11 +6,10 @@
     constant  linear warmup, then learning_rate to the end
 
 The decay's end is lr_decay_iters, or max_iters when that is 0: a wsd run resumed with a larger max_iters
-before its warmdown began stays in its stable phase and warms down at the new end. Neither the warmup nor the decay
-runs past max_iters: a longer one is cut to end with the run (litgpt's cosine and nanochat's warmdown end with the
-run; torchtitan cuts a warmup or decay that does not fit, and says so), and the start-up line says it was cut. So
-`configs/small.py --lr_schedule=wsd --max_iters=50` (small.py: lr_decay_iters=1000) warms down over steps 40-50,
-and a run shorter than warmup_iters warms up over all of its steps. Every parameter group
+before its warmdown began stays in its stable phase and warms down at the new end. An explicit lr_decay_iters
+(or warmup_iters) past max_iters is kept: it is the plan of a run trained in parts, each resumed with a larger
+max_iters, bit-identical to one run; describe() then says plainly where this run stops (in the warmup, at the peak
+before a wsd warmdown, or mid-decay) and how to end the decay with the run instead. Every parameter group
 follows the same shape: train.py sets each group's lr to lr_at(step), and a group with an "lr_scale" (Muon's
 matrices, the learned scalars; see optim.py) steps at that times its scale. decay_lr=False is the old spelling
 of a flat learning rate: learning_rate from step 0, no warmup.
@@ -23,20 +22,15 @@ KEYS = ("lr_schedule", "decay_lr", "learning_rate", "min_lr", "warmup_iters", "l
         "warmdown_frac")  # fmt: skip  (the config keys the schedule reads)
 
 
-def warmup(cfg) -> int:
-    """The warmup's steps: warmup_iters, cut to max_iters."""
-    return min(cfg.warmup_iters, cfg.max_iters)
-
-
 def decay_end(cfg) -> int:
-    """The step at which the decay reaches min_lr: lr_decay_iters (0: max_iters), cut to max_iters."""
-    return min(cfg.lr_decay_iters or cfg.max_iters, cfg.max_iters)
+    """The step at which the decay reaches min_lr."""
+    return cfg.lr_decay_iters or cfg.max_iters
 
 
 def warmdown_start(cfg) -> int:
     """wsd: the first step of the linear warmdown (never inside the warmup)."""
     end = decay_end(cfg)
-    return max(warmup(cfg), end - round(cfg.warmdown_frac * end))
+    return max(cfg.warmup_iters, end - round(cfg.warmdown_frac * end))
 
 
 def lr_at(step: int, cfg) -> float:
@@ -44,8 +38,8 @@ def lr_at(step: int, cfg) -> float:
     peak, floor = cfg.learning_rate, cfg.min_lr
     if not cfg.decay_lr:
         return peak
-    if step < warmup(cfg):
-        return peak * (step + 1) / (warmup(cfg) + 1)
+    if step < cfg.warmup_iters:
+        return peak * (step + 1) / (cfg.warmup_iters + 1)
     if cfg.lr_schedule == "constant":
         return peak
     end = decay_end(cfg)
@@ -56,7 +50,7 @@ def lr_at(step: int, cfg) -> float:
         if step < start:
             return peak
         return peak + (step - start) / max(1, end - start) * (floor - peak)
-    ratio = (step - warmup(cfg)) / max(1, end - warmup(cfg))
+    ratio = (step - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
     return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)
 
 
@@ -74,19 +68,35 @@ def describe(cfg) -> str:
     text = "lr: " + shape(cfg)
     if cfg.optimizer == "muon":
         text += f" (Muon's matrices: the same shape, peak {lr_text(cfg.muon_lr)})"
-    return text
+    return text + stops_early(cfg)
+
+
+def stops_early(cfg) -> str:
+    """"; this run stops at step 50 ..." when max_iters ends the run before its schedule ends, else ""."""
+    n = cfg.max_iters
+    if not cfg.decay_lr or not n:
+        return ""
+    if cfg.warmup_iters > n:
+        where, fix = "in its warmup", f"--warmup_iters={n - 1} or less reaches the peak"
+    elif cfg.lr_schedule == "constant" or decay_end(cfg) <= n:
+        return ""
+    elif cfg.lr_schedule == "wsd" and n <= warmdown_start(cfg):
+        where = f"at the peak lr {lr_text(cfg.learning_rate)}, before its warmdown (steps {warmdown_start(cfg)}-"
+        where, fix = where + f"{decay_end(cfg)})", "--lr_decay_iters=0 ends the decay at max_iters"
+    else:
+        where, fix = "mid-decay", "--lr_decay_iters=0 ends the decay at max_iters"
+    last = lr_text(lr_at(n - 1, cfg))
+    return f"; this run stops at step {n} {where}" + ("" if "peak" in where else f", at lr {last}") + f"; {fix}"
 
 
 def shape(cfg) -> str:
     """describe's words for the schedule keys alone."""
-    peak, floor, end, w = lr_text(cfg.learning_rate), lr_text(cfg.min_lr), decay_end(cfg), warmup(cfg)
+    peak, floor, end = lr_text(cfg.learning_rate), lr_text(cfg.min_lr), decay_end(cfg)
     if not cfg.decay_lr:
         return f"constant {peak} from step 0 (decay_lr=False)"
-    if not cfg.max_iters:
-        return "none: no step is taken (max_iters=0)"
-    parts = [f"warmup {w} steps to {peak}"] if w else [f"{peak} from step 0"]
-    if w == cfg.max_iters:
-        pass  # the run ends in its warmup
+    parts = [f"warmup {cfg.warmup_iters} steps to {peak}"] if cfg.warmup_iters else [f"{peak} from step 0"]
+    if cfg.warmup_iters and cfg.warmup_iters >= (cfg.max_iters if cfg.lr_schedule == "constant" else end):
+        pass  # the run (lr_decay_iters=0: its decay too) ends within the warmup: nothing follows it
     elif cfg.lr_schedule == "constant":
         parts.append(f"constant to step {cfg.max_iters}")
     else:
@@ -95,17 +105,7 @@ def shape(cfg) -> str:
         parts.append(f"{'linear' if cfg.lr_schedule == 'wsd' else 'cosine'} to {floor} at step {end}")
         if end < cfg.max_iters:
             parts.append(f"then {floor} to step {cfg.max_iters}")
-    return ", ".join(parts) + cut_note(cfg)
-
-
-def cut_note(cfg) -> str:
-    """" (lr_decay_iters=1000 is past max_iters=50: cut to end with the run)", or "" when nothing was cut."""
-    keys = ["warmup_iters"] + ([] if cfg.lr_schedule == "constant" else ["lr_decay_iters"])
-    cut = [f"{k}={getattr(cfg, k)}" for k in keys if getattr(cfg, k) > cfg.max_iters]
-    if not cut:
-        return ""
-    verb = "is" if len(cut) == 1 else "are"
-    return f" ({' and '.join(cut)} {verb} past max_iters={cfg.max_iters}: cut to end with the run)"
+    return ", ".join(parts)
 
 
 def resume_note(old: dict, cfg, step: int) -> str | None:
