@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from gpt_residual import checkpoint, config, console, dataset, optim, pretrained, run_dir, runlog, runtime, telemetry
+from gpt_residual.errors import USER_ERRORS
 from gpt_residual.evaluate import TrainingSampler, byte_table, estimate_losses
-from gpt_residual.files import WriteError
 from gpt_residual.health import Health, TrainingError
 from gpt_residual.multiple_choice import training_hook
 from gpt_residual.schedule import describe as describe_schedule
@@ -216,7 +216,7 @@ def train_step(state: TrainState, batches, lr: float, cfg, rt: runtime.Runtime, 
 
 
 def save(state: TrainState, cfg, rt, model_cfg: GPTConfig, meta: dict, health: Health, is_best: bool):
-    health.check()
+    health.check(state.saved_step)
     fields = dict(
         step=state.step,
         best_val_loss=state.best_val,
@@ -292,11 +292,14 @@ def setup(cfg: config.TrainConfig, rt: runtime.Runtime, argv, held: ExitStack) -
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_cfg, pretrained_model = resolve_model(cfg, data.meta, saved)
     state = build_state(cfg, rt, model_cfg, pretrained_model, saved)
+    if saved is None:  # the run's first start: its command line, carried by every checkpoint of the run
+        state.carried["command"] = console.start_command(argv)
     lap("model+optimizer")  # (the first optimizer imports torch._dynamo: ~1-2 s)
     sampler, hellaswag = TrainingSampler(cfg, rt, data.meta), training_hook(cfg, data.meta, rt)
     compiled = will_compile(cfg, rt) and not cfg.probe_init
     n_params = state.raw_model.num_params()
-    resolved = console.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled, state.resumed)
+    resolved = console.describe_run(cfg, rt, model_cfg, n_params, data.meta, compiled, state.resumed,
+                                    console.start_command(argv))
     rt.print(describe_schedule(cfg))
     rt.print(f"set up in {lap}")
     if cfg.probe_init:
@@ -362,24 +365,13 @@ def loop(run: Run, rt: runtime.Runtime, stop: runtime.GracefulStop, t_start: flo
         state.step, state.samples_seen = state.step + 1, state.samples_seen + samples_per_step
         recent.add(loss, grad_norm)
         if state.step % cfg.log_interval == 0 or state.step == cfg.max_iters:
-            health.check()
+            health.check(state.saved_step)
             mfu_of = lambda tok_s: state.raw_model.estimate_mfu(tok_s, peak) if peak else None
             lr, elapsed = get_lr(state.step - 1, cfg), time.perf_counter() - t_start
             console.log_step(rt, logger, state.step, cfg.max_iters, lr, meter, recent, mfu_of, elapsed)
         if not rt.ddp or state.step % cfg.log_interval == 0:  # under DDP the ranks agree at log steps only
             stopping = stop.agreed()  # the agreed value: never this rank's own flag, which a signal may set now
     return console.summarize(cfg, rt, state, recent, stop, meter, time.perf_counter() - t_start, run.compile_s, argv)
-
-
-USER_ERRORS = (
-    config.ConfigError,
-    dataset.DataError,
-    runtime.DeviceError,
-    checkpoint.CheckpointError,
-    pretrained.PretrainedError,
-    TrainingError,
-    WriteError,  # a full disk or an unwritable folder
-)
 
 
 def main(argv: list[str] | None = None) -> int:

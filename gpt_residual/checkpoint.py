@@ -65,10 +65,11 @@ def what_is_left(out_dir: Path) -> str:
     """After a failed save: what a resume can start from."""
     latest = Path(out_dir) / "ckpt.pt"
     if not Path(out_dir).is_dir():
-        return "nothing was saved"
+        return (f"its folder {out_dir} no longer exists (deleted while training?), and with it every checkpoint of "
+                "this run; start again with an out_dir that stays")  # fmt: skip
     if latest.exists():
         return f"the previous checkpoint, ckpt.pt ({describe(latest)}), is intact: resume from it once there is room"
-    return "no earlier checkpoint exists"
+    return "no earlier checkpoint exists; free space or choose another out_dir"
 
 
 def load(path: Path) -> dict:

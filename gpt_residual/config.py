@@ -112,6 +112,11 @@ class TrainConfig(GPTConfig):
         check_choice("lr_schedule", self.lr_schedule, schedule.SCHEDULES)
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise ConfigError(f"warmdown_frac must be in [0, 1] (a fraction of the run), got {self.warmdown_frac:g}")
+        if self.decay_lr and self.lr_schedule != "constant" and 0 < self.lr_decay_iters <= self.warmup_iters:
+            raise ConfigError(
+                f"lr_decay_iters ({self.lr_decay_iters}) is where the decay reaches min_lr, but the warmup lasts until "
+                f"step {self.warmup_iters}: raise --lr_decay_iters or lower --warmup_iters"
+            )
         if not self.decay_lr and self.lr_schedule != "cosine":
             raise ConfigError("decay_lr=False is the old spelling of a flat learning rate; with lr_schedule, drop it "
                               "(lr_schedule='constant' --warmup_iters=0 is the same)")
@@ -187,11 +192,12 @@ AT_LEAST_0 = {"max_iters": "", "warmup_iters": "", "lr_decay_iters": " (0: max_i
 
 
 def check_ranges(cfg):
-    """One line naming the key when a number is out of its range (NaN and infinity included)."""
-    for key in [*POSITIVE, *AT_LEAST_0, "beta1", "beta2"]:
-        value = getattr(cfg, key)
+    """One line naming the key when a number is out of its range; NaN and infinity (--logit_softcap=1e999) never
+    are in range, whatever the key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
     for key in POSITIVE:
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")

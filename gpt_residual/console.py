@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_residual import config, files, runtime
+from gpt_residual.errors import USER_ERRORS
 from gpt_residual.runlog import git_commit
 
 
@@ -90,9 +91,10 @@ class RecentLoss:
         return self.read()[0] if self.losses else self.last
 
 
-def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool, resumed: dict | None = None) -> dict:
+def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool, resumed: dict | None = None,
+                 command: str | None = None) -> dict:
     """Write the resolved config to out_dir/config.json (write_config); print what differs from the defaults and
-    the model. resumed: a resume's step and changed keys (TrainState.resumed)."""
+    the model. resumed: a resume's step and changed keys (TrainState.resumed); command: this start's command line."""
     world = rt.world_size
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
     resolved = {
@@ -106,6 +108,7 @@ def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool
         "tokens_per_step": tokens_per_step,
         "num_params": num_params,
         "tokenizer": meta["tokenizer"],
+        "command": command,
     }
     if rt.master:
         path = Path(cfg.out_dir) / "config.json"
@@ -121,14 +124,14 @@ def describe_run(cfg, rt, model_cfg, num_params: int, meta: dict, compiled: bool
 
 def write_config(path: Path, resolved: dict, resumed: dict | None):
     """config.json holds the run's config as it was first started. A resume keeps it and appends to its "resumes"
-    list the step, the keys it changed ({key: [was, now]}), the commit, processes and tokens per step."""
+    list the step, the keys it changed ({key: [was, now]}), the commit, processes, tokens per step and its command."""
     record = resolved
     if resumed is not None:
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):  # deleted or damaged: the resumed run's config is the best record left
             record = {**resolved, "resumes": []}
-        now = {k: resolved[k] for k in ("git_commit", "world_size", "tokens_per_step")}
+        now = {k: resolved[k] for k in ("git_commit", "world_size", "tokens_per_step", "command")}
         record.setdefault("resumes", []).append({**resumed, **now})
     files.write_atomic(path, json.dumps(record, indent=1), "config.json")  # a full disk: one line, no temp file
 
@@ -234,6 +237,12 @@ def report(text: str, kind: str, err: bool = True) -> str:
     return first_kind
 
 
+def start_command(argv: list[str] | None, env=os.environ) -> str | None:
+    """The command line that started this process, shell-quoted: the launcher, train.py and argv (None: train() was
+    called from Python). config.json records it, and a run's checkpoints carry its first (the export's model card)."""
+    return None if argv is None else shlex.join([*launcher(env)[0], "train.py", *argv])
+
+
 def launcher(env) -> tuple[list[str], str]:
     """How this process was started: python, or torchrun with the process counts read from the variables it sets
     (LOCAL_WORLD_SIZE: processes per node; GROUP_WORLD_SIZE: nodes). One node: --standalone. Several: the
@@ -251,14 +260,6 @@ def launcher(env) -> tuple[list[str], str]:
 # ----------------------------------------------------------------------------- the commands' one shape
 
 
-def user_errors() -> tuple:
-    """The errors a user can fix: a command prints them as one line, never a traceback."""
-    from gpt_residual import checkpoint, dataset, pretrained
-
-    return (config.ConfigError, dataset.DataError, runtime.DeviceError, checkpoint.CheckpointError,
-            pretrained.PretrainedError)  # fmt: skip
-
-
 def command(cls, doc: str, run, argv: list[str]) -> int:
     """A command line of cls's keys (--key=value, no config file): --help, else run(parsed), a user's error as one
     line on stderr with exit 2, Ctrl-C as 130."""
@@ -267,7 +268,7 @@ def command(cls, doc: str, run, argv: list[str]) -> int:
         return 0
     try:
         run(config.parse_args(cls, argv, allow_file=False))
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """The NaN watch: the first step whose loss or gradient norm was not finite, kept on the device until checked;
-under float16, the step at which the GradScaler had skipped too many steps in a row."""
+under float16, the step at which the GradScaler had skipped too many steps in a row. Steps are named as the log
+lines name them: "step 13" is the 13th optimizer step (the one whose loss the line "step 13/N" includes)."""
 
 import torch
 
@@ -21,6 +22,8 @@ class Health:
         self.stalled = torch.full((), -1.0, device=device)  # fp16: the step that made max_skipped in a row
 
     def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor):
+        """After the optimizer step of 0-based index step (train.py's state.step before it counts it)."""
+        step += 1  # its number in the log lines: steps done
         if self.enabled:
             now = torch.stack([torch.full_like(loss, step), loss.float(), grad_norm.float()])
             bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] < 0)
@@ -30,17 +33,23 @@ class Health:
             hit = (self.skipped >= self.max_skipped) & (self.stalled < 0)
             self.stalled = torch.where(hit, float(step), self.stalled)
 
-    def check(self):
+    def check(self, saved_step: int = -1):
+        """Stop the run (TrainingError) if the watch saw a bad step. saved_step: the step of this run's newest
+        checkpoint (-1: none written or resumed from), which the message says is kept, or that there is none."""
+        if saved_step >= 0:
+            kept, then = f"the last checkpoint (step {saved_step}) is kept", "resume"
+        else:
+            kept, then = "no checkpoint was written yet", "start again"
         step, loss, grad_norm = self.first.tolist()
         if step >= 0:
             raise TrainingError(
-                f"step {int(step)}: loss {loss:.4g}, gradient norm {grad_norm:.4g} is not finite; the last "
-                "checkpoint is kept; lower learning_rate or use float32/bfloat16, then resume"
+                f"step {int(step)}: loss {loss:.4g}, gradient norm {grad_norm:.4g} is not finite; {kept}; "
+                f"lower learning_rate or use float32/bfloat16, then {then}"
             )
         stalled = int(self.stalled.item()) if self.max_skipped else -1
         if stalled >= 0:
             raise TrainingError(
                 f"step {stalled}: float16 gradients overflowed {self.max_skipped} steps in a row (the GradScaler "
-                "skipped them all); the last checkpoint is kept; lower learning_rate or use dtype=bfloat16 or "
-                "float32, then resume (max_skipped_steps sets the limit)"
+                f"skipped them all); {kept}; lower learning_rate or use dtype=bfloat16 or float32, then {then} "
+                "(max_skipped_steps sets the limit)"
             )

@@ -10,11 +10,12 @@ written as GPT-2's own files (vocab.json, merges.txt, tokenizer.json: tiktoken's
 are those files); a char vocabulary as a tokenizer.json of one token per character (tokenizers' WordLevel over a
 pre-tokenizer that splits every character, decoded by joining them). A bias=False model is written with zero
 biases, which computes the same. A model whose architecture GPT-2 cannot express is refused before anything is
-written; after writing, the folder is loaded back and its logits compared with ours (the export is removed when
-they differ by more than TOLERANCE).
+written; after writing, the folder is loaded back and its logits compared with ours at every position of the
+context (the export is removed when they differ by more than TOLERANCE).
 """
 
 import json
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -139,15 +140,21 @@ def write_tokenizer(folder: Path, meta: dict, max_length: int):
     path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-def train_command(saved_config: dict) -> str:
-    """`python train.py --k=v ...` for the keys that differ from TrainConfig's defaults."""
+def train_command(state: dict) -> tuple[str, bool]:
+    """(the command that started the run, whether it was recorded). A checkpoint carries its run's first command
+    (train.py records it; a resume keeps it); one without (train.train called from Python, or an older checkpoint)
+    gets `python train.py --k=v ...` of its keys that differ from the defaults, with the run's own init_from."""
+    if state.get("command"):
+        return state["command"], True
+    saved = {**state["config"], "init_from": state.get("weights_from", state["config"].get("init_from"))}
     defaults = config.to_dict(config.TrainConfig())
-    keys = [f"--{k}={v}" for k, v in saved_config.items() if k in defaults and defaults[k] != v]
-    return " ".join(["python train.py", *keys])
+    keys = [f"--{k}={v}" for k, v in saved.items() if k in defaults and defaults[k] != v]
+    return shlex.join(["python", "train.py", *keys]), False
 
 
 def model_card(model: GPT, meta: dict, state: dict, command: str) -> str:
     c, last = model.config, state.get("last_eval") or {}
+    trained, recorded = train_command(state)
     val = f"{last['val']:.4f}" if isinstance(last.get("val"), float) else "not estimated"
     bpb = last.get("val_bpb")
     lines = [
@@ -165,29 +172,44 @@ def model_card(model: GPT, meta: dict, state: dict, command: str) -> str:
         f"(vocabulary {meta['vocab_size']})",
         f"- steps: {state['step']}",
         f"- val loss: {val} (nats per token)" + (f", val bits per byte: {bpb:.4f}" if bpb is not None else ""),
-        f"- trained with: `{train_command(state['config'])}`",
-        f"- exported with: `{command}`",
+        "",
+        "Trained with" + ("" if recorded else " (the command line was not recorded; these are its keys)") + ":",
+        "",
+        "```bash",
+        trained,
+        "```",
+        "",
+        "Exported with:",
+        "",
+        "```bash",
+        command,
+        "```",
         "",
     ]
     return "\n".join(lines)
 
 
 def max_logit_diff(model: GPT, folder: Path, vocab: int, seed: int = 0) -> float:
-    """Load folder with transformers' Auto class and compare its logits with ours on a random batch."""
+    """Load folder with transformers' Auto class and compare its logits with ours at every position of the context
+    (block_size), on two random sequences, one at a time (GPT-2's 1024 x 50257 logits are 200 MB each)."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, vocab, (2, min(model.config.block_size, 64)), generator=g)
-    with torch.no_grad():
-        ours, _ = model(idx, targets=idx)  # with targets: the logits of every position
-        theirs = hf(idx).logits
-    return (ours[..., :vocab].float() - theirs.float()).abs().max().item()
+    diffs = []
+    for _ in range(2):
+        idx = torch.randint(0, vocab, (1, model.config.block_size), generator=g)
+        with torch.no_grad():
+            ours, _ = model(idx, targets=idx)  # with targets: the logits of every position
+            theirs = hf(idx).logits
+        diffs.append((ours[..., :vocab].float() - theirs.float()).abs().max())
+    return torch.stack(diffs).max().item()  # a NaN anywhere is the result (torch's max propagates it)
 
 
 def export(out_dir: str, to: str, command: str = "") -> float:
     """Write out_dir's checkpoint to the folder `to` in Hugging Face format; returns the largest logit difference
-    of the folder loaded back against our model. Nothing is left at `to` when any step fails."""
+    of the folder loaded back against our model. Nothing is left at `to` when any step fails. command: the
+    export's command line for the model card (default: the scripts.export line that does the same)."""
     pretrained._transformers()  # the one-line error when transformers is missing
     target = Path(to).expanduser()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -198,7 +220,8 @@ def export(out_dir: str, to: str, command: str = "") -> float:
     try:
         to_hf(model, meta).save_pretrained(str(tmp), safe_serialization=True)
         write_tokenizer(tmp, meta, model.config.block_size)
-        (tmp / "README.md").write_text(model_card(model, meta, state, command or f"export to {to}"))
+        command = command or shlex.join(["python", "-m", "scripts.export", f"--out_dir={out_dir}", f"--to={to}"])
+        (tmp / "README.md").write_text(model_card(model, meta, state, command))
         diff = max_logit_diff(model, tmp, meta["vocab_size"])
         if not diff <= TOLERANCE:  # NaN fails too
             raise ExportError(

@@ -189,9 +189,12 @@ def weights_from(cfg: config.TrainConfig, saved: dict | None) -> str:
 
 
 def carried(cfg: config.TrainConfig, saved: dict | None) -> dict:
-    """The fields every checkpoint of a run holds and a resume carries on: weights_from, and wandb_run_id (the
-    W&B run that a resume with wandb_log=True continues; None until one is started)."""
-    return {"weights_from": weights_from(cfg, saved), "wandb_run_id": (saved or {}).get("wandb_run_id")}
+    """The fields every checkpoint of a run holds and a resume carries on: weights_from, wandb_run_id (the
+    W&B run that a resume with wandb_log=True continues; None until one is started) and command (the command line
+    of the run's first start, console.start_command; train.train sets it on a fresh start)."""
+    keep = saved or {}
+    return {"weights_from": weights_from(cfg, saved), "wandb_run_id": keep.get("wandb_run_id"),
+            "command": keep.get("command")}  # fmt: skip
 
 
 def report_changes(cfg: config.TrainConfig, saved: dict, rt, samples_seen: int) -> dict:

@@ -6,7 +6,10 @@
     constant  linear warmup, then learning_rate to the end
 
 The decay's end is lr_decay_iters, or max_iters when that is 0: a wsd run resumed with a larger max_iters
-before its warmdown began stays in its stable phase and warms down at the new end. Every parameter group
+before its warmdown began stays in its stable phase and warms down at the new end. An explicit lr_decay_iters
+(or warmup_iters) past max_iters is kept: it is the plan of a run trained in parts, each resumed with a larger
+max_iters, bit-identical to one run; describe() then says plainly where this run stops (in the warmup, at the peak
+before a wsd warmdown, or mid-decay) and how to end the decay with the run instead. Every parameter group
 follows the same shape: train.py sets each group's lr to lr_at(step), and a group with an "lr_scale" (Muon's
 matrices, the learned scalars; see optim.py) steps at that times its scale. decay_lr=False is the old spelling
 of a flat learning rate: learning_rate from step 0, no warmup.
@@ -65,7 +68,25 @@ def describe(cfg) -> str:
     text = "lr: " + shape(cfg)
     if cfg.optimizer == "muon":
         text += f" (Muon's matrices: the same shape, peak {lr_text(cfg.muon_lr)})"
-    return text
+    return text + stops_early(cfg)
+
+
+def stops_early(cfg) -> str:
+    """"; this run stops at step 50 ..." when max_iters ends the run before its schedule ends, else ""."""
+    n = cfg.max_iters
+    if not cfg.decay_lr or not n:
+        return ""
+    if cfg.warmup_iters > n:
+        where, fix = "in its warmup", f"--warmup_iters={n - 1} or less reaches the peak"
+    elif cfg.lr_schedule == "constant" or decay_end(cfg) <= n:
+        return ""
+    elif cfg.lr_schedule == "wsd" and n <= warmdown_start(cfg):
+        where = f"at the peak lr {lr_text(cfg.learning_rate)}, before its warmdown (steps {warmdown_start(cfg)}-"
+        where, fix = where + f"{decay_end(cfg)})", "--lr_decay_iters=0 ends the decay at max_iters"
+    else:
+        where, fix = "mid-decay", "--lr_decay_iters=0 ends the decay at max_iters"
+    last = lr_text(lr_at(n - 1, cfg))
+    return f"; this run stops at step {n} {where}" + ("" if "peak" in where else f", at lr {last}") + f"; {fix}"
 
 
 def shape(cfg) -> str:
@@ -74,7 +95,9 @@ def shape(cfg) -> str:
     if not cfg.decay_lr:
         return f"constant {peak} from step 0 (decay_lr=False)"
     parts = [f"warmup {cfg.warmup_iters} steps to {peak}"] if cfg.warmup_iters else [f"{peak} from step 0"]
-    if cfg.lr_schedule == "constant":
+    if cfg.warmup_iters and cfg.warmup_iters >= (cfg.max_iters if cfg.lr_schedule == "constant" else end):
+        pass  # the run (lr_decay_iters=0: its decay too) ends within the warmup: nothing follows it
+    elif cfg.lr_schedule == "constant":
         parts.append(f"constant to step {cfg.max_iters}")
     else:
         if cfg.lr_schedule == "wsd":

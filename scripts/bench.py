@@ -36,6 +36,7 @@ import torch
 import train
 from gpt_residual import config, dataset, runlog, runtime
 from gpt_residual.engine import ENGINES, generate
+from gpt_residual.errors import USER_ERRORS
 from model import GPT
 from scripts import bench_prepare
 
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(argv)
-    except train.USER_ERRORS as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

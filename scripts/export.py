@@ -9,10 +9,12 @@ Reads out_dir/ckpt.pt; needs transformers (pip install -e .[hf]). After writing,
 transformers and its logits compared with ours; the largest difference is printed, and above 1e-4 nothing is kept.
 """
 
+import shlex
 import sys
 from dataclasses import dataclass
 
-from gpt_residual import checkpoint, config, dataset, hf_export, pretrained
+from gpt_residual import config, hf_export
+from gpt_residual.errors import USER_ERRORS
 
 
 @dataclass
@@ -32,15 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config.parse_args(ExportConfig, argv, allow_file=False)
-        command = " ".join(["python -m scripts.export", *argv])
+        command = shlex.join(["python", "-m", "scripts.export", *argv])
         diff = hf_export.export(cfg.out_dir, cfg.to, command)
-    except (
-        config.ConfigError,
-        dataset.DataError,
-        checkpoint.CheckpointError,
-        pretrained.PretrainedError,
-        hf_export.ExportError,
-    ) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {cfg.out_dir} to {cfg.to}: largest logit difference against our model {diff:.2e}")

@@ -334,6 +334,24 @@ def test_values_that_break_the_math_are_refused(key, value):
         parse_args(TrainConfig, [], overrides={key: value})
 
 
+FLOATS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (float, "float")]
+
+
+@pytest.mark.parametrize("key", FLOATS)
+def test_every_float_key_refuses_infinity_and_nan(key):
+    """1e999 parses as infinity: no float key means it (nor NaN), so each is one ConfigError naming the key."""
+    for value in ("1e999", "-1e999"):
+        with pytest.raises(ConfigError, match=rf"^{key} must"):
+            parse(f"--{key}={value}")
+    with pytest.raises(ConfigError, match=rf"^{key} must"):
+        parse_args(TrainConfig, [], overrides={key: float("nan")})
+
+
+def test_cli_infinite_logit_softcap_is_one_line(tmp_path):
+    proc = run(["train.py", "--logit_softcap=1e999", f"--out_dir={tmp_path}"])
+    assert_one_line_error(proc, "logit_softcap must be a finite number, got inf")
+
+
 def test_edges_of_the_ranges_are_accepted():
     cfg = parse("--grad_clip=0", "--weight_decay=0", "--beta1=0", "--beta2=0.999", "--min_lr=0", "--warmup_iters=0")
     assert (cfg.grad_clip, cfg.beta1, cfg.beta2) == (0.0, 0.0, 0.999)

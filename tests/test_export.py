@@ -2,11 +2,16 @@
 with its Auto classes, computing our logits, with a tokenizer that encodes and decodes as ours."""
 
 import dataclasses
+import importlib.util
 import json
+import os
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run
+from conftest import TINY, assert_one_line_error, run
 
 import sample
 import train
@@ -55,7 +60,7 @@ def char_meta():
 
 
 def small(vocab_size: int, **overrides) -> GPTConfig:
-    return GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, **overrides)
+    return GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size), **overrides})
 
 
 @pytest.fixture
@@ -184,6 +189,43 @@ def test_logit_mismatch_fails_and_removes_the_export(char_run, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # neither the folder nor its temp
 
 
+def test_every_position_is_compared(tmp_path, monkeypatch):
+    """An export wrong from position 64 on (past where an earlier check stopped looking) is refused."""
+    meta = char_meta()
+    save_run(tmp_path / "run", small(meta["vocab_size"], block_size=80), meta)
+    real = hf_export.to_hf
+
+    def wrong_late(model, meta):
+        hf = real(model, meta)
+        with torch.no_grad():
+            hf.transformer.wpe.weight[64:].add_(0.01 * torch.randn_like(hf.transformer.wpe.weight[64:]))
+        return hf
+
+    monkeypatch.setattr(hf_export, "to_hf", wrong_late)
+    with pytest.raises(hf_export.ExportError, match="logits differ"):
+        hf_export.export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    monkeypatch.undo()
+    assert hf_export.export(str(tmp_path / "run"), str(tmp_path / "hf")) <= hf_export.TOLERANCE
+
+
+def test_the_card_quotes_the_runs_first_command(char_data, tmp_path, capsys):
+    """The model card gives the command that started the run, shell-quoted, not the last resume's; config.json
+    records it and each resume's."""
+    out = tmp_path / "the run's out"  # a space and a quote: only a quoted command can be pasted back
+    common = [*(f"--{k}={v}" for k, v in TINY.items()), f"--data_dir={char_data}", f"--out_dir={out}"]
+    first = [*common, "--max_iters=4", "--eval_interval=2"]
+    assert train.main(first) == 0
+    assert train.main([*common, "--max_iters=6", "--eval_interval=2", "--init_from=resume"]) == 0
+    capsys.readouterr()
+    hf_export.export(str(out), str(tmp_path / "hf"), command="python -m scripts.export ...")
+    card = (tmp_path / "hf" / "README.md").read_text().splitlines()
+    trained = card[card.index("Trained with:") + 3]
+    assert shlex.split(trained) == ["python", "train.py", *first], trained
+    record = json.loads((out / "config.json").read_text())
+    assert record["command"] == trained
+    assert shlex.split(record["resumes"][0]["command"])[-1] == "--init_from=resume"
+
+
 def test_init_from_export_round_trip_bpe(bpe_run, tmp_path):
     out, model, meta = bpe_run
     hf_export.export(str(out), str(tmp_path / "hf"))
@@ -235,9 +277,10 @@ def test_cli_errors_are_one_line(tmp_path, case):
 
 
 def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
-    """lm-eval-harness (optional: pip install lm-eval) scores a local multiple-choice file on an export offline,
-    each ending's summed log-likelihood given its context equal to our model's."""
-    pytest.importorskip("lm_eval")
+    """lm-eval-harness scores a local multiple-choice file on an export offline, each ending's summed
+    log-likelihood given its context equal to our model's. lm-eval runs in its own environment, as a user runs it
+    (CI: .ci/run's virtual environment, named by LM_EVAL_PYTHON); where none is set up, this one's lm_eval."""
+    python = lm_eval_python()
     out, model, meta = char_run
     hf_export.export(str(out), str(tmp_path / "hf"))
     docs = [
@@ -254,6 +297,7 @@ def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
     )
     newline = meta["itos"].index("\n")  # a char vocabulary has no end-of-text token: lm-eval needs a prefix id
     args = [
+        python,
         "-m",
         "lm_eval",
         "--model",
@@ -270,8 +314,8 @@ def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
         str(tmp_path / "lm"),
         "--log_samples",
     ]
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "ds")}
-    proc = run(args, env=env, timeout=600)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "ds")}
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = [json.loads(line) for f in (tmp_path / "lm").rglob("samples_tiny_mc_*.jsonl") for line in open(f)]
     tok = dataset.Tokenizer(meta)
@@ -284,3 +328,14 @@ def test_lm_eval_harness_logliks_equal_ours(char_run, tmp_path):
             ours = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
             assert float(resp[0][0]) == pytest.approx(ours, abs=1e-4)
     assert len(samples) == len(docs)
+
+
+def lm_eval_python() -> str:
+    """The Python that runs lm-eval: $LM_EVAL_PYTHON when set (then it must work: CI sets it, so the test cannot
+    skip there), else this one when it has lm_eval; skips only where neither is set up (pip install lm-eval[hf])."""
+    chosen = os.environ.get("LM_EVAL_PYTHON")
+    if chosen:
+        return chosen
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("lm-eval is not installed here; set LM_EVAL_PYTHON to a Python that has it (.ci/run makes one)")
+    return sys.executable

@@ -202,7 +202,8 @@ def test_checkpoint_before_the_first_real_step_does_not_change_training(tiny_cfg
 @pytest.mark.parametrize("log_interval", [1, 100], ids=["at-a-log-step", "before-a-checkpoint"])
 def test_fp16_stops_after_too_many_skipped_steps(tiny_cfg, fp16_on_cpu, monkeypatch, log_interval):
     """From the 7th step on every scaled loss is inf (an overflow that never backs off enough): the run
-    must stop with one line naming the step at which max_skipped_steps=3 skips came in a row (step 8),
+    must stop with one line naming the step at which max_skipped_steps=3 skips came in a row (step 9: the 7th, 8th
+    and 9th were skipped),
     checked at log time or before the next checkpoint, and ckpt.pt stays the last good one (step 6)."""
     fp16_on_cpu()
     recorded = torch.amp.GradScaler
@@ -220,8 +221,8 @@ def test_fp16_stops_after_too_many_skipped_steps(tiny_cfg, fp16_on_cpu, monkeypa
     with pytest.raises(TrainingError) as e:
         train.train(cfg)
     message = str(e.value)
-    assert "\n" not in message and message.startswith("step 8: float16 gradients overflowed 3 steps in a row")
-    assert "the last checkpoint is kept" in message
+    assert "\n" not in message and message.startswith("step 9: float16 gradients overflowed 3 steps in a row")
+    assert "the last checkpoint (step 6) is kept" in message
     state = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt")
     assert state["step"] == 6 and state["scaler"]["scale"] == 2.0**16  # saved before the first overflow
     assert sorted(int(p.stem[5:]) for p in Path(cfg.out_dir).glob("ckpt-*.pt")) == [3, 6]  # none after step 6
@@ -235,7 +236,7 @@ def test_fp16_skipped_steps_are_counted_in_a_row_only(tiny_cfg, fp16_on_cpu):
     train.train(cfg)
     skipped = 24 - int(math.log2(made[0].get_scale()))
     assert 1 <= skipped < 20
-    with pytest.raises(TrainingError, match=f"step {skipped - 1}: float16 gradients overflowed {skipped} steps"):
+    with pytest.raises(TrainingError, match=f"step {skipped}: float16 gradients overflowed {skipped} steps"):
         fp16_on_cpu(2.0**24)
         train.train(tiny_cfg(dtype="float16", max_iters=30, log_interval=1, max_skipped_steps=skipped, overwrite=True))
 

@@ -8,7 +8,7 @@ from conftest import ROOT, run
 
 CORE = {"torch", "numpy", "tiktoken", "datasets", "tqdm"}  # what python train.py configs/small.py imports
 EXTRAS = {"hf": {"transformers", "safetensors", "tokenizers"}, "plot": {"matplotlib"}, "wandb": {"wandb"}}
-DEV_TOOLS = {"pytest", "ruff"}
+DEV_TOOLS = {"pytest", "ruff", "scipy"}  # scipy: a reference the tests compare with
 
 
 def pyproject() -> dict:
@@ -61,6 +61,7 @@ def test_ci_and_readme_install_the_dev_requirements():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q torch==2.13.0" in ci and "pip install -q -r requirements-dev.txt" in ci
     assert ci.index("torch==2.13.0") < ci.index("requirements-dev.txt")  # CPU torch first, or pip pulls CUDA
+    assert ci.index("export LM_EVAL_PYTHON=") < ci.index("python -m pytest")  # the lm-eval test runs, never skips
     readme = (ROOT / "README.md").read_text()
     setup = next(line for line in readme.splitlines() if line.startswith("pip install torch"))
     assert "pip install -r requirements-dev.txt" in setup

@@ -6,10 +6,12 @@ the first compile, the defaults, the compact config print, and no per-step host 
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +190,35 @@ def test_prefetching_thread_gives_the_same_batches(char_data):
         next(got)
 
 
+def test_an_out_dir_deleted_mid_run_is_reported_as_gone(tiny_cfg, monkeypatch):
+    """out_dir removed at step 7 (after the checkpoint of step 5): the next save says the folder and its
+    checkpoints are gone, never that the previous checkpoint is untouched."""
+    cfg = tiny_cfg(max_iters=20, checkpoint_interval=5)
+    get_lr = train.get_lr
+
+    def delete_at_7(step, c):
+        if step == 7 and Path(cfg.out_dir).exists():
+            shutil.rmtree(cfg.out_dir)
+        return get_lr(step, c)
+
+    monkeypatch.setattr(train, "get_lr", delete_at_7)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        train.train(cfg)
+    message = str(e.value)
+    assert "no longer exists" in message and "every checkpoint of this run" in message, message
+    assert "untouched" not in message and "\n" not in message
+
+
+def test_a_first_checkpoint_that_cannot_be_written_says_there_is_no_earlier_one(tiny_cfg, monkeypatch):
+    def full_disk(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        train.train(tiny_cfg(max_iters=10, checkpoint_interval=5))
+    assert "no earlier checkpoint exists" in str(e.value) and "untouched" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- stop when asked
 
 
@@ -287,7 +318,7 @@ def test_the_config_is_printed_compactly(tiny_cfg, capsys):
     out = capsys.readouterr().out
     head = out[: out.index("model:")]
     assert len(head.splitlines()) <= 6 and "config.json" in head and "n_embd=32" in head
-    assert "'norm'" not in head and "norm_position" not in head  # keys at their defaults are not listed
+    assert not re.search(r"\bnorm=", head) and "norm_position=" not in head  # keys at their defaults: not listed
     # then where start-up went, in the line after the model's (before a compile or the first estimate)
     setup = r"^model: .*\n(lr: .*\n)?set up in [0-9.]+s \(device [0-9.]+s, data [0-9.]+s, model\+optimizer [0-9.]+s\)\n"
     assert re.search(setup, out, re.M), out

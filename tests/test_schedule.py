@@ -33,6 +33,37 @@ def test_wsd_warms_up_holds_then_warms_down_linearly():
     assert train.get_lr(50, lr_cfg(lr_schedule="wsd", lr_decay_iters=60)) < cfg.learning_rate  # ends at 60 then
 
 
+def test_a_run_that_stops_before_its_schedule_ends_says_so_at_start_up(tiny_cfg, capsys):
+    """small.py's decay ends at step 1000 (a plan a run in parts keeps): a 50-step wsd run of it says plainly that
+    it stops at the peak lr, before the warmdown; a 500-step cosine that it stops mid-decay; a run shorter than
+    its warmup that it stops in the warmup; a run that completes its schedule says nothing more."""
+    small = lambda *flags: config.parse_args(config.TrainConfig, ["configs/small.py", *flags])
+    assert schedule.describe(small("--lr_schedule=wsd", "--max_iters=50")) == (
+        "lr: warmup 30 steps to 5e-3, constant to step 800, linear to 1e-3 at step 1000; this run stops at step 50 "
+        "at the peak lr 5e-3, before its warmdown (steps 800-1000); --lr_decay_iters=0 ends the decay at max_iters"
+    )
+    cosine = small("--max_iters=500")
+    assert schedule.describe(cosine).endswith(
+        f"; this run stops at step 500 mid-decay, at lr {schedule.lr_text(train.get_lr(499, cosine))}; "
+        "--lr_decay_iters=0 ends the decay at max_iters"
+    )
+    short = small("--max_iters=10")
+    assert schedule.describe(short).endswith(
+        f"; this run stops at step 10 in its warmup, at lr {schedule.lr_text(train.get_lr(9, short))}; "
+        "--warmup_iters=9 or less reaches the peak"
+    )
+    past = lr_cfg(warmup_iters=30, max_iters=10, learning_rate=5e-3)  # lr_decay_iters=0: the decay ends at max_iters
+    assert schedule.describe(past) == (  # the warmup, never a decay that ends before it does
+        "lr: warmup 30 steps to 5e-3; this run stops at step 10 in its warmup, at lr "
+        f"{schedule.lr_text(5e-3 * 10 / 31)}; --warmup_iters=9 or less reaches the peak"
+    )
+    for whole in (small(), small("--lr_schedule=wsd", "--max_iters=1000"), small("--lr_schedule=constant")):
+        assert "this run stops" not in schedule.describe(whole)
+    train.train(tiny_cfg(lr_schedule="wsd", max_iters=4, lr_decay_iters=40))  # printed at start-up
+    out = capsys.readouterr().out
+    assert "; this run stops at step 4 at the peak lr 3e-3, before its warmdown (steps 32-40)" in out
+
+
 def test_constant_schedule_and_the_old_decay_lr():
     flat = lr_cfg(lr_schedule="constant")
     assert [train.get_lr(s, flat) for s in range(10)] == [train.get_lr(s, lr_cfg()) for s in range(10)]  # warmup
@@ -62,6 +93,7 @@ def test_schedule_in_words():
         (dict(warmdown_frac=1.5), "warmdown_frac must be in [0, 1]"),
         (dict(warmdown_frac=-0.1), "warmdown_frac must be in [0, 1]"),
         (dict(decay_lr=False, lr_schedule="wsd"), "decay_lr=False is the old spelling of a flat learning rate"),
+        (dict(lr_decay_iters=30, warmup_iters=40), "lr_decay_iters (30) is where the decay reaches min_lr, but"),
     ],
 )
 def test_bad_schedule_is_one_line_error(overrides, message):

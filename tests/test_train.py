@@ -251,7 +251,8 @@ def test_unwritable_out_dir(tiny_cfg, tmp_path, capsys):
     assert_one_line_error(proc, "out_dir", str(blocker / "sub"))
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_cfg, monkeypatch):
+def nan_from(monkeypatch, micro_batch: int):
+    """Every training micro-batch from the given one (1-based) on has a NaN loss."""
     real_forward = GPT.forward
     calls = {"train": 0}
 
@@ -259,15 +260,22 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_cfg, monkeypatch):
         logits, loss = real_forward(self, idx, targets, cache)
         if self.training:
             calls["train"] += 1
-            if calls["train"] > 12:  # the 13th training micro-batch is step 12
+            if calls["train"] >= micro_batch:
                 loss = loss * float("nan")
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", forward)
-    cfg = tiny_cfg(max_iters=20, checkpoint_interval=10)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_cfg, monkeypatch):
+    """The 13th micro-batch is the 13th step: the log lines' "step 13", after the last good one, step 12."""
+    nan_from(monkeypatch, 13)
+    cfg = tiny_cfg(max_iters=20, checkpoint_interval=10, log_interval=1)
     with pytest.raises(TrainingError) as e:
         train.train(cfg)
-    assert "step 12" in str(e.value)
+    assert str(e.value).startswith("step 13: loss nan") and "the last checkpoint (step 10) is kept" in str(e.value)
+    logged = [r for r in metrics_records(Path(cfg.out_dir)) if "loss" in r]
+    assert logged[-1]["step"] == 12 and math.isfinite(logged[-1]["loss"])  # the log's last step, before the NaN
     state = checkpoint.load(Path(cfg.out_dir) / "ckpt.pt")
     assert state["step"] == 10
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -277,6 +285,16 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_cfg, monkeypatch):
     x = torch.zeros(1, 4, dtype=torch.long)
     _, loss = model(x, x)
     assert torch.isfinite(loss)
+
+
+def test_nan_before_any_checkpoint_says_there_is_none(tiny_cfg, monkeypatch):
+    nan_from(monkeypatch, 3)
+    cfg = tiny_cfg(max_iters=20, checkpoint_interval=10, log_interval=5)
+    with pytest.raises(TrainingError) as e:
+        train.train(cfg)
+    assert str(e.value).startswith("step 3: loss nan") and "no checkpoint was written yet" in str(e.value)
+    assert "is kept" not in str(e.value) and str(e.value).endswith("then start again")
+    assert not list(Path(cfg.out_dir).glob("ckpt*.pt"))
 
 
 def test_cli_diverging_run_fails_with_one_line(tmp_path, char_data, capsys):
@@ -297,7 +315,8 @@ def test_cli_diverging_run_fails_with_one_line(tmp_path, char_data, capsys):
     assert_one_line_error(proc, "step", "not finite", code=1)
     step = int(re.search(r"step (\d+)", proc.stderr).group(1))
     state = checkpoint.load(tmp_path / "ckpt.pt")
-    assert state["step"] == step  # the checkpoint of the last good step
+    assert state["step"] == step - 1  # the checkpoint of the last good step, the one before the first bad one
+    assert f"the last checkpoint (step {step - 1}) is kept" in proc.stderr
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gpt_residual import config
+from gpt_residual.errors import USER_ERRORS
 from scripts.study import registry, report
 from scripts.study.job import NAN, Job
 from scripts.study.question import PRESETS, PROBE, Q_BASE
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         where = slots(jobs[0].resolved["device"], opts.jobs)
         print(f"{len(jobs)} runs into {out / 'runs'}, {len(where)} at a time", flush=True)
         run_all(jobs, out / "runs", opts.reuse, where)
-    except (StudyError, config.ConfigError) as e:
+    except (StudyError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
