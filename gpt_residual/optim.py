@@ -128,6 +128,8 @@ def depth_rules(model_config) -> tuple[float, float]:
     """depth_scaling a's (learning-rate factor, AdamW eps) for the parameters inside the blocks: m^(a-1) and
     ADAM_EPS * m^-a with m = n_layer / base_depth (CompleteP's Table 1); (1.0, ADAM_EPS) when off."""
     m, a = model_config.n_layer / model_config.base_depth, model_config.depth_scaling
+    if not a:  # off (standard parametrization, Table 1's SP column): no rule at all, whatever m
+        return 1.0, ADAM_EPS
     return m ** (a - 1), ADAM_EPS * m**-a
 
 

@@ -193,7 +193,7 @@ def test_depth_scaling_multiplies_every_branch(position):
     assert abs(scaled.transformer.h[0].attn.c_proj.weight.std().item() - 0.02) < 0.003  # no 1/sqrt(2L)
 
 
-@pytest.mark.parametrize("a, lr_factor", [(0.5, 0.5), (1.0, 1.0)])
+@pytest.mark.parametrize("a, lr_factor", [(0.5, 0.5), (1.0, 1.0), (0.0, 1.0)])
 @pytest.mark.parametrize("opt", ["adamw", pytest.param("muon", marks=needs_muon)])
 def test_depth_scaling_optimizer_rules(a, lr_factor, opt):
     """CompleteP's Table 1 with m = 4 layers / base 1: inside the blocks lr * m^(a-1) and eps * m^-a; outside, the
@@ -210,7 +210,7 @@ def test_depth_scaling_optimizer_rules(a, lr_factor, opt):
         inside = name.startswith("transformer.h.")
         assert g.get("lr_scale", 1.0) == pytest.approx(base * (lr_factor if inside else 1.0)), name
         if "momentum" not in g:
-            assert g["eps"] == pytest.approx(1e-8 * (4**-a if inside else 1.0)), name
+            assert g.get("eps", 1e-8) == pytest.approx(1e-8 * (4**-a if inside else 1.0)), name
         assert g["weight_decay"] == (0.1 if p.dim() == 2 and base in (1.0, 20.0) else 0.0), name
 
 
