@@ -10,12 +10,16 @@ reads it and adds to it; where the norm sits is a switch:
     peri-LN (Gemma):           x = x + norm_out(f(norm(x)))   ... both sides of f, and a final norm
     reordered (OLMo 2):        x = x + norm(f(x))             ... the norm on f's output only, and a final norm
     DeepNorm (post-LN variant): x = norm(alpha * x + f(x))    ... alpha = (2 * n_layer) ** 0.25
+    Mix-LN ("mix"):            post-LN in the first floor(mix_ln_frac * n_layer) blocks, pre-LN after
     no residual (ablation):    x = f(norm(x)) or norm(f(x))   ... what the skip connection is for
 
 More switches, each off by default (GPT-2): qk_norm (queries and keys normalised per head), norm_affine=False
 (norms without weight or bias), embed_norm (a norm on the embeddings), residual_scalars (before block i,
 x = a_i * x + b_i * x0, x0 the embedding output), value_residual (each layer's values mixed with layer 0's),
 positions="rope" (rotary position embeddings instead of wpe), logit_softcap (c * tanh(logits / c)).
+The stream's frontier (2025), each off by default too: norm="dyt"|"derf" (point-wise, normalization-free norms,
+gpt_residual/norms.py), attn_gate (a sigmoid gate on each head's output), norm_scaling (block l's norms times
+1/sqrt(l)) and depth_scaling (each branch times (n_layer/base_depth)^-a): see AttentionGate and Block.
 activation_checkpointing trades compute for memory (each block runs again in the backward pass); the math is the same.
 
 Layer names mirror GPT-2's (transformer.wte, h.N.attn.c_attn, ...) so its weights map one to one.
@@ -30,11 +34,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post", "peri", "reordered")
+from gpt_residual import norms
+from gpt_residual.norms import NORMS
+
+NORM_POSITIONS = ("pre", "post", "peri", "reordered", "mix")
 POSITIONS = ("learned", "rope")
 ROPE_BASE = 10000.0  # rotary frequencies base ** (-2i / head_dim), as RoFormer, Llama, nanochat
 INITS = ("gpt2", "xavier")
+ATTN_GATES = ("none", "head", "elementwise")
 
 
 @dataclass
@@ -46,8 +53,16 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # dropout probability (0 for pretraining, 0.1+ for small data)
     bias: bool = True  # bias in Linear and LayerNorm layers (GPT-2: True)
-    norm: str = "layernorm"  # normalization type: "layernorm" | "rmsnorm"
-    norm_position: str = "pre"  # "pre" x+f(norm(x)) | "post" norm(x+f(x)) | "peri" both | "reordered" x+norm(f(x))
+    norm: str = "layernorm"  # normalization type: "layernorm" | "rmsnorm" | "dyt" w*tanh(a*x)+b | "derf" w*erf(a*x+s)+b
+    norm_position: str = "pre"  # "pre" x+f(norm(x)) | "post" norm(x+f(x)) | "peri" | "reordered" x+norm(f(x)) | "mix"
+    mix_ln_frac: float = 0.25  # norm_position="mix" (Mix-LN): post-LN in the first floor(frac*n_layer) blocks, then pre
+    dyt_alpha_attn: float = 0.8  # norm=dyt|derf: initial alpha of the attention's norm (DyT's LLaMA-7B value)
+    dyt_alpha_mlp: float = 0.2  # norm=dyt|derf: initial alpha of the MLP's norm (DyT's LLaMA-7B value)
+    dyt_alpha_final: float = 0.2  # norm=dyt|derf: initial alpha of the final norm (DyT's LLaMA-7B value)
+    norm_scaling: bool = False  # LayerNorm Scaling (pre-LN): block l (1-based) feeds norm(x)/sqrt(l) to its sub-layers
+    attn_gate: str = "none"  # gated attention: y * sigmoid(x W_g) before c_proj: "none" | "head" | "elementwise"
+    depth_scaling: float = 0.0  # branches times (n_layer/base_depth)**-this: 0 off, 0.5 depth-muP, 1 CompleteP
+    base_depth: int = 1  # depth_scaling: the depth the learning rate was tuned at (lr and Adam eps follow the papers)
     deepnorm: bool = False  # post-LN only: x = norm(alpha*x + f(x)) and DeepNet's beta-scaled Xavier init
     residual: bool = True  # False removes the skip connections (an ablation: x = f(norm(x)))
     init: str = "gpt2"  # "gpt2": N(0, 0.02), residual projections / sqrt(2 * n_layer) | "xavier"
@@ -84,6 +99,42 @@ class GPTConfig:
             raise ValueError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
         if self.residual_scalars and not self.residual:
             raise ValueError("residual_scalars scales the skip connection that residual=False removes; drop one")
+        self.check_frontier()
+
+    def check_frontier(self):
+        """The switches of issue 26 (attn_gate, norm_scaling, mix, dyt/derf, depth_scaling) and what they refuse."""
+        if self.attn_gate not in ATTN_GATES:
+            raise ValueError(f"attn_gate must be one of {', '.join(ATTN_GATES)}; got {self.attn_gate!r}")
+        for key in ("mix_ln_frac", "depth_scaling"):
+            if not 0.0 <= getattr(self, key) <= 1.0:  # NaN fails too
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("dyt_alpha_attn", "dyt_alpha_mlp", "dyt_alpha_final"):
+            if not 0.0 < getattr(self, key) < math.inf:
+                raise ValueError(f"{key} must be a positive number (an initial alpha), got {getattr(self, key)}")
+        if self.base_depth < 1:
+            raise ValueError(f"base_depth must be >= 1 (the depth the lr was tuned at), got {self.base_depth}")
+        if self.norm_scaling and self.norm_position != "pre":
+            raise ValueError(f"norm_scaling scales the norm in front of each sub-layer, pre-LN's; norm_position="
+                             f"{self.norm_position!r} has none there (or renormalises after it): use 'pre'")
+        if self.norm in norms.POINTWISE:
+            for key, why in norms.POINTWISE_REFUSES.items():
+                if getattr(self, key) not in (False, "pre", "peri", "reordered"):  # True, or post-LN blocks
+                    raise ValueError(f"norm={self.norm!r} does not combine with {key}={getattr(self, key)!r}: {why}")
+        if self.depth_scaling and (self.deepnorm or not self.residual):
+            raise ValueError("depth_scaling scales each branch against the plain skip connection, which "
+                             f"{'deepnorm rescales' if self.deepnorm else 'residual=False removes'}: drop one")
+
+    def block_position(self, layer: int) -> str:
+        """Where block `layer` (0-based) puts its norms: norm_position, or for "mix" (Mix-LN) "post" in the first
+        floor(mix_ln_frac * n_layer) blocks and "pre" after them."""
+        if self.norm_position != "mix":
+            return self.norm_position
+        return "post" if layer < math.floor(self.mix_ln_frac * self.n_layer + 1e-9) else "pre"
+
+    @property
+    def branch_multiplier(self) -> float:
+        """depth_scaling a: every residual branch is multiplied by (n_layer / base_depth) ** -a (1.0 when off)."""
+        return (self.n_layer / self.base_depth) ** -self.depth_scaling
 
     @property
     def deepnorm_alpha(self) -> float:
@@ -96,12 +147,11 @@ class GPTConfig:
         return (8 * self.n_layer) ** -0.25
 
 
-def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
-    """The config's norm over the last dim (default n_embd); with norm_affine=False, without weight or bias."""
-    dim, affine = dim or config.n_embd, config.norm_affine
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-5, elementwise_affine=affine)
-    return nn.LayerNorm(dim, eps=1e-5, elementwise_affine=affine, bias=config.bias and affine)
+def make_norm(config: GPTConfig, dim: int | None = None, site: str = "attn", scale: float = 1.0) -> nn.Module:
+    """The config's norm over the last dim (default n_embd); with norm_affine=False, without weight or bias.
+    site ("attn", "mlp", "final") picks DyT's and Derf's initial alpha; scale multiplies the output (norms.py)."""
+    alpha = getattr(config, f"dyt_alpha_{site}")
+    return norms.make_norm(config.norm, dim or config.n_embd, config.norm_affine, config.bias, alpha, scale)
 
 
 def rotary(pos: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,8 +240,23 @@ class ForwardContext:
         return self.mask
 
 
+class AttentionGate(nn.Linear):
+    """Gated attention (Qiu et al. 2025, "Gated Attention for Large Language Models", the G1 gate of Qwen3-Next):
+    g = sigmoid(x W_g + b_g) of the attention's input x (B, T, C), one gate per head (B, T, n_head) or per channel
+    (B, T, C), which multiplies SDPA's output before c_proj. A Linear of its own (the reference code widens q_proj
+    instead), so Muon orthogonalises W_g apart from q, k and v; initialised as every Linear (N(0, 0.02): g ~ 0.5)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(super().forward(x))
+
+
+def scaled(y: torch.Tensor, scale: float) -> torch.Tensor:
+    """y * scale, and no operation at all when scale is 1 (depth_scaling off)."""
+    return y if scale == 1.0 else y * scale
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int):
+    def __init__(self, config: GPTConfig, layer: int, out_scale: float = 1.0):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.layer, self.first = layer, layer == 0  # compiled blocks branch on first, not on the index
@@ -200,6 +265,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        width = {"none": 0, "head": config.n_head, "elementwise": config.n_embd}[config.attn_gate]
+        self.gate = AttentionGate(config.n_embd, width, bias=config.bias) if width else None
+        self.out_scale = out_scale  # depth_scaling's branch multiplier, when the branch ends here
         if config.qk_norm:  # one norm over head_dim for the queries, one for the keys, shared by the heads
             self.ln_q = make_norm(config, config.n_embd // config.n_head)
             self.ln_k = make_norm(config, config.n_embd // config.n_head)
@@ -244,33 +312,49 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2)  # (B, T, nh, hs)
+        if self.gate is not None:  # attn_gate: y * g, g (B, T, nh) per head or (B, T, C) per channel
+            y = y * self.gate(x).view(B, T, self.n_head, -1)
+        y = y.contiguous().view(B, T, C)
+        return self.resid_dropout(scaled(self.c_proj(y), self.out_scale))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, out_scale: float = 1.0):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.out_scale = out_scale  # depth_scaling's branch multiplier, when the branch ends here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(scaled(self.c_proj(self.gelu(self.c_fc(x))), self.out_scale))
 
 
 class Block(nn.Module):
+    """One block: attention then MLP, each a branch of the residual stream (see forward). The frontier switches
+    live inside the parts, so that forward reads the same for all of them: norm_scaling is ln_1's and ln_2's
+    output scale 1/sqrt(l) (LayerNorm Scaling, Sun et al. 2025: block l = layer + 1 feeds norm(x)/sqrt(l) to its
+    sub-layers); depth_scaling's multiplier m = (n_layer/base_depth)^-a (depth-muP a = 1/2, Yang et al. 2023;
+    CompleteP a = 1, Dey et al. 2025: x = x + m * f(norm(x))) is the last part of each branch, c_proj's output or,
+    when the branch ends in a norm (peri, reordered), that norm's output; "mix" (Mix-LN, Li et al. 2025) makes
+    the first floor(mix_ln_frac * n_layer) blocks post-LN and the rest pre-LN."""
+
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.position = config.norm_position
-        self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.position = config.block_position(layer)  # "pre", "post", "peri" or "reordered"
+        m = config.branch_multiplier  # 1.0 unless depth_scaling
+        out_norm = self.position in ("peri", "reordered")  # the branch ends in a norm: m goes there
+        lns = (layer + 1) ** -0.5 if config.norm_scaling else 1.0  # GPTConfig allows it with pre-LN only
+        norm_scale = m if self.position == "reordered" else lns
+        self.ln_1 = make_norm(config, site="attn", scale=norm_scale)
+        self.attn = CausalSelfAttention(config, layer, out_scale=1.0 if out_norm else m)
+        self.ln_2 = make_norm(config, site="mlp", scale=norm_scale)
+        self.mlp = MLP(config, out_scale=1.0 if out_norm else m)
         if self.position == "peri":  # norms on the sub-layer outputs too
-            self.ln_1_out = make_norm(config)
-            self.ln_2_out = make_norm(config)
+            self.ln_1_out = make_norm(config, site="attn", scale=m)
+            self.ln_2_out = make_norm(config, site="mlp", scale=m)
         self.alpha = config.deepnorm_alpha if config.deepnorm else 1.0
         self.residual = config.residual
 
@@ -310,17 +394,22 @@ class GPT(nn.Module):
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 # post-LN blocks already end in a norm; pre-, peri-LN and reordered need a final one
-                ln_f=make_norm(config) if config.norm_position != "post" else nn.Identity(),
+                ln_f=make_norm(config, site="final") if config.block_position(config.n_layer - 1) != "post"
+                else nn.Identity(),
             )
         )
+        if config.norm in norms.POINTWISE:  # DyT's LLaMA and Derf's GPT-2: a learned scalar on the embeddings
+            self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(config.n_embd)))  # from sqrt(n_embd)
         if config.residual_scalars:  # nanochat: a_i = 1 (the plain residual) and b_i = 0 (no x0) at init
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))  # a_i (n_layer,)
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))  # b_i (n_layer,)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
-        if config.init == "gpt2" and not config.deepnorm:
-            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per sub-layer add
+        if config.init == "gpt2" and not (config.deepnorm or config.norm_scaling or config.depth_scaling):
+            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per sub-layer add. LayerNorm Scaling
+            # drops it (its paper: a depth-scaled init undoes what LNS gains) and so does depth_scaling (CompleteP's
+            # init does not depend on depth: the branch multiplier takes its place): N(0, 0.02) as every Linear
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):
                     torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -365,6 +454,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(pos)
+        if c.norm in norms.POINTWISE:
+            x = x * self.embed_scale  # a learned scalar, from sqrt(n_embd): the embeddings reach DyT's range
         x = self.transformer.drop(self.transformer.ln_e(x))  # ln_e: embed_norm, else nothing
         x0 = x  # what residual_scalars mixes back in before every block
         angles = rotary(pos, c.n_embd // c.n_head) if c.positions == "rope" else None

@@ -37,6 +37,9 @@ GPT2_ARCH = {"norm": "layernorm", "norm_position": "pre", "deepnorm": False, "re
 # positions, norms with weights, no residual or value scalars, plain logits)
 GPT2_ARCH |= {"qk_norm": False, "norm_affine": True, "embed_norm": False, "residual_scalars": False}
 GPT2_ARCH |= {"value_residual": False, "positions": "learned", "logit_softcap": 0.0}
+GPT2_ARCH |= {"attn_gate": "none"}  # GPT-2 has no gate weights on its attention
+GPT2_ARCH |= {"norm_scaling": False}  # GPT-2's norms feed its sub-layers unscaled
+GPT2_ARCH |= {"depth_scaling": 0.0}  # GPT-2's branches add unscaled to the stream
 GPT2_VOCAB = 50257  # GPT-2's BPE: 50256 merges' tokens and <|endoftext|>
 # a char vocabulary in tokenizer.json (scripts.export): tokenizers' WordLevel over every single character
 CHAR_SPLIT = r"[\s\S]"

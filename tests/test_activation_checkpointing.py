@@ -17,6 +17,8 @@ VARIANTS = {
     "dropout": dict(dropout=0.2),  # the recomputation must draw the same dropout masks
     "shared-state": dict(positions="rope", value_residual=True, residual_scalars=True, qk_norm=True),
     "post-ln": dict(norm_position="post", norm="rmsnorm"),
+    "frontier": dict(attn_gate="elementwise", norm="derf", norm_scaling=True, depth_scaling=1.0),
+    "mix-ln": dict(norm_position="mix", mix_ln_frac=0.34, attn_gate="head", depth_scaling=0.5),
 }
 
 

@@ -152,6 +152,9 @@ SWITCHES = {
     "logit_softcap": 15.0,
     "residual_scalars": True,
     "value_residual": True,
+    "attn_gate": "head",
+    "norm_scaling": True,
+    "depth_scaling": 1.0,
 }
 
 
@@ -160,6 +163,8 @@ def test_every_switch_of_the_config_is_covered():
     activation_checkpointing) or refused."""
     shape = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "init"}
     shape |= {"activation_checkpointing"}  # recomputes activations in training; the weights are the same
+    shape |= {"mix_ln_frac", "dyt_alpha_attn", "dyt_alpha_mlp", "dyt_alpha_final", "base_depth"}  # inert when
+    # their switch (norm_position="mix", norm="dyt"|"derf", depth_scaling) is off, and that switch is refused
     assert {f.name for f in dataclasses.fields(GPTConfig)} - shape == set(SWITCHES) == set(hf_export.EXPORT_ARCH)
 
 

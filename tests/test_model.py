@@ -10,23 +10,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import metrics_records
 
-import model as model_module
 import train
 from gpt_residual import optim
 from gpt_residual.dataset import load_tokens
 from gpt_residual.engine import filter_logits, generate, generate_stream, next_token
 from model import GPT, GPTConfig
 
-# every norm at every position, with and without bias; then DeepNorm and the no-residual ablation
+# the norms with statistics at the four single placements (DyT, Derf and Mix-LN: below, and tests/test_frontier.py)
+NORMS, NORM_POSITIONS = ("layernorm", "rmsnorm"), ("pre", "post", "peri", "reordered")
+# every such norm at every position, with and without bias; then DeepNorm and the no-residual ablation
 VARIANTS = [
     dict(norm=norm, norm_position=pos, bias=bias)
-    for norm, pos, bias in itertools.product(model_module.NORMS, model_module.NORM_POSITIONS, (True, False))
+    for norm, pos, bias in itertools.product(NORMS, NORM_POSITIONS, (True, False))
 ]
 VARIANTS += [
     dict(norm="layernorm", norm_position="post", bias=True, deepnorm=True),
     dict(norm="rmsnorm", norm_position="post", bias=False, deepnorm=True),
     dict(norm="layernorm", norm_position="pre", bias=True, residual=False),
     dict(norm="rmsnorm", norm_position="post", bias=False, residual=False),
+]
+# the point-wise norms where they may sit, and Mix-LN (one post-LN block of the two, then pre-LN)
+VARIANTS += [
+    dict(norm="dyt", norm_position="pre", bias=True),
+    dict(norm="derf", norm_position="pre", bias=False),
+    dict(norm="derf", norm_position="peri", bias=True),
+    dict(norm="dyt", norm_position="reordered", bias=False),
+    dict(norm="layernorm", norm_position="mix", bias=True, mix_ln_frac=0.5),
+    dict(norm="rmsnorm", norm_position="mix", bias=False, mix_ln_frac=0.5),
 ]
 
 
@@ -335,8 +345,8 @@ def test_weight_tying():
     assert sum(1 for n in names if n in ("lm_head.weight", "transformer.wte.weight")) == 1
 
 
-@pytest.mark.parametrize("norm", model_module.NORMS)
-@pytest.mark.parametrize("position", model_module.NORM_POSITIONS)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("position", NORM_POSITIONS)
 def test_final_norm_except_post_ln(norm, position):
     """Post-LN blocks end in a norm, so there is no final one (ln_f is Identity); pre- and peri-LN have one."""
     model = make_model(norm=norm, norm_position=position)
@@ -372,8 +382,8 @@ def test_post_ln_differs_from_pre_ln():
         assert not torch.allclose(all_logits(pre, idx), all_logits(post, idx), atol=1e-3)
 
 
-@pytest.mark.parametrize("norm", model_module.NORMS)
-@pytest.mark.parametrize("position", model_module.NORM_POSITIONS)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("position", NORM_POSITIONS)
 def test_block_follows_the_documented_formula(norm, position):
     """pre: x + f(norm(x)); post: norm(x + f(x)); peri: x + norm_out(f(norm(x))); reordered: x + norm(f(x)),
     for attention then MLP."""
@@ -484,8 +494,8 @@ def unigram_entropy(folder) -> float:
     return float(-(p * p.log()).sum())
 
 
-@pytest.mark.parametrize("norm", model_module.NORMS)
-@pytest.mark.parametrize("position", model_module.NORM_POSITIONS)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("position", NORM_POSITIONS)
 def test_every_variant_trains(tiny_cfg, char_data, norm, position):
     """Training must really learn: from about chance on the fixture's own character vocabulary (not
     TrainConfig's default vocab_size of 50304) at step 0 to below what token frequencies alone give,

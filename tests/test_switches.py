@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import metrics_records, needs_cpu_fsdp
-from test_model import all_logits, make_model, prompt
+from test_model import NORM_POSITIONS, NORMS, all_logits, make_model, prompt
 
 import model as model_module
 import train
@@ -27,7 +27,28 @@ SWITCHES = {
     "softcap": dict(logit_softcap=5.0),
 }
 ALL = {k: v for s in SWITCHES.values() for k, v in s.items()}
-CASES = {**SWITCHES, "all": ALL}
+# issue 26's switches (model.py, gpt_residual/norms.py); they do not all compose with ALL (a point-wise norm has
+# no qk_norm or embed_norm, norm_scaling is pre-LN's), so they come alone and in two stacks of their own
+FRONTIER = {
+    "gate_head": dict(attn_gate="head"),
+    "gate_elementwise": dict(attn_gate="elementwise"),
+    "norm_scaling": dict(norm_scaling=True),
+    "mix_ln": dict(norm_position="mix", mix_ln_frac=0.5),  # of 2 blocks: 1 post-LN, then 1 pre-LN
+    # the papers' alphas are tuned at 4096 wide and more (DyT: the wider, the smaller): at 32 wide their final norm
+    # passes ~0.2x LayerNorm's scale to the head, and 100 steps stay near the unigram loss; 8 trains
+    "dyt": dict(norm="dyt", dyt_alpha_final=8.0),
+    "derf": dict(norm="derf", dyt_alpha_final=8.0),
+    "depth_mup": dict(depth_scaling=0.5, base_depth=1),
+    "completep": dict(depth_scaling=1.0, base_depth=1),
+}
+STACKS = {
+    "frontier_pre": dict(attn_gate="elementwise", norm_scaling=True, norm="derf", dyt_alpha_final=8.0,
+                         depth_scaling=1.0, positions="rope", residual_scalars=True, value_residual=True,
+                         logit_softcap=5.0),
+    "frontier_peri": dict(attn_gate="head", norm="dyt", dyt_alpha_final=8.0, norm_position="peri", depth_scaling=0.5),
+    "frontier_mix": dict(attn_gate="head", norm_position="mix", mix_ln_frac=0.5, depth_scaling=0.5, qk_norm=True),
+}
+CASES = {**SWITCHES, "all": ALL, **FRONTIER, **STACKS}
 HAS_MUON = hasattr(torch.optim, "Muon")
 
 
@@ -157,9 +178,7 @@ def test_qk_norm_sits_before_rotary():
 # ----------------------------------------------------------------------------- composition and refusals
 
 
-@pytest.mark.parametrize(
-    "norm,position", itertools.product(model_module.NORMS, model_module.NORM_POSITIONS), ids=lambda v: str(v)
-)
+@pytest.mark.parametrize("norm,position", itertools.product(NORMS, NORM_POSITIONS), ids=lambda v: str(v))
 def test_every_switch_composes_with_every_block(norm, position):
     switches = {**ALL, "norm": norm, "norm_position": position}
     model = switched_model(**switches)
@@ -206,7 +225,11 @@ def test_switch_help_lines():
         assert helps.get(key), key
 
 
-@pytest.mark.parametrize("key, value", [(k, v) for s in SWITCHES.values() for k, v in s.items()])
+SETTINGS = ("mix_ln_frac", "base_depth", "dyt_alpha_final")  # a switch's settings: the switch itself is refused
+
+
+@pytest.mark.parametrize("key, value", [(k, v) for s in {**SWITCHES, **FRONTIER}.values() for k, v in s.items()
+                                        if k not in SETTINGS])  # fmt: skip
 def test_pretrained_refuses_every_switch(key, value):
     with pytest.raises(pretrained.PretrainedError, match=key):
         pretrained.check_compatible(GPTConfig(**{key: value}))
@@ -257,7 +280,8 @@ def test_muon_takes_the_blocks_matrices():
 
 # ----------------------------------------------------------------------------- training and resume
 
-TRAIN_CASES = {**SWITCHES, "all": ALL, "muon": dict(optimizer="muon"), "all+muon": dict(ALL, optimizer="muon")}
+TRAIN_CASES = {**SWITCHES, "all": ALL, "muon": dict(optimizer="muon"), "all+muon": dict(ALL, optimizer="muon"),
+               **FRONTIER, **STACKS, "frontier+muon": dict(STACKS["frontier_pre"], optimizer="muon")}
 
 
 def needs_muon(case: dict):
@@ -345,18 +369,22 @@ def test_attention_logit_is_measured():
 
 
 @pytest.mark.parametrize(
-    "parallel, extra, tol",
-    [pytest.param("ddp", [], 1e-5, id="ddp"), pytest.param("fsdp", [], 1e-5, marks=needs_cpu_fsdp, id="fsdp"),
-     pytest.param("ddp", ["--optimizer=muon"], 1e-2, marks=needs_muon(dict(optimizer="muon")), id="ddp-muon")],
-)
-def test_two_ranks_with_every_switch_reach_the_single_process_weights(char_data, tmp_path, parallel, extra, tol):
+    "stack, parallel, extra, tol",
+    [pytest.param("all", "ddp", [], 1e-5, id="ddp"),
+     pytest.param("all", "fsdp", [], 1e-5, marks=needs_cpu_fsdp, id="fsdp"),
+     pytest.param("all", "ddp", ["--optimizer=muon"], 1e-2, marks=needs_muon(dict(optimizer="muon")), id="ddp-muon"),
+     pytest.param("frontier_mix", "ddp", [], 1e-5, id="frontier-ddp"),
+     pytest.param("frontier_pre", "fsdp", [], 1e-5, marks=needs_cpu_fsdp, id="frontier-fsdp")],
+)  # fmt: skip
+def test_two_ranks_with_every_switch_reach_the_single_process_weights(char_data, tmp_path, stack, parallel, extra,
+                                                                      tol):  # fmt: skip
     """torchrun with 2 ranks x 2 micro-batches == 1 process x 4, every switch on (the scalars sharded by FSDP).
     Muon's Newton-Schulz runs in bfloat16 (torch.optim.Muon), so float32 round-off between the two becomes
     bf16-sized differences in its updates: there, only that the run works and lands close."""
     from test_distributed import TINY as DIST_TINY
     from test_distributed import launch
 
-    switches = [f"--{k}={v}" for k, v in ALL.items()]
+    switches = [f"--{k}={v}" for k, v in CASES[stack].items()]
     args = [*DIST_TINY, f"--data_dir={char_data}", "--max_iters=4", "--eval_iters=2", "--eval_interval=100",
             "--checkpoint_interval=0", *switches, *extra]  # fmt: skip
     single = launch("train.py", [*args, "--gradient_accumulation_steps=4", f"--out_dir={tmp_path / 'one'}"], 1)
@@ -365,6 +393,7 @@ def test_two_ranks_with_every_switch_reach_the_single_process_weights(char_data,
     for proc in (single, multi):
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = checkpoint.load(tmp_path / "one/ckpt.pt")["model"], checkpoint.load(tmp_path / "two/ckpt.pt")["model"]
-    assert a.keys() == b.keys() and "x0_lambdas" in a
+    learned = {"all": "x0_lambdas", "frontier_mix": "transformer.h.1.attn.gate.weight", "frontier_pre": "embed_scale"}
+    assert a.keys() == b.keys() and learned[stack] in a
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=tol, atol=tol), (k, (a[k] - b[k]).abs().max())
