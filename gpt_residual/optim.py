@@ -11,9 +11,13 @@ decay, peaking at its own rate. Two such rates:
     scalar_lr   the peak rate of the learned scalars, without weight decay (nanochat: 0.5 for x0's b_i and
                 1/100 of it for the residual's a_i, which multiplies the stream and compounds through the
                 layers); value_residual's l_i take 1/10 of it, near modded-nanogpt's 0.04 for its scalars.
+The weights of hyper_connections and attn_residuals (streams.py lists each) join the no-decay AdamW group at the
+base rate, also under Muon.
 """
 
 import torch
+
+from gpt_residual import streams
 
 SCALAR_LR = {"x0_lambdas": 1.0, "resid_lambdas": 0.01, "v_lambda": 0.1}  # fractions of scalar_lr, by name
 
@@ -58,13 +62,15 @@ def build(model, weight_decay, learning_rate, betas, device_type, optimizer="ada
     weights of the blocks go to torch.optim.Muon at muon_lr instead."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     scalars = {key: [p for n, p in named if n.split(".")[-1] == key] for key in SCALAR_LR}
-    taken = {id(p) for ps in scalars.values() for p in ps}
+    connections = [p for n, p in named if streams.owns(n)]  # stream mixing weights, pseudo-queries: no decay
+    taken = {id(p) for ps in scalars.values() for p in ps} | {id(p) for p in connections}
     muon = [p for n, p in named if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+    muon = [p for p in muon if id(p) not in taken]
     taken |= {id(p) for p in muon}
     rest = [p for n, p in named if id(p) not in taken]
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() < 2] + connections, "weight_decay": 0.0},
     ]
     for key, ps in scalars.items():
         if ps:

@@ -37,6 +37,7 @@ GPT2_ARCH = {"norm": "layernorm", "norm_position": "pre", "deepnorm": False, "re
 # positions, norms with weights, no residual or value scalars, plain logits)
 GPT2_ARCH |= {"qk_norm": False, "norm_affine": True, "embed_norm": False, "residual_scalars": False}
 GPT2_ARCH |= {"value_residual": False, "positions": "learned", "logit_softcap": 0.0}
+GPT2_ARCH |= {"hyper_connections": "none", "attn_residuals": "none"}  # streams.py's learned connections
 GPT2_VOCAB = 50257  # GPT-2's BPE: 50256 merges' tokens and <|endoftext|>
 # a char vocabulary in tokenizer.json (scripts.export): tokenizers' WordLevel over every single character
 CHAR_SPLIT = r"[\s\S]"

@@ -10,6 +10,7 @@ For each block i (0 = the first):
 What the model's own scalars have learned, after the step (present when the switch is on):
     resid_a[i], resid_b[i]         residual_scalars: x = a_i * x + b_i * x0 before block i
     v_lambda[i]                    value_residual: block i's share of layer 0's values (0 for block 0)
+    hc_gain                        hyper_connections: the composite gain of prod H_res (streams.composite_gain)
 Measuring is cheap: the hooks exist only on telemetry steps, and a compiled model runs those steps
 eagerly (torch.compiler.set_stance("force_eager")), so the hooks neither recompile it nor break its graphs.
 """
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from gpt_residual import runlog
+from gpt_residual import runlog, streams
 from model import ForwardContext
 
 
@@ -85,6 +86,8 @@ class Telemetry:
             out["resid_b"] = _values(self.model.x0_lambdas)
         if self.model.config.value_residual:
             out["v_lambda"] = [_values(b.attn.v_lambda)[0] if hasattr(b.attn, "v_lambda") else 0.0 for b in self.blocks]
+        if self.model.config.hyper_connections != "none":
+            out["hc_gain"] = streams.composite_gain(self.model)
         return out
 
     def grad_norms(self) -> dict[str, list[float]]:

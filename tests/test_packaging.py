@@ -8,7 +8,7 @@ from conftest import ROOT, run
 
 CORE = {"torch", "numpy", "tiktoken", "datasets", "tqdm"}  # what python train.py configs/small.py imports
 EXTRAS = {"hf": {"transformers", "safetensors", "tokenizers"}, "plot": {"matplotlib"}, "wandb": {"wandb"}}
-DEV_TOOLS = {"pytest", "ruff"}
+DEV_TOOLS = {"pytest", "ruff", "hyper-connections"}  # hyper-connections: test_streams.py's oracle
 
 
 def pyproject() -> dict:
