@@ -80,9 +80,9 @@ def check(c) -> None:
                          )  # fmt: skip
     if c.attn_residuals not in ATTN_RESIDUALS:
         raise ValueError(f"attn_residuals must be one of {', '.join(ATTN_RESIDUALS)}; got {c.attn_residuals!r}")
-    if c.n_streams < 1 or c.attn_residual_blocks < 1:
-        raise ValueError(f"n_streams and attn_residual_blocks must be >= 1; got {c.n_streams} and "
-                         f"{c.attn_residual_blocks}")  # fmt: skip
+    for key in ("n_streams", "attn_residual_blocks"):
+        if getattr(c, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(c, key)}")
     on = [k for k in ("hyper_connections", "attn_residuals") if getattr(c, k) != "none"]
     if len(on) == 2:
         raise ValueError("hyper_connections and attn_residuals each replace the residual connection; choose one")

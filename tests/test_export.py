@@ -147,6 +147,8 @@ SWITCHES = {
     "logit_softcap": 15.0,
     "residual_scalars": True,
     "value_residual": True,
+    "hyper_connections": "hc",
+    "attn_residuals": "full",
 }
 
 
@@ -155,6 +157,7 @@ def test_every_switch_of_the_config_is_covered():
     activation_checkpointing) or refused."""
     shape = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "init"}
     shape |= {"activation_checkpointing"}  # recomputes activations in training; the weights are the same
+    shape |= {"n_streams", "attn_residual_blocks"}  # sizes of hyper_connections / attn_residuals, refused when on
     assert {f.name for f in dataclasses.fields(GPTConfig)} - shape == set(SWITCHES) == set(hf_export.EXPORT_ARCH)
 
 
