@@ -257,15 +257,15 @@ def test_composite_gain():
     assert math.isclose(streams.composite_gain(model), 1.0, abs_tol=1e-5)
     hc = make_model(**KINDS["hc"])
     assert streams.composite_gain(hc) == 1.0  # A_r = I
+    attn, mlp = 2 * torch.eye(4), torch.eye(4)
+    attn[1, 0], attn[3, 0], mlp[0, 1] = 1.0, 3.0, -0.5  # they do not commute: the order matters (17.5, not 22.75)
     with torch.no_grad():
         for block in hc.transformer.h:
-            block.res_attn.mix.static_res.mul_(2.0)  # every attention sub-layer doubles: 2^n_layer
-            block.res_mlp.mix.static_res[0, 1] = -0.5  # and the MLP's add -0.5 x_1 to stream 0
+            block.res_attn.mix.static_res.copy_(attn)
+            block.res_mlp.mix.static_res.copy_(mlp)
     expected = torch.eye(4)
     for _ in hc.transformer.h:
-        mlp = torch.eye(4)
-        mlp[0, 1] = -0.5
-        expected = mlp @ (2 * torch.eye(4)) @ expected
+        expected = mlp @ attn @ expected  # x' = H_res x, attention first
     assert math.isclose(streams.composite_gain(hc), expected.abs().sum(-1).max().item(), rel_tol=1e-6)
     assert streams.composite_gain(make_model()) is None
 
@@ -365,6 +365,8 @@ def test_connection_weights_take_no_decay(kind, optimizer):
     model = make_model(**KINDS[kind])
     opt = optim.build(model, 0.1, 1e-3, (0.9, 0.95), "cpu", optimizer=optimizer)
     ours = {id(p) for n, p in model.named_parameters() if streams.owns(n)}
+    inside = [m for n, m in model.named_modules() if n.endswith(("res_attn", "res_mlp")) or n == "streams"]
+    assert ours == {id(p) for m in inside for p in m.parameters()}
     groups = [g for g in opt.param_groups if any(id(p) in ours for p in g["params"])]
     assert ours and len(groups) == 1 and groups[0]["weight_decay"] == 0.0 and "lr_scale" not in groups[0]
     assert ours <= {id(p) for p in groups[0]["params"]}
