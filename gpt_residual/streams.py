@@ -175,7 +175,9 @@ class ManifoldMix(nn.Module):
 
 
 class HyperConnection(nn.Module):
-    """x (B, T, n, C) around one sub-layer f: x'_i = sum_j H_res[i, j] x_j + H_post[i] f(sum_j H_pre[j] x_j)."""
+    """x (B, T, n, C) around one sub-layer f: x'_i = sum_j H_res[i, j] x_j + H_post[i] f(sum_j H_pre[j] x_j).
+    The sums are elementwise products, so they stay in float32 under autocast (a matmul would run in bfloat16, or
+    TF32 on CUDA, and round the whole stream at every sub-layer; the plain residual adds in float32)."""
 
     def __init__(self, mix: nn.Module):
         super().__init__()
@@ -184,7 +186,7 @@ class HyperConnection(nn.Module):
     def forward(self, x: torch.Tensor, branch) -> torch.Tensor:
         h_pre, h_post, h_res = self.mix(x)
         y = branch((h_pre.unsqueeze(-1) * x).sum(2).to(x.dtype))  # (B, T, C)
-        mixed = sum(h_res[..., j : j + 1] * x[:, :, j : j + 1] for j in range(x.size(2)))  # (B, T, n, C), float32
+        mixed = (h_res.unsqueeze(-1) * x.unsqueeze(2)).sum(3)  # sum_j H_res[i, j] x_j: (B, T, n, C), not a matmul
         return (mixed + h_post.unsqueeze(-1) * y.unsqueeze(2)).to(x.dtype)
 
     def readings(self) -> dict:
