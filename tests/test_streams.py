@@ -463,6 +463,24 @@ def test_trains_and_resumes_exactly(tiny_cfg, tmp_path, kind):
             assert torch.equal(torch.as_tensor(sa[name][key]), torch.as_tensor(sb[name][key])), (name, key)
 
 
+@pytest.mark.parametrize("kind", ["hc", "full"])
+def test_telemetry_reads_the_summed_stream(kind):
+    """Telemetry's rms is of the streams' sum: at init n times the plain stream's (HC), the plain stream's (AttnRes)."""
+    from gpt_residual import telemetry
+
+    plain, switched = (eps_free(m) for m in pair(kind))
+    idx = prompt(2, 16)
+    got = []
+    for model in (plain, switched):
+        tele = telemetry.Telemetry(model)
+        with torch.no_grad(), tele.capture_rms() as rms:
+            model(idx, idx)
+        got.append(rms)
+    factor = 4.0 if kind == "hc" else 1.0
+    for a, b in zip(*got, strict=True):
+        assert math.isclose(b, factor * a, rel_tol=1e-5), (a, b)
+
+
 def test_telemetry_logs_the_composite_gain(tiny_cfg):
     cfg = tiny_cfg(max_iters=4, telemetry_interval=2, hyper_connections="hc")
     train.train(cfg)
