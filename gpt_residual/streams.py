@@ -22,22 +22,25 @@ hyper_connections = "hc" | "mhc", with n_streams = n (the stream between blocks 
           xt = RMSNorm(vec(x)) (nC wide, no weight) and phi = [phi_pre | phi_post | phi_res] (nC, 2n + n^2),
               H_pre = sigmoid(a_pre xt phi_pre + b_pre)          H_post = 2 sigmoid(a_post xt phi_post + b_post)
               H_res = SinkhornKnopp(a_res mat(xt phi_res) + b_res)     rows and columns sum to 1
-          Sinkhorn-Knopp: exp, then 20 times columns / their sums, rows / their sums (sinkhorn() below; the
-          order of DeepSeek-V4's released code, so each new stream is a convex combination of the old ones).
-          init: phi = 0 and a = 0.01 (as HC's W and s), b_post = 0 (H_post = 1), b_res = 0 (H_res = J / n, as
-          DeepSeek-V4's released init), b_pre = e_(k mod n) (sub-layer k leans on stream k mod n, as HC's A_m,
-          so the streams can come apart). At init the streams stay equal and each is the pre-LN stream; the
-          sub-layer reads sum_j H_pre[j] x = (0.73 + 0.5 (n - 1)) x, which its norm scales back (exactly, eps aside).
+          Sinkhorn-Knopp: exp, then 20 times columns / their sums, rows / their sums (sinkhorn() below). The
+          paper's eq. 9 does rows first; DeepSeek-V4's released code columns first, as we do: both tend to the same
+          matrix, and this order ends with exact row sums (each new stream a convex combination of the old ones).
+          init: phi = 0 and a = 0.01 (as HC's W and s), b_post = b_res = 0 (DeepSeek-V4's released init of its
+          biases: H_post = 1, H_res = J / n), b_pre = e_(k mod n) (sub-layer k leans on stream k mod n, as HC's
+          A_m, so the streams can come apart; DeepSeek-V4 breaks the symmetry with a random phi instead). At init
+          the streams stay equal and each is the pre-LN stream; the sub-layer reads sum_j H_pre[j] x =
+          (0.73 + 0.5 (n - 1)) x, which its norm scales back (exactly, eps aside).
     Where these differ from the `hyper-connections` package (lucidrains), tests/test_streams.py says exactly.
 
 attn_residuals = "full" | "block" (Attention Residuals, Kimi Team 2026, arXiv 2603.15031): the stream between
     blocks is the stack of sources V = (B, T, S, C), source 0 the embedding; each sub-layer reads
         h = sum_i alpha_i v_i,   alpha = softmax_i(w . RMSNorm(v_i))     w: the sub-layer's pseudo-query (C,), 0 at init
-    "full":  every sub-layer's output is a new source (S = 1 + 2 * layers so far).
-    "block": the layers fall into attn_residual_blocks blocks of whole layers (layer l opens block
-             floor(l * N / n_layer)); the sources are the embedding, the sum of each finished block's outputs, and
-             the running sum of the current block's (the last source), so S <= N + 1.
-    The final norm reads the same kind of sum with a pseudo-query of its own (GPT.streams.out). With w = 0 every
+    "full":  every sub-layer's output is a new source: source 2l + 1 is layer l's attention, 2l + 2 its MLP.
+    "block": the layers fall into attn_residual_blocks = N blocks of whole layers (layer l is in block
+             floor(l * N / n_layer)); source b + 1 is the sum of block b's outputs, the last one still running while
+             its block runs, so S <= N + 1. source_labels(config) names the sources the final norm reads.
+    The final norm reads the same kind of sum with a pseudo-query of its own (GPT.streams.out: the paper's code
+    shows the layers only; we read its h_l for l = L + 1 as the head's input). With w = 0 every
     read is the mean of the sources, the pre-LN stream divided by S, which each norm scales back: with eps-free
     norms the logits are exactly the pre-LN model's. Memory: each sub-layer keeps its stack of sources for the
     backward pass (about S stream copies; activation_checkpointing keeps only each block's input).
@@ -53,8 +56,8 @@ input; block.res_attn.depth (AttnRes) returns alpha (B,T,S) over the sources; li
 GPT.streams.out.depth. readings() gives the static parts; composite_gain(model) the gain of prod_k H_res^(k).
 
 Parameters (all in AdamW's no-decay group at the base learning rate, also under optimizer=muon; see owns()): decay
-would pull the static weights (I, 1) toward 0 and the pseudo-queries are vectors, n x n mixing matrices nothing
-Muon is for.
+would pull the static weights (I, 1) toward 0 and the pseudo-queries toward uniform reads; Muon orthogonalises
+weight matrices, and these are vectors, n x n mixers and a (nC, 2n + n^2) read-out.
     mix.static_pre (n,)    HC A_m / mHC b_pre          mix.static_post (n,)   HC B / mHC b_post
     mix.static_res (n, n)  HC A_r / mHC b_res [i, j]   mix.dynamic            HC W (C, 2 + n) / mHC phi (nC, 2n + n^2)
     mix.scale              HC (s_a, s_b) / mHC (a_pre, a_post, a_res)
@@ -264,6 +267,15 @@ def opens_block(c, layer: int) -> bool:
     """attn_residuals="block": whether layer `layer` (0-based) starts a block (N blocks of whole layers)."""
     N, L = c.attn_residual_blocks, c.n_layer
     return layer == 0 or (layer * N) // L != ((layer - 1) * N) // L
+
+
+def source_labels(c) -> list[str]:
+    """What each source the final norm reads is (attn_residuals): "embedding", then "attn 0", "mlp 0", ... (full)
+    or "layers 0-1", ... (block)."""
+    if c.attn_residuals == "full":
+        return ["embedding"] + [f"{s} {layer}" for layer in range(c.n_layer) for s in ("attn", "mlp")]
+    starts = [layer for layer in range(c.n_layer) if opens_block(c, layer)] + [c.n_layer]
+    return ["embedding"] + [f"layers {a}-{b - 1}" for a, b in zip(starts, starts[1:])]
 
 
 def connections(c, layer: int, make_norm) -> tuple[nn.Module | None, nn.Module | None]:

@@ -300,6 +300,14 @@ def test_attn_residual_weights_at_init_are_uniform_over_the_sources(kind):
 def test_block_boundaries_hold_whole_layers():
     c = GPTConfig(n_layer=12, attn_residuals="block")
     assert [i for i in range(12) if streams.opens_block(c, i)] == [0, 2, 3, 5, 6, 8, 9, 11]  # 8 blocks
+    labels = streams.source_labels(c)
+    assert labels[:3] == ["embedding", "layers 0-1", "layers 2-2"] and len(labels) == 9
+    model = make_model(n_layer=3, **KINDS["full"])
+    seen = []
+    model.streams.out.depth.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        model(prompt(1, 4), prompt(1, 4))
+    assert seen[0].size(-1) == len(streams.source_labels(model.config)) == 7  # embedding + 3 x (attn, mlp)
     c = GPTConfig(n_layer=4, attn_residuals="block", attn_residual_blocks=4)
     assert all(streams.opens_block(c, i) for i in range(4))
 
