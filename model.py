@@ -16,7 +16,9 @@ reads it and adds to it; where the norm sits is a switch:
 More switches, each off by default (GPT-2): qk_norm (queries and keys normalised per head), norm_affine=False
 (norms without weight or bias), embed_norm (a norm on the embeddings), residual_scalars (before block i,
 x = a_i * x + b_i * x0, x0 the embedding output), value_residual (each layer's values mixed with layer 0's),
-positions="rope" (rotary position embeddings instead of wpe), logit_softcap (c * tanh(logits / c)).
+positions="rope" (rotary position embeddings instead of wpe), logit_softcap (c * tanh(logits / c)),
+hyper_connections (n streams mixed by learned matrices: HC, mHC) and attn_residuals (each sub-layer reads a softmax
+over the earlier outputs), both replacing the pre-LN skip connection (gpt_residual/streams.py).
 The stream's frontier (2025), each off by default too: norm="dyt"|"derf" (point-wise, normalization-free norms,
 gpt_residual/norms.py), attn_gate (a sigmoid gate on each head's output), norm_scaling (block l's norms times
 1/sqrt(l)) and depth_scaling (each branch times (n_layer/base_depth)^-a): see AttentionGate and Block.
@@ -34,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gpt_residual import norms
+from gpt_residual import norms, streams
 from gpt_residual.norms import NORMS
 
 NORM_POSITIONS = ("pre", "post", "peri", "reordered", "mix")
@@ -74,6 +76,10 @@ class GPTConfig:
     positions: str = "learned"  # position embeddings: "learned" (GPT-2's wpe) | "rope" (rotary, no wpe)
     logit_softcap: float = 0.0  # cap the logits at c * tanh(logits / c), before the loss and sampling (0: off)
     activation_checkpointing: bool = False  # keep only each block's input; recompute the rest in backward
+    hyper_connections: str = "none"  # "none" | "hc" (Hyper-Connections) | "mhc" (manifold-constrained): n_streams lanes
+    n_streams: int = 4  # hyper_connections: residual streams (the embedding enters each; summed before ln_f)
+    attn_residuals: str = "none"  # "none" | "full" | "block": sub-layers read a softmax over earlier outputs (Kimi)
+    attn_residual_blocks: int = 8  # attn_residuals="block": blocks of whole layers (<= n_layer) it attends over
 
     def __post_init__(self):
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -100,6 +106,7 @@ class GPTConfig:
         if self.residual_scalars and not self.residual:
             raise ValueError("residual_scalars scales the skip connection that residual=False removes; drop one")
         self.check_frontier()
+        streams.check(self)  # hyper_connections, attn_residuals
 
     def check_frontier(self):
         """The switches of issue 26 (attn_gate, norm_scaling, mix, dyt/derf, depth_scaling) and what they refuse."""
@@ -357,6 +364,7 @@ class Block(nn.Module):
             self.ln_2_out = make_norm(config, site="mlp", scale=m)
         self.alpha = config.deepnorm_alpha if config.deepnorm else 1.0
         self.residual = config.residual
+        self.res_attn, self.res_mlp = streams.connections(config, layer, make_norm)  # None: the plain skip
 
     def skip(self, x: torch.Tensor):
         """What the residual connection carries past a sub-layer: x, alpha * x (DeepNorm), or 0."""
@@ -366,7 +374,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None, shared=None):
         """shared: what the layers of one pass share (rotary angles, layer 0's values); see ForwardContext."""
-        if self.position == "pre":
+        if self.res_attn is not None:  # pre-LN with hyper_connections or attn_residuals (streams.py)
+            x = self.res_attn(x, lambda h: self.attn(self.ln_1(h), cache, pos, shared))
+            x = self.res_mlp(x, lambda h: self.mlp(self.ln_2(h)))
+        elif self.position == "pre":
             x = self.skip(x) + self.attn(self.ln_1(x), cache, pos, shared)
             x = self.skip(x) + self.mlp(self.ln_2(x))
         elif self.position == "post":
@@ -400,6 +411,7 @@ class GPT(nn.Module):
         )
         if config.norm in norms.POINTWISE:  # DyT's LLaMA and Derf's GPT-2: a learned scalar on the embeddings
             self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(config.n_embd)))  # from sqrt(n_embd)
+        self.streams = streams.entry(config)  # into and out of hyper_connections' streams / attn_residuals' sources
         if config.residual_scalars:  # nanochat: a_i = 1 (the plain residual) and b_i = 0 (no x0) at init
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))  # a_i (n_layer,)
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))  # b_i (n_layer,)
@@ -460,6 +472,8 @@ class GPT(nn.Module):
         x0 = x  # what residual_scalars mixes back in before every block
         angles = rotary(pos, c.n_embd // c.n_head) if c.positions == "rope" else None
         shared = ForwardContext(angles)  # and, once layer 0 has run, its values
+        if self.streams is not None:
+            x = self.streams.expand(x)  # (B, T, n, C) or (B, T, 1, C): see streams.py
         for i, block in enumerate(self.transformer.h):
             if c.residual_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -467,6 +481,8 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, cache, pos, shared, use_reentrant=False)
             else:
                 x = block(x, cache, pos, shared)
+        if self.streams is not None:
+            x = self.streams.reduce(x)  # (B, T, C)
         return self.head(x, targets)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None):

@@ -29,9 +29,14 @@ the blocks (transformer.h.*; the branches, their norms and biases, Muon's matric
 takes AdamW's eps * m^-a; the embeddings, the final norm and the head keep learning_rate and eps. Weight decay
 is left as set (AdamW decays by lr * weight_decay per step, so the blocks' decay follows their rate, as in the
 reference code). a = 1 leaves the rates alone; a = 1/2 (depth-muP) divides them by sqrt(m).
+
+The weights of hyper_connections and attn_residuals (streams.py lists each) join the no-decay AdamW group at the
+base rate, also under Muon.
 """
 
 import torch
+
+from gpt_residual import streams
 
 SCALAR_LR = {"x0_lambdas": 1.0, "resid_lambdas": 0.01, "v_lambda": 0.1}  # fractions of scalar_lr, by name
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default: every group's, but the blocks' under depth_scaling
@@ -99,13 +104,15 @@ def build(model, weight_decay, learning_rate, betas, device_type, optimizer="ada
     the blocks' parameters, at its rate and eps, and the rest (see the module's docstring)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     scalars = {key: [p for n, p in named if n.split(".")[-1] == key] for key in SCALAR_LR}
-    taken = {id(p) for ps in scalars.values() for p in ps}
+    connections = [p for n, p in named if streams.owns(n)]  # stream mixing weights, pseudo-queries: no decay
+    taken = {id(p) for ps in scalars.values() for p in ps} | {id(p) for p in connections}
     muon = [p for n, p in named if optimizer == "muon" and n.startswith(BLOCKS) and p.dim() == 2]
+    muon = [p for p in muon if id(p) not in taken]
     taken |= {id(p) for p in muon}
     rest = [p for n, p in named if id(p) not in taken]
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() < 2] + connections, "weight_decay": 0.0},
     ]
     for key, ps in scalars.items():
         if ps:

@@ -40,6 +40,7 @@ GPT2_ARCH |= {"value_residual": False, "positions": "learned", "logit_softcap": 
 GPT2_ARCH |= {"attn_gate": "none"}  # GPT-2 has no gate weights on its attention
 GPT2_ARCH |= {"norm_scaling": False}  # GPT-2's norms feed its sub-layers unscaled
 GPT2_ARCH |= {"depth_scaling": 0.0}  # GPT-2's branches add unscaled to the stream
+GPT2_ARCH |= {"hyper_connections": "none", "attn_residuals": "none"}  # streams.py's learned connections
 GPT2_VOCAB = 50257  # GPT-2's BPE: 50256 merges' tokens and <|endoftext|>
 # a char vocabulary in tokenizer.json (scripts.export): tokenizers' WordLevel over every single character
 CHAR_SPLIT = r"[\s\S]"

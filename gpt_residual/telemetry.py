@@ -4,7 +4,8 @@ For each block i (0 = the first):
     grad_attn[i], grad_mlp[i]      gradient norm of the attention / MLP weights (with their input norms)
     update_attn[i], update_mlp[i]  ||weights after the optimizer step - before|| / ||weights before||
     rms[i]                         RMS of the residual stream: rms[0] entering block 0 (the
-                                   embeddings), rms[i + 1] leaving block i (n_layer + 1 entries)
+                                   embeddings), rms[i + 1] leaving block i (n_layer + 1 entries); with
+                                   hyper_connections or attn_residuals, of the streams' sum (streams.py)
     attn_logit_max[i]              the largest attention logit |q.k| / sqrt(hs) of block i (over the causal
                                    pairs of the first micro-batch), with or without qk_norm
     act_top[i], act_median[i]      massive activations (Sun et al. 2024; instruments.py): the largest and the median
@@ -67,8 +68,8 @@ class Telemetry:
         def hook(i):
             def fn(module, args, output):
                 if i == 0:
-                    rms[0] = args[0].detach().float().pow(2).mean().sqrt().item()
-                rms[i + 1] = output.detach().float().pow(2).mean().sqrt().item()
+                    rms[0] = _rms(args[0])
+                rms[i + 1] = _rms(output)
                 h = instruments.stream_view(output.detach()).abs()
                 act[i] = torch.stack([h.max(), h.median()]).float()
 
@@ -121,6 +122,12 @@ class Telemetry:
                 delta = _norm([p.detach() - q for p, q in zip(params, old[name])])
                 out[f"update_{name}"].append(delta / max(_norm(old[name]), 1e-12))
         return {**out, **self.learned()}
+
+
+def _rms(x: torch.Tensor) -> float:
+    """The RMS of the residual stream; hyper_connections' lanes (B, T, n, C) or attn_residuals' sources (B, T, S, C)
+    are summed first (streams.py: the pre-LN stream's counterpart)."""
+    return instruments.stream_view(x.detach()).float().pow(2).mean().sqrt().item()
 
 
 def _values(p: torch.Tensor) -> list[float]:

@@ -155,6 +155,8 @@ SWITCHES = {
     "attn_gate": "head",
     "norm_scaling": True,
     "depth_scaling": 1.0,
+    "hyper_connections": "hc",
+    "attn_residuals": "full",
 }
 
 
@@ -165,6 +167,7 @@ def test_every_switch_of_the_config_is_covered():
     shape |= {"activation_checkpointing"}  # recomputes activations in training; the weights are the same
     shape |= {"mix_ln_frac", "dyt_alpha_attn", "dyt_alpha_mlp", "dyt_alpha_final", "base_depth"}  # inert when
     # their switch (norm_position="mix", norm="dyt"|"derf", depth_scaling) is off, and that switch is refused
+    shape |= {"n_streams", "attn_residual_blocks"}  # sizes of hyper_connections / attn_residuals, refused when on
     assert {f.name for f in dataclasses.fields(GPTConfig)} - shape == set(SWITCHES) == set(hf_export.EXPORT_ARCH)
 
 
