@@ -127,7 +127,9 @@ def test_q10_reports_what_it_could_not_measure():
     """A run without an inspection, and a diverged one, are dashes and counted, not zeros."""
     jobs = {run.name: [fake(run, s) for s in SEEDS] for run in DEPTH.values()}
     jobs[DEPTH["post-LN", 48].name] = [fake(DEPTH["post-LN", 48], s, float("nan")) for s in SEEDS]
+    jobs[DEPTH["pre-LN", 6].name][0].inspect_error = "error: cannot read ckpt.pt"
     text = section(depth_questions.q10, jobs)
+    assert "- Not measured (the inspection failed: runs/<name>/inspect.log): q-d6-pre-s1337\n" in text
     assert "| post-LN | 2.6000 ± 0.0000 (3/3) | 2.6000 ± 0.0000 (3/3) | 2.6000 ± 0.0000 (3/3) | — (0/3) |" in text
     assert "| pre-LN | — | — | — | — |" in text  # no inspection: no share
     assert "not testable (too few finite seeds)" in answer(text)

@@ -134,6 +134,9 @@ def q10(r: Results) -> list[str]:
         rows["later half's angular distance"].append([arm, *(mean_std(map(late_angle, js)) for js in runs.values())])
     for title, body in rows.items():
         md += table([title, *cols], body)
+    failed = [j.name for a in DEPTH_ARMS for L in depths for j in r.seeds(DEPTH[a, L]) if j.inspect_error]
+    if failed:
+        md.append(f"- Not measured (the inspection failed: runs/<name>/inspect.log): {', '.join(failed)}")
     pre = stats.welch(map(late_share, r.seeds(DEPTH[PRE, shallowest])), map(late_share, r.seeds(DEPTH[PRE, deepest])))
     md.append(f"- pre-LN, later half's share at {deepest} minus at {shallowest} layers: {describe(pre, '')}")
     arms = [a for a in DEPTH_ARMS if a != PRE]

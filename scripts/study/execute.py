@@ -2,8 +2,8 @@
 a `python -m scripts.inspect` of the trained run), several at once, one progress line each.
 
 A run's folder keeps its records (metrics.jsonl, config.json, train.log, study.json, inspect.json), not its
-weights: the checkpoints are deleted once the run is measured (a 48-layer GPT-2-wide run would hold
-gigabytes, and nothing in the report reads them). Each CPU run gets OMP_NUM_THREADS=1 unless it is set: runs
+weights: the checkpoints are deleted once the run is measured (a 24-layer GPT-2-wide run holds gigabytes,
+and nothing in the report reads them). Each CPU run gets OMP_NUM_THREADS=1 unless it is set: runs
 at once on one core each, and the same thread count on every rerun, so that a rerun reproduces its numbers.
 """
 
@@ -61,22 +61,28 @@ def inspect(job: Job, out: Path, env: dict) -> dict:
 
 
 def run_job(job: Job, runs: Path, gpu: str | None, reuse: bool):
-    """One `python train.py` subprocess (unless reused), its inspection, then its outcome and records."""
+    """One `python train.py` subprocess (unless reused), its inspection, then its outcome and records. A run
+    whose inspection failed keeps its checkpoint, so that --reuse can inspect it again."""
     out, done = runs / job.name, runs / job.name / "study.json"
-    if not (reuse and done.exists() and json.loads(done.read_text()).get("resolved") == job.resolved):
+    result = json.loads(done.read_text()) if reuse and done.exists() else {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    t0, ran = time.perf_counter(), False
+    if result.get("resolved") != job.resolved:
+        ran = True
         shutil.rmtree(out, ignore_errors=True)  # start clean: nothing of an earlier run
         out.mkdir(parents=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
-        env.setdefault("OMP_NUM_THREADS", "1")
-        cmd, t0 = [sys.executable, str(ROOT / "train.py"), *job.args, f"--out_dir={out}"], time.perf_counter()
+        cmd = [sys.executable, str(ROOT / "train.py"), *job.args, f"--out_dir={out}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         (out / "train.log").write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
-        result = dict(resolved=job.resolved, rc=proc.returncode, error=last_line(proc))
-        if job.inspect and proc.returncode == 0:
-            result |= inspect(job, out, env)
+        result = dict(resolved=job.resolved, rc=proc.returncode, error=last_line(proc), wall=0.0)
+    if job.inspect and result["rc"] == 0 and result.get("inspect_rc") != 0 and (out / "ckpt.pt").exists():
+        ran, result = True, result | inspect(job, out, env)
+    if not job.inspect or result.get("inspect_rc") == 0:
         for ckpt in out.glob("*.pt"):
             ckpt.unlink()
-        result |= dict(wall=time.perf_counter() - t0, load=os.getloadavg()[0])
+    if ran:  # a reused run keeps its time and load
+        result |= dict(wall=result["wall"] + time.perf_counter() - t0, load=os.getloadavg()[0])
         done.write_text(json.dumps(result))
     job.read(out)
 
