@@ -80,6 +80,7 @@ def test_study_runs_variants_and_questions_1_to_5(tmp_path, char_data, monkeypat
         assert f"![{name}]({name}.png)" in report
 
     assert not re.search(r"issue|#\d", report, re.I)  # speaks of the project, not of its tracker
+    assert f"- preset cpu: {PRESETS['cpu'].note}\n" in report and re.search(r"; estimated \d+\)\n", report)
     for n in range(1, 6):
         text = section(report, f"## Question {n}:")
         assert len(numbers(text)) >= 4, (n, text)
@@ -119,10 +120,13 @@ def test_study_runs_variants_and_questions_1_to_5(tmp_path, char_data, monkeypat
 
 def test_a_diverging_run_is_a_result(tmp_path, char_data):
     flags = ["--variants=pre_ln", "--seeds=1", "--questions=none", "--max_iters=10", "--learning_rate=1e9"]
-    proc = study_py(tmp_path, char_data, *flags, "--grad_clip=0", "--warmup_iters=0", "--n_layer=1", "--jobs=2")
+    proc = study_py(
+        tmp_path, char_data, *flags, "--grad_clip=0", "--warmup_iters=0", "--n_layer=1", "--preset=quick", "--jobs=2"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\[\d/2\] pre_ln seed 1337 \.\.\. DIVERGED: step \d+: loss", proc.stdout, re.M), proc.stdout
     report = (tmp_path / "small/report.md").read_text()
+    assert f"- preset quick: {PRESETS['quick'].note}\n" in report
     assert row(report, "pre_ln")[1:4] == ["—", "—", "—"] and row(report, "pre_ln")[6] == "yes (1/1)"
     assert "Not trained: pre_ln-s1337 diverged" in report
 
