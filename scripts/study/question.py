@@ -1,10 +1,11 @@
-"""What a question of the study is, and the runs the questions read.
+"""What a question of the study is, and the runs questions 1-9 read.
 
-A Question owns its runs (the Run specs below that its section reads) and its report section; registry.py
-lists every question, and both the planner (runner.py) and the report (report.py) read that list. Every Run
-is one `python train.py` run of the questions' model, Q_BASE: several questions may read the same run, which
-the study makes once. A new question is a Question in norm_questions.py or modern_questions.py (or a new
-module), its new runs here, and one line in registry.py.
+A Question owns its runs (the Run specs that its section reads) and its report section; registry.py lists
+every question, and both the planner (runner.py) and the report (report.py) read that list. A Run is one
+`python train.py` run of a questions' model, or with seeded=True one per seed of the study: Q_BASE here for
+questions 1-9, DEEP_BASE (depth_runs.py) for questions 10-14. Several questions may read the same run,
+which the study makes once. A new question is a Question in a question module, its new runs here or in
+depth_runs.py, and one line in registry.py.
 """
 
 import typing
