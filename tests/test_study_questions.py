@@ -263,6 +263,8 @@ def test_the_new_questions_plan_every_arm_with_the_same_seeds_once():
     assert c["d48-pre"]["n_layer"] == 48 and c["d48-mhc"]["hyper_connections"] == "mhc"
     assert (c["sw-b-hc"]["optimizer"], c["sw-b-hc"]["residual_scalars"], c["sw-b-gate"]["residual_scalars"]) == (
         "muon", False, True)  # fmt: skip
+    dyt = [(c[f"sw-{b}-dyt"]["norm"], c[f"sw-{b}-dyt"]["qk_norm"], c[f"sw-{b}-dyt"]["embed_norm"]) for b in "ab"]
+    assert dyt == [("dyt", False, False)] * 2 and c["sw-b-gate"]["qk_norm"] and c["sw-b-mix"]["embed_norm"]
     cp = c["lr24-cp-x10"]
     assert (cp["learning_rate"], cp["min_lr"], cp["depth_scaling"], cp["base_depth"]) == (0.03, 0.003, 1.0, 6)
     assert c["lr6-sp-x0.333"]["learning_rate"] == 0.001 and c["lr6-sp-x0.333"]["depth_scaling"] == 0

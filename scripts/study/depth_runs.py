@@ -60,8 +60,15 @@ SWITCHES = {  # label: (slug, overrides added to a baseline)
     "mHC": ("mhc", {"hyper_connections": "mhc"}),
     "Attention Residuals": ("attnres", {"attn_residuals": "full"}),
 }
-# on the modern stack, these replace its learned residual scalars (x = a_i x + b_i x0), which they subsume
-REPLACES_SCALARS = ("hyper_connections", "attn_residuals")
+# what a switch replaces on the modern stack (b), because it refuses to combine with it: HC, mHC and Attention
+# Residuals replace the skip connection that the learned residual scalars (x = a_i x + b_i x0) scale; DyT and
+# Derf replace every norm, and a point-wise squash cannot normalise q and k per head or stand in for the
+# embeddings' norm
+REPLACES = {
+    "hyper_connections": {"residual_scalars": False},
+    "attn_residuals": {"residual_scalars": False},
+    "norm": {"qk_norm": False, "embed_norm": False},
+}
 BASELINES = {  # label: (slug, overrides)
     "(a) pre-LN, AdamW, GPT-2 init": ("a", {}),
     "(b) modern stack, Muon": ("b", MODERN),
@@ -69,9 +76,10 @@ BASELINES = {  # label: (slug, overrides)
 
 
 def arm_overrides(baseline: dict, switch: dict) -> dict:
+    """A baseline with a switch added, less what the switch replaces on it (REPLACES), at 12 layers."""
     both = {**baseline, **switch}
-    if baseline and any(k in switch for k in REPLACES_SCALARS):
-        both["residual_scalars"] = False
+    for key in switch:
+        both |= {k: v for k, v in REPLACES.get(key, {}).items() if baseline.get(k)}
     return {"n_layer": 12, **both}
 
 

@@ -61,7 +61,7 @@ VARIANTS = {  # name: TrainConfig overrides on top of the config file; a new var
     "hc": {"hyper_connections": "hc"},
     "mhc": {"hyper_connections": "mhc"},
     "attn_res": {"attn_residuals": "full"},
-    "attn_res_block": {"attn_residuals": "block"},
+    "attn_res_block": {"attn_residuals": "block", "attn_residual_blocks": 2},  # 2 blocks: any model of 2+ layers
 }
 # The default variants: GPT-2's pre-LN, RMSNorm (question 5), and what questions 8 and 9 read; the other
 # variants: --variants

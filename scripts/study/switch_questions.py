@@ -45,9 +45,11 @@ def q11(r: Results) -> list[str]:
         f"Setup: {c.get('n_layer')} layers, {c.get('n_embd')} wide, {c.get('max_iters')} steps at peak learning "
         f"rate {c.get('learning_rate')} (Muon: muon_lr {c.get('muon_lr')}), {n} seeds per arm, the same data order "
         "per seed. Each switch is added to (a) plain pre-LN with AdamW and GPT-2's init, and (b) the modern stack "
-        "(weightless RMSNorm, QK-norm, embed norm, RoPE, residual and value scalars, logit cap, Muon); on (b), HC, "
-        "mHC and Attention Residuals replace the learned residual scalars they subsume. Differences: arm minus "
-        "its baseline, final val loss; Holm-adjusted over the switches of each baseline.",
+        "(weightless RMSNorm, QK-norm, embed norm, RoPE, residual and value scalars, logit cap, Muon). On (b) a "
+        "switch replaces what it cannot combine with: HC, mHC and Attention Residuals the learned residual scalars "
+        "(they replace the skip connection those scale), DyT and Derf QK-norm and the embeddings' norm (a point-wise "
+        "squash normalises neither). Differences: arm minus its baseline, final val loss; Holm-adjusted over the "
+        "switches of each baseline.",
         "",
         *CLAIMS_11,
         "",
