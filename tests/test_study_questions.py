@@ -227,19 +227,24 @@ def test_q13_compares_hc_and_mhc_gain_spikes_and_loss():
 # ----------------------------------------------------------------------------- question 14
 
 
-def test_q14_says_how_far_the_best_learning_rate_moved_with_and_without_depth_scaling():
-    """Without depth_scaling the best moves from the 3rd learning rate at 6 layers to the 2nd at 24, and the
-    6-layer best costs 0.1 there; with it, the 3rd stays best."""
-    best = {(6, False): 2, (6, True): 2, (24, False): 1, (24, True): 2}
+@pytest.mark.parametrize("deep_best_without", [1, 2])
+def test_q14_says_how_far_the_best_learning_rate_moved_with_and_without_depth_scaling(deep_best_without):
+    """With depth_scaling the 3rd learning rate is best at 6 and 24 layers; without it the best moves to the
+    2nd at 24 (and the 6-layer best costs 0.1 there), or stays."""
+    best = {(6, False): 2, (6, True): 2, (24, False): deep_best_without, (24, True): 2}
     jobs = {}
     for (d, scaled, x), run in LR_SWEEP.items():
         k = LR_GRID.index(x)
         loss = 2.5 + 0.1 * abs(k - best[d, scaled])
         jobs[run.name] = [fake(run, s, loss + NOISE[i]) for i, s in enumerate(SEEDS)]
     text = section(depth_questions.q14, jobs)
+    assert "- With depth_scaling: best lr 0.01 at 6 layers, 0.01 at 24 (0 grid steps); the same\n" in text
+    if deep_best_without == 2:
+        assert answer(text).startswith("the best learning rate did not move on this grid, with depth_scaling or")
+        return
     assert answer(text) == "the optimum moved less with depth_scaling (0 vs 1 grid steps)"
-    assert "- Without depth_scaling: best lr 0.01 at 6 layers, 0.003 at 24 (1 grid steps)" in text
-    assert "+0.1000 nats [" in text and "a detectable cost" in text
+    assert "- Without depth_scaling: best lr 0.01 at 6 layers, 0.003 at 24 (1 grid steps); at 24 layers" in text
+    assert "the base depth's best minus the deep best: +0.1000 nats [" in text and "a detectable cost" in text
     assert "| 24 layers, with | 2.7000 ± 0.0100 | 2.6000 ± 0.0100 | 2.5000 ± 0.0100 | 2.6000 ± 0.0100 | 0.01 |" in text
 
 

@@ -257,13 +257,15 @@ def q14(r: Results) -> list[str]:
         if b0 < 0 or b1 < 0:
             md.append(f"- {'With' if s else 'Without'} depth_scaling: a depth without one finite cell")
             continue
-        deep = losses
-        cost = stats.welch(deep[b1][1], deep[b0][1])
-        md.append(
-            f"- {'With' if s else 'Without'} depth_scaling: best lr {lrs[b0]:g} at {BASE_DEPTH} layers, "
-            f"{deep[b1][0]:g} at {DEEP_DEPTH} ({moves[s]} grid steps); at {DEEP_DEPTH} layers the base depth's "
-            f"best minus the deep best: {describe(cost)}, {verdict(cost, None, 'lower', 'a detectable cost')}"
+        moved = f"best lr {lrs[b0]:g} at {BASE_DEPTH} layers, {losses[b1][0]:g} at {DEEP_DEPTH} ({moves[s]} grid steps)"
+        cost = stats.welch(losses[b1][1], losses[b0][1])
+        cost_words = f"{describe(cost)}, {verdict(cost, None, 'lower', 'a detectable cost')}"
+        where = (
+            "the same"
+            if b0 == b1
+            else f"at {DEEP_DEPTH} layers the base depth's best minus the deep best: {cost_words}"
         )
+        md.append(f"- {'With' if s else 'Without'} depth_scaling: {moved}; {where}")
     md.append(
         f"- Answer (grid steps the best learning rate moved, {BASE_DEPTH} -> {DEEP_DEPTH} layers): "
         f"**{answer_14(moves)}**"
@@ -276,6 +278,8 @@ def answer_14(moves: dict[bool, float]) -> str:
     off, on = moves[False], moves[True]
     if not (math.isfinite(off) and math.isfinite(on)):
         return "not answerable: a depth of the sweep has no finite cell"
+    if on == off == 0:
+        return "the best learning rate did not move on this grid, with depth_scaling or without: no difference here"
     if on < off:
         return f"the optimum moved less with depth_scaling ({on:.0f} vs {off:.0f} grid steps)"
     if on == off:

@@ -40,8 +40,7 @@ class Job:
 
     def describe(self) -> str:
         """What it was and how it ended, for the progress line."""
-        what = self.name if self.group == "q" else self.group
-        what += " probe" if self.probe else f" seed {self.seed}"
+        what = self.name if self.group == "q" else self.group + (" probe" if self.probe else f" seed {self.seed}")
         if self.status != "ok":
             return f"{what} ... {self.status.upper()}: {self.error.removeprefix('error: ')}"
         return f"{what} ... " + (
