@@ -336,5 +336,8 @@ def test_a_job_reads_its_inspection(tmp_path):
     job.read(tmp_path)
     assert job.inspection["layers"] == layers and depth_questions.layers(job, "skip_loss_delta") == [0.5]
     assert depth_questions.late_share(job) == 1.0  # one block: it is the later half
+    deltas = [1.0, -0.5, 0.5, -0.2]  # skipping blocks 1 and 3 lowers the loss: they count 0, not less
+    job.inspection = {"layers": [{"block": i, "skip_loss_delta": x} for i, x in enumerate(deltas)]}
+    assert depth_questions.late_share(job) == pytest.approx(0.5 / 1.5)
     job.rc = 1  # a run that diverged was not measured
     assert depth_questions.layers(job, "skip_loss_delta") == [] and math.isnan(depth_questions.late_share(job))

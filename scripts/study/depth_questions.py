@@ -28,10 +28,11 @@ def layers(job: Job, key: str) -> list[float]:
 
 
 def late_share(job: Job) -> float:
-    """The later half's share of the skip loss: sum over blocks i >= L/2 of skip_loss_delta_i over the sum
-    over all blocks. 0.5 when every block matters alike; falls as the later blocks stop mattering. NAN when
-    the run was not measured, or skipping blocks costs nothing in total (a model that learned nothing)."""
-    d = layers(job, "skip_loss_delta")
+    """The later half's share of the skip loss: over blocks i >= L/2, the sum of max(0, skip_loss_delta_i),
+    over that sum for all blocks; in [0, 1], 0.5 when every block matters alike, falling as the later blocks
+    stop mattering. A block whose skipping lowers the loss counts as 0 (a sum of signed deltas near zero would
+    make the ratio meaningless). NAN when the run was not measured or no block matters at all."""
+    d = [max(0.0, x) for x in layers(job, "skip_loss_delta")]
     total = sum(d)
     if not d or not math.isfinite(total) or total <= 0:
         return NAN
@@ -113,7 +114,7 @@ def q10(r: Results) -> list[str]:
         "same data order per seed. Per block, from python -m scripts.inspect on fixed val batches: the val loss "
         "increase when the block is skipped, and the angular distance between its input and output "
         "(arccos of their cosine / pi). *Later half's share*: the later half's sum of those loss increases "
-        "over all blocks' (0.5: every block matters alike).",
+        "over all blocks' (0.5: every block matters alike; a block whose skipping lowers the loss counts 0).",
         "",
     ]
     md += CLAIMS_10 + [""]
