@@ -221,6 +221,7 @@ def test_q13_compares_hc_and_mhc_gain_spikes_and_loss():
         "composite gain (max over training): lower with mHC; spikes: fewer with mHC; final val loss: lower with mHC"
     )
     assert "pre-LN trains here (final val loss more than 0.5 nats below the unigram loss) in 3 of 3 seeds" in text
+    assert "Setup: question 11's model (a) at peak learning rate 0.01, 3.33x its usual, pre-LN, HC and mHC" in text
     assert "| HC | 2.9000 ± 0.0100 | 0/3 | 1.0000 ± 0.0000 | 3000.0000 ± 500.0000 | 3000.0000 ± 500.0000 |" in text
 
 

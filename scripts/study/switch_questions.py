@@ -280,7 +280,8 @@ def q13(r: Results) -> list[str]:
     warm = c.get("warmup_iters", 0)
     ok = [j.status == "ok" and final(j) < r.unigram - LEARNED for j in arms["pre-LN"]]
     md = [
-        f"Setup: question 11's model (a) at peak learning rate {HIGH_LR:g}, about 3x its usual, pre-LN, HC and mHC "
+        f"Setup: question 11's model (a) at peak learning rate {c.get('learning_rate')}, {HIGH_LR:.3g}x its usual, "
+        "pre-LN, HC and mHC "
         f"({c.get('n_streams', 4)} streams), {len(arms['pre-LN'])} seeds each, a training loss logged every "
         f"{c.get('log_interval')} steps and the composite gain every {c.get('telemetry_interval')}. pre-LN trains "
         f"here (final val loss more than {LEARNED} nats below the unigram loss) in {sum(ok)} of {len(ok)} seeds"
