@@ -491,4 +491,5 @@ def test_dry_run_lists_the_runs_and_their_cost_and_runs_nothing(tmp_path, capsys
     assert re.fullmatch(r"  pre_ln-init +probe +0\.00M tokens +\d+\.\d s", out[0]), out[0]
     k = next(k for k, j in enumerate(jobs) if j.inspect)
     secs = presets.run_seconds(jobs[k].resolved, False, jobs[k].inspect, study.vocab_size(jobs[0].resolved), True)
-    assert re.fullmatch(rf"  {jobs[k].name} +60 steps \+ inspect +[\d.]+M tokens +{secs:.1f} s", out[k])
+    steps = jobs[k].resolved["max_iters"]
+    assert re.fullmatch(rf"  {jobs[k].name} +{steps} steps \+ inspect +[\d.]+M tokens +{secs:.1f} s", out[k])

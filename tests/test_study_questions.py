@@ -10,8 +10,9 @@ from study_switches import switches  # noqa: F401  (a fixture: the switch keys, 
 
 from scripts.study import depth_questions, depth_runs, execute, presets, stats, switch_questions
 from scripts.study import runner as study
-from scripts.study.depth_runs import DEPTH, LR_GRID, LR_SWEEP, STABILITY, SWITCH
+from scripts.study.depth_runs import DEEP_BASE, DEPTH, LR_GRID, LR_SWEEP, STABILITY, SWITCH
 from scripts.study.job import Job
+from scripts.study.presets import PRESETS
 from scripts.study.results import Results
 
 SEEDS = (1337, 1338, 1339)
@@ -128,7 +129,10 @@ def test_q10_reports_what_it_could_not_measure():
     jobs = {run.name: [fake(run, s) for s in SEEDS] for run in DEPTH.values()}
     jobs[DEPTH["post-LN", 48].name] = [fake(DEPTH["post-LN", 48], s, float("nan")) for s in SEEDS]
     jobs[DEPTH["pre-LN", 6].name][0].inspect_error = "error: cannot read ckpt.pt"
+    del jobs[DEPTH["mHC", 48].name]  # a preset left it out
     text = section(depth_questions.q10, jobs)
+    assert "- Not run in this study (its preset leaves them out, docs/norms.md says why): mHC at 48 layers\n" in text
+    assert "not run or not testable: post-LN, peri-LN, Mix-LN, DeepNorm, LayerNorm Scaling, mHC, no residual" in text
     assert "- Not measured (the inspection failed: runs/<name>/inspect.log): q-d6-pre-s1337\n" in text
     assert "| post-LN | 2.6000 ± 0.0000 (3/3) | 2.6000 ± 0.0000 (3/3) | 2.6000 ± 0.0000 (3/3) | — (0/3) |" in text
     assert "| pre-LN | — | — | — | — |" in text  # no inspection: no share
@@ -260,13 +264,15 @@ def test_the_new_questions_plan_every_arm_with_the_same_seeds_once():
     by_run = {}
     for j in q:
         by_run.setdefault(j.run, []).append(j)
-    assert set(by_run) == {r.name for r in depth_runs.RUNS}
+    made = {r.name for r in depth_runs.RUNS} - set(PRESETS["cpu"].leave_out)
+    assert set(by_run) == made and PRESETS["cpu"].leave_out == ("d48-mhc",)
     assert all(sorted(j.seed for j in js) == list(SEEDS) for js in by_run.values())  # one data order per seed
-    assert len(q) == len({j.name for j in q}) == 3 * len(depth_runs.RUNS)  # a shared run is made once per seed
+    assert len(q) == len({j.name for j in q}) == 3 * len(made)  # a shared run is made once per seed
     assert SWITCH["(a) pre-LN, AdamW, GPT-2 init", "baseline"] is DEPTH["pre-LN", 12]
-    assert {j.run for j in q if j.inspect} == {r.name for r in DEPTH.values()} and {j.inspect for j in q} == {0, 4}
+    assert {j.run for j in q if j.inspect} == {r.name for r in DEPTH.values()} - {"d48-mhc"}
+    assert {j.inspect for j in q} == {0, PRESETS["cpu"].inspect_batches}
     c = {j.run: j.resolved for j in q if j.seed == SEEDS[0]}
-    assert c["d48-pre"]["n_layer"] == 48 and c["d48-mhc"]["hyper_connections"] == "mhc"
+    assert c["d48-pre"]["n_layer"] == 48 and c["d24-mhc"]["hyper_connections"] == "mhc"
     assert (c["sw-b-hc"]["optimizer"], c["sw-b-hc"]["residual_scalars"], c["sw-b-gate"]["residual_scalars"]) == (
         "muon", False, True)  # fmt: skip
     dyt = [(c[f"sw-{b}-dyt"]["norm"], c[f"sw-{b}-dyt"]["qk_norm"], c[f"sw-{b}-dyt"]["embed_norm"]) for b in "ab"]
@@ -275,7 +281,7 @@ def test_the_new_questions_plan_every_arm_with_the_same_seeds_once():
     assert (cp["learning_rate"], cp["min_lr"], cp["depth_scaling"], cp["base_depth"]) == (0.03, 0.003, 1.0, 6)
     assert c["lr6-sp-x0.333"]["learning_rate"] == 0.001 and c["lr6-sp-x0.333"]["depth_scaling"] == 0
     assert (c["st-hc"]["learning_rate"], c["st-hc"]["log_interval"], c["st-hc"]["telemetry_interval"]) == (0.01, 5, 10)
-    assert all(c[r.name]["n_embd"] == 32 and c[r.name]["max_iters"] == 200 for r in depth_runs.RUNS)
+    assert all(c[r]["n_embd"] == 32 and c[r]["max_iters"] == DEEP_BASE["max_iters"] == 150 for r in made)
     only = study.plan(*study.parse(["configs/small.py", "--questions=13", "--variants=pre_ln"]))
     assert {j.run for j in only if j.group == "q"} == {r.name for r in STABILITY.values()}
 
@@ -286,11 +292,11 @@ def test_the_quick_preset_asks_the_same_questions_smaller():
     jobs = [j for j in study.plan(*study.parse(["configs/small.py", "--preset=quick"])) if j.group == "q"]
     deep = [j for j in jobs if j.run in {r.name for r in depth_runs.RUNS}]
     assert {j.seed for j in deep} == set(SEEDS[:2]) and max(j.resolved["n_layer"] for j in deep) == 24
-    assert {j.resolved["max_iters"] for j in deep} == {50} and {j.inspect for j in deep} == {0, 2}
-    assert {j.resolved["max_iters"] for j in jobs if j not in deep} == {80}
+    assert {j.resolved["max_iters"] for j in deep} == {40} and {j.inspect for j in deep} == {0, 2}
+    assert {j.resolved["max_iters"] for j in jobs if j not in deep} == {50}
     full = {j.run for j in study.plan(*study.parse(["configs/small.py"])) if j.group == "q"}
     left_out = full - {j.run for j in jobs}
-    assert left_out == {r.name for (_, L), r in DEPTH.items() if L == 48}
+    assert left_out == {r.name for (_, L), r in DEPTH.items() if L == 48} - {"d48-mhc"} | {"d24-mhc"}
 
 
 @needs_muon
@@ -317,6 +323,13 @@ def test_the_cost_model_counts_flops_steps_and_start_up():
     inspected = presets.run_seconds(c, False, 4, 65, gpu=False)
     assert inspected - want == pytest.approx(presets.START["inspect"] + flops * 14 * 4 / 3 / presets.CPU_RATE[32])
     assert presets.cpu_rate(45) == pytest.approx(math.exp((math.log(30e9) + math.log(27e9)) / 2), rel=0.02)
+    mhc = presets.run_seconds(c | {"hyper_connections": "mhc"}, False, 0, 65, gpu=False) - presets.START["train"]
+    assert mhc == pytest.approx((want - presets.START["train"]) * 10)  # measured at 32 wide: 10 pre-LN steps
+    wide = c | {"n_embd": 128}
+    plain, streams = (
+        presets.run_seconds(wide | x, False, 0, 65, gpu=False) - 3.0 for x in ({}, {"attn_residuals": "full"})
+    )
+    assert streams / plain == pytest.approx(1 + 3.5 * 32 / 128)  # the extra part shrinks as 1 / width
 
 
 def test_a_study_that_inspects_needs_the_instruments(monkeypatch):

@@ -135,6 +135,9 @@ def q10(r: Results) -> list[str]:
         rows["later half's angular distance"].append([arm, *(mean_std(map(late_angle, js)) for js in runs.values())])
     for title, body in rows.items():
         md += table([title, *cols], body)
+    absent = [f"{a} at {L} layers" for L in depths for a in DEPTH_ARMS if not r.seeds(DEPTH[a, L])]
+    if absent:
+        md.append(f"- Not run in this study (its preset leaves them out, docs/norms.md says why): {', '.join(absent)}")
     failed = [j.name for a in DEPTH_ARMS for L in depths for j in r.seeds(DEPTH[a, L]) if j.inspect_error]
     if failed:
         md.append(f"- Not measured (the inspection failed: runs/<name>/inspect.log): {', '.join(failed)}")
@@ -167,12 +170,14 @@ def answer_10(pre, arms, comps, adj, deepest: int, shallowest: int) -> str:
               "change at this budget"}.get(v, v)  # fmt: skip
     first = f"pre-LN's later half's share of the skip loss from {shallowest} to {deepest} layers: {change}"
     first += f" ({fmt(stats.mean_sd(pre.a)[0])} to {fmt(stats.mean_sd(pre.b)[0])})"
-    up = [a for a, c, p in zip(arms, comps, adj) if verdict(c, p) == "higher"]
-    down = [a for a, c, p in zip(arms, comps, adj) if verdict(c, p) == "lower"]
-    rest = [a for a in arms if a not in up and a not in down]
+    words = {a: verdict(c, p) for a, c, p in zip(arms, comps, adj)}
+    up, down = [a for a, w in words.items() if w == "higher"], [a for a, w in words.items() if w == "lower"]
+    same = [a for a, w in words.items() if w.startswith("no detectable")]
+    untested = [a for a, w in words.items() if w.startswith("not testable")]
     parts = [f"higher than pre-LN's (restores the later layers): {', '.join(up) or 'none'}"]
     parts += [f"lower: {', '.join(down)}"] if down else []
-    parts += [f"no detectable difference at this budget: {', '.join(rest)}"] if rest else []
+    parts += [f"no detectable difference at this budget: {', '.join(same)}"] if same else []
+    parts += [f"not run or not testable: {', '.join(untested)}"] if untested else []
     return f"{first}; at {deepest} layers, {'; '.join(parts)}"
 
 
@@ -192,9 +197,9 @@ CLAIMS_10 = [
 ]
 SCALE_10 = [
     "Where this scale cannot speak: the papers' models have 10^8-10^10 parameters and see 10^10-10^12 tokens; these "
-    "have under a million and see about 2*10^5 characters, so a deep model here is also an undertrained one. A "
+    "have under a million and see about 10^5 characters, so a deep model here is also an undertrained one. A "
     "later half that matters little can mean that training had not reached it yet, which the papers rule out "
-    "by training far longer; the 5-8% perplexity gains are far below what 3 seeds of a 200-step run resolve.",
+    "by training far longer; the 5-8% perplexity gains are far below what a few seeds of runs this short resolve.",
 ]
 
 # ----------------------------------------------------------------------------- question 14

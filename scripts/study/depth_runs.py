@@ -1,7 +1,7 @@
 """The runs of questions 10-14: narrow models at several depths, every arm with several seeds.
 
 Their model, DEEP_BASE: 32 wide (2 heads of 16), 12 layers unless a run says otherwise, 16 x 64 characters
-a step, 200 steps at peak learning rate 3e-3 (warmup 50, cosine to 3e-4), LayerNorm, pre-LN, GPT-2's init,
+a step, 150 steps at peak learning rate 3e-3 (warmup 40, cosine to 3e-4), LayerNorm, pre-LN, GPT-2's init,
 AdamW; every switch of the residual stream pinned off, so that a config file cannot leak one in. In a pilot
 (12 x 32, 300 steps) pre-LN reached val loss 2.49 at 3e-3 and 2.68 at 1e-3; post-LN 2.83 at 1e-3 and 3.11 at
 3e-3 (near the unigram loss, 3.35): the depth question keeps pre-LN's learning rate, and post-LN's failure
@@ -13,8 +13,8 @@ once: question 11's plain pre-LN baseline is question 10's 12-layer pre-LN, and 
 
 from scripts.study.question import MODERN, Run
 
-DEEP_BASE = dict(n_layer=12, n_embd=32, n_head=2, batch_size=16, max_iters=200, learning_rate=3e-3, min_lr=3e-4)
-DEEP_BASE |= dict(warmup_iters=50, norm="layernorm", norm_position="pre", residual=True, deepnorm=False)
+DEEP_BASE = dict(n_layer=12, n_embd=32, n_head=2, batch_size=16, max_iters=150, learning_rate=3e-3, min_lr=3e-4)
+DEEP_BASE |= dict(warmup_iters=40, norm="layernorm", norm_position="pre", residual=True, deepnorm=False)
 DEEP_BASE |= dict(init="gpt2", optimizer="adamw", attn_gate="none", norm_scaling=False, hyper_connections="none")
 DEEP_BASE |= dict(attn_residuals="none", depth_scaling=0.0)
 

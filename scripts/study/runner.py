@@ -193,7 +193,7 @@ def plan(opts: StudyOptions, config_file: str, user: list[str]) -> list[Job]:
         overrides = BASES[run.base] | size[run.base] | run.overrides
         if run.lr_scale != 1:  # a sweep: learning_rate and min_lr, both, as a multiple of the base's
             overrides |= {k: float(f"{overrides[k] * run.lr_scale:.6g}") for k in ("learning_rate", "min_lr")}
-        if preset.max_depth and overrides["n_layer"] > preset.max_depth:
+        if (preset.max_depth and overrides["n_layer"] > preset.max_depth) or run.name in preset.leave_out:
             continue
         batches = preset.inspect_batches if run.inspect else 0
         for s in seeds if run.seeded else (seed,):

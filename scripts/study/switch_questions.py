@@ -107,8 +107,8 @@ CLAIMS_11 = [
 ]
 SCALE_11 = [
     "Where this scale cannot speak: every claim above is at 10^8-10^10 parameters and 10^10-10^12 tokens; these "
-    "models have about 0.2M parameters and see about 2*10^5 characters. A 1-5% perplexity gain is far below what a "
-    'few seeds of a 200-step run resolve, so "no detectable difference" here is no evidence against a claim at '
+    "models have about 0.2M parameters and see about 10^5 characters. A 1-5% perplexity gain is far below what a "
+    'few seeds of runs this short resolve, so "no detectable difference" here is no evidence against a claim at '
     "scale; a detected loss can come from the papers' defaults (initial alphas, gate and stream initialisations) "
     "being tuned for large models.",
 ]
@@ -223,7 +223,7 @@ def q12(r: Results) -> list[str]:
     md += [
         "",
         "Where this scale cannot speak: massive activations appear in models of billions of parameters after "
-        "billions of tokens; at 32 wide and 200 steps a ratio of 10-100 is an outlier channel, not yet the "
+        "billions of tokens; at 32 wide and a few hundred steps a ratio of 10-100 is an outlier channel, not yet the "
         "input-independent bias Sun et al. describe. The table shows the direction each switch pushes.",
         "",
     ]
@@ -326,7 +326,7 @@ def q13(r: Results) -> list[str]:
     md += [
         "",
         "Where this scale cannot speak: HC's gain explodes over tens of layers and thousands of steps at "
-        "27B; 12 layers and 200 steps leave little room for the product of H_res to grow, so a small gain here "
+        "27B; 12 layers and a few hundred steps leave little room for the product of H_res to grow, so a small gain here "
         "is not a claim that HC is stable at scale.",
         "",
     ]
