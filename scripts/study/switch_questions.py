@@ -326,8 +326,8 @@ def q13(r: Results) -> list[str]:
     md += [
         "",
         "Where this scale cannot speak: HC's gain explodes over tens of layers and thousands of steps at "
-        "27B; 12 layers and a few hundred steps leave little room for the product of H_res to grow, so a small gain here "
-        "is not a claim that HC is stable at scale.",
+        "27B; 12 layers and a few hundred steps leave little room for the product of H_res to grow, so a small "
+        "gain here is not a claim that HC is stable at scale.",
         "",
     ]
     return md + r.figure("q13_hc_mhc", plot_stability, arms)
