@@ -332,14 +332,22 @@ def test_the_cost_model_counts_flops_steps_and_start_up():
     assert streams / plain == pytest.approx(1 + 3.5 * 32 / 128)  # the extra part shrinks as 1 / width
 
 
-def test_a_study_that_inspects_needs_the_instruments(monkeypatch):
+@pytest.mark.parametrize("lacks", ["scripts.inspect", "scipy"])
+def test_a_study_checks_what_it_needs_before_it_runs(monkeypatch, lacks):
+    """The runs question 10 inspects need python -m scripts.inspect; every report needs scipy."""
     jobs = [Job("q-d6-pre-s1", "q", 1, [], inspect=4), Job("pre_ln-s1", "pre_ln", 1, [])]
-    monkeypatch.setattr(execute.importlib.util, "find_spec", lambda name: None)
+    find_spec = execute.importlib.util.find_spec
+    monkeypatch.setattr(execute.importlib.util, "find_spec", lambda name: None if name == lacks else find_spec(name))
+    why = "statistics need scipy .*: pip install scipy" if lacks == "scipy" else "q-d6-pre-s1 and 0 more runs are "
     with pytest.raises(
-        execute.StudyError, match="q-d6-pre-s1 and 0 more runs are measured by python -m scripts.inspect"
+        execute.StudyError, match=why + ("" if lacks == "scipy" else "measured by python -m scripts.inspect")
     ):
         execute.check_instruments(jobs)
-    execute.check_instruments(jobs[1:])  # nothing to inspect: nothing needed
+    if lacks == "scipy":
+        with pytest.raises(execute.StudyError, match="scipy"):
+            execute.check_instruments(jobs[1:])
+    else:
+        execute.check_instruments(jobs[1:])  # nothing to inspect: nothing else needed
 
 
 def test_a_job_reads_its_inspection(tmp_path):

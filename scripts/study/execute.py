@@ -38,7 +38,12 @@ def slots(device: str, n_jobs: int) -> list[str | None]:
 
 
 def check_instruments(jobs: list[Job]):
-    """Before anything runs: the runs to be inspected need python -m scripts.inspect (the instruments)."""
+    """Before anything runs: the report's statistics need scipy; the runs to be inspected need python -m
+    scripts.inspect (the instruments)."""
+    if importlib.util.find_spec("scipy") is None:
+        raise StudyError(
+            "the study's statistics need scipy (Welch's t-test): pip install scipy, or pip install -e .[study]"
+        )
     needs = [j.name for j in jobs if j.inspect]
     if needs and importlib.util.find_spec("scripts.inspect") is None:
         raise StudyError(
