@@ -100,6 +100,27 @@ def plot_depth(plt, r: Results, deepest: int):
     return fig
 
 
+def depth_tables(r: Results, depths: list[int]) -> list[str]:
+    """Per arm and depth: the final val loss (and how many seeds trained), the later half's share and angle;
+    then the cells not run and the inspections that failed."""
+    cols, tables = [f"{L} layers" for L in depths], {}
+    cells = {
+        "final val loss (trained/seeds)": lambda js: f"{mean_std(map(final, js))} ({trained(js, r.unigram)})",
+        "later half's share of the skip loss": lambda js: mean_std(map(late_share, js)),
+        "later half's angular distance": lambda js: mean_std(map(late_angle, js)),
+    }
+    for title, cell in cells.items():
+        tables[title] = [[arm, *(cell(r.seeds(DEPTH[arm, L])) for L in depths)] for arm in DEPTH_ARMS]
+    md = [line for title, body in tables.items() for line in table([title, *cols], body)]
+    absent = [f"{a} at {L} layers" for L in depths for a in DEPTH_ARMS if not r.seeds(DEPTH[a, L])]
+    if absent:
+        md.append(f"- Not run in this study (its preset leaves them out, docs/norms.md says why): {', '.join(absent)}")
+    failed = [j.name for a in DEPTH_ARMS for L in depths for j in r.seeds(DEPTH[a, L]) if j.inspect_error]
+    if failed:
+        md.append(f"- Not measured (the inspection failed: runs/<name>/inspect.log): {', '.join(failed)}")
+    return md
+
+
 def q10(r: Results) -> list[str]:
     depths = [L for L in DEPTHS if any(r.seeds(DEPTH[a, L]) for a in DEPTH_ARMS)]
     if not depths:
@@ -116,41 +137,17 @@ def q10(r: Results) -> list[str]:
         "(arccos of their cosine / pi). *Later half's share*: the later half's sum of those loss increases "
         "over all blocks' (0.5: every block matters alike; a block whose skipping lowers the loss counts 0).",
         "",
+        *CLAIMS_10,
+        "",
+        *depth_tables(r, depths),
     ]
-    md += CLAIMS_10 + [""]
-    cols = [f"{L} layers" for L in depths]
-    rows = {
-        "final val loss (trained/seeds)": [],
-        "later half's share of the skip loss": [],
-        "later half's angular distance": [],
-    }
-    for arm in DEPTH_ARMS:
-        runs = {L: r.seeds(DEPTH[arm, L]) for L in depths}
-        rows["final val loss (trained/seeds)"].append(
-            [arm, *(f"{mean_std(map(final, js))} ({trained(js, r.unigram)})" for js in runs.values())]
-        )
-        rows["later half's share of the skip loss"].append(
-            [arm, *(mean_std(map(late_share, js)) for js in runs.values())]
-        )
-        rows["later half's angular distance"].append([arm, *(mean_std(map(late_angle, js)) for js in runs.values())])
-    for title, body in rows.items():
-        md += table([title, *cols], body)
-    absent = [f"{a} at {L} layers" for L in depths for a in DEPTH_ARMS if not r.seeds(DEPTH[a, L])]
-    if absent:
-        md.append(f"- Not run in this study (its preset leaves them out, docs/norms.md says why): {', '.join(absent)}")
-    failed = [j.name for a in DEPTH_ARMS for L in depths for j in r.seeds(DEPTH[a, L]) if j.inspect_error]
-    if failed:
-        md.append(f"- Not measured (the inspection failed: runs/<name>/inspect.log): {', '.join(failed)}")
     pre = stats.welch(map(late_share, r.seeds(DEPTH[PRE, shallowest])), map(late_share, r.seeds(DEPTH[PRE, deepest])))
     md.append(f"- pre-LN, later half's share at {deepest} minus at {shallowest} layers: {describe(pre, '')}")
     arms = [a for a in DEPTH_ARMS if a != PRE]
-    base = [late_share(j) for j in r.seeds(DEPTH[PRE, deepest])]
-    comps = [stats.welch(base, map(late_share, r.seeds(DEPTH[a, deepest]))) for a in arms]
-    adj = holm([cmp.p for cmp in comps])
-    losses = [
-        stats.welch(map(final, r.seeds(DEPTH[PRE, deepest])), map(final, r.seeds(DEPTH[a, deepest]))) for a in arms
-    ]
-    adj_loss = holm([cmp.p for cmp in losses])
+    base = r.seeds(DEPTH[PRE, deepest])
+    comps = [stats.welch(map(late_share, base), map(late_share, r.seeds(DEPTH[a, deepest]))) for a in arms]
+    losses = [stats.welch(map(final, base), map(final, r.seeds(DEPTH[a, deepest]))) for a in arms]
+    adj, adj_loss = holm([x.p for x in comps]), holm([x.p for x in losses])
     body = [
         [a, describe(cmp, ""), stats.fmt_p(p), verdict(cmp, p), describe(lc), stats.fmt_p(lp), verdict(lc, lp)]
         for a, cmp, p, lc, lp in zip(arms, comps, adj, losses, adj_loss)
