@@ -101,12 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="training run folders (with metrics.jsonl)")
     parser.add_argument("--out", help="the PNG to write (default: METRIC.png in the first OUT_DIR)")
-    parser.add_argument(
-        "--metric",
-        choices=("loss", "bpb"),
-        default="loss",
-        help="the top panel: loss in nats per token, or bits per byte (comparable across tokenizers)",
-    )
+    parser.add_argument("--metric", choices=("loss", "bpb"), default="loss",
+                        help="the top panel: loss in nats per token, or bits per byte (comparable across tokenizers)")
     args = parser.parse_args(argv)
     try:
         path = plot(args.out_dirs, args.out or default_out(args.out_dirs, args.metric), args.metric)

@@ -215,14 +215,8 @@ def test_fp16_stops_after_too_many_skipped_steps(tiny_cfg, fp16_on_cpu, monkeypa
             return super().scale(outputs) * (math.inf if Overflowing.calls > 6 else 1.0)
 
     monkeypatch.setattr(torch.amp, "GradScaler", Overflowing)
-    cfg = tiny_cfg(
-        dtype="float16",
-        max_iters=40,
-        log_interval=log_interval,
-        eval_interval=100,
-        checkpoint_interval=3,
-        max_skipped_steps=3,
-    )
+    cfg = tiny_cfg(dtype="float16", max_iters=40, log_interval=log_interval, eval_interval=100,
+                   checkpoint_interval=3, max_skipped_steps=3)
     with pytest.raises(TrainingError) as e:
         train.train(cfg)
     message = str(e.value)

@@ -25,21 +25,9 @@ import train
 from gpt_residual import checkpoint, config, console, dataset, runtime
 
 ARGS = [
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=32",
-    "--block_size=16",
-    "--batch_size=4",
-    "--device=cpu",
-    "--dtype=float32",
-    "--compile=False",
-    "--eval_iters=2",
-    "--log_interval=5",
-    "--learning_rate=3e-3",
-    "--min_lr=3e-4",
-    "--bias=True",
-    "--beta2=0.95",
-    "--lr_decay_iters=0",
+    "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--device=cpu",
+    "--dtype=float32", "--compile=False", "--eval_iters=2", "--log_interval=5", "--learning_rate=3e-3",
+    "--min_lr=3e-4", "--bias=True", "--beta2=0.95", "--lr_decay_iters=0",
 ]  # fmt: skip  (conftest.TINY as flags)
 
 

@@ -21,8 +21,6 @@ from model import GPT, GPTConfig, KVCache
 def CUDA(test):
     """Marked gpu (`pytest -m gpu`), and skipped with the reason shown where no CUDA GPU is visible."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
-
-
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 
 

@@ -83,13 +83,8 @@ def test_compiled_step_equals_eager_with_every_switch():
 
 def test_defaults_are_gpt2():
     c = GPTConfig()
-    assert (c.qk_norm, c.norm_affine, c.embed_norm, c.residual_scalars, c.value_residual) == (
-        False,
-        True,
-        False,
-        False,
-        False,
-    )
+    assert (c.qk_norm, c.norm_affine, c.embed_norm, c.residual_scalars, c.value_residual) == (False, True, False,
+                                                                                              False, False)
     assert c.positions == "learned" and c.logit_softcap == 0.0 and c.norm_position == "pre"
     names = {n for n, _ in make_model().named_parameters()}
     assert not any("lambda" in n or "ln_q" in n or "ln_e" in n for n in names)
@@ -269,7 +264,9 @@ def needs_muon(case: dict):
     return pytest.mark.skipif(case.get("optimizer") == "muon" and not HAS_MUON, reason="no torch.optim.Muon")
 
 
-@pytest.mark.parametrize("switch", [pytest.param(v, marks=needs_muon(v), id=k) for k, v in TRAIN_CASES.items()])
+@pytest.mark.parametrize(
+    "switch", [pytest.param(v, marks=needs_muon(v), id=k) for k, v in TRAIN_CASES.items()]
+)
 def test_trains(tiny_cfg, switch):
     cfg = tiny_cfg(max_iters=100, eval_interval=100, eval_iters=4, log_interval=1, checkpoint_interval=0, **switch)
     result = train.train(cfg)
@@ -283,7 +280,9 @@ def test_trains(tiny_cfg, switch):
     assert last < first - drop, (first, last)  # from ~3.45 to ~2.5 or less (reordered: ~3.1)
 
 
-@pytest.mark.parametrize("switch", [pytest.param(v, marks=needs_muon(v), id=k) for k, v in TRAIN_CASES.items()])
+@pytest.mark.parametrize(
+    "switch", [pytest.param(v, marks=needs_muon(v), id=k) for k, v in TRAIN_CASES.items()]
+)
 def test_resume_is_exact(tiny_cfg, tmp_path, switch):
     """6 steps straight == 3 steps + resume + 3 (float32 on the CPU): weights and optimizer state bit for bit."""
     common = dict(lr_decay_iters=6, checkpoint_interval=0, eval_interval=100, eval_iters=1, **switch)
@@ -347,11 +346,8 @@ def test_attention_logit_is_measured():
 
 @pytest.mark.parametrize(
     "parallel, extra, tol",
-    [
-        pytest.param("ddp", [], 1e-5, id="ddp"),
-        pytest.param("fsdp", [], 1e-5, marks=needs_cpu_fsdp, id="fsdp"),
-        pytest.param("ddp", ["--optimizer=muon"], 1e-2, marks=needs_muon(dict(optimizer="muon")), id="ddp-muon"),
-    ],
+    [pytest.param("ddp", [], 1e-5, id="ddp"), pytest.param("fsdp", [], 1e-5, marks=needs_cpu_fsdp, id="fsdp"),
+     pytest.param("ddp", ["--optimizer=muon"], 1e-2, marks=needs_muon(dict(optimizer="muon")), id="ddp-muon")],
 )
 def test_two_ranks_with_every_switch_reach_the_single_process_weights(char_data, tmp_path, parallel, extra, tol):
     """torchrun with 2 ranks x 2 micro-batches == 1 process x 4, every switch on (the scalars sharded by FSDP).
