@@ -1,8 +1,8 @@
 # The study on one GPU: python -m scripts.study configs/study_gpu.py --preset=gpu
-# The variants train GPT-2 small's shape (12 layers, 768 wide) on TinyShakespeare with the GPT-2 BPE; the
-# questions' runs take the same width (--preset=gpu). Every run is short (500 steps for the variants, 300 for
-# the questions), so none is compiled: a compile per run would cost more than it saves. Meant to answer the
-# study's questions in under 15 minutes on one H100 (not yet measured on a GPU).
+# The variants train GPT-2 small's shape (12 layers, 768 wide) on TinyShakespeare with the GPT-2 BPE; every
+# question's runs take the same width (--preset=gpu: scripts/study/presets.py sets their steps, 8 runs at a time).
+# Every run is short, so none is compiled: a compile per run would cost more than it saves. Sized by the
+# study's cost model for 15 minutes on one GPU (not yet measured on a GPU).
 out_dir = "out-study-gpu"
 dataset = "shakespeare"
 

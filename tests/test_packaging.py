@@ -8,6 +8,7 @@ from conftest import ROOT, run
 
 CORE = {"torch", "numpy", "tiktoken", "datasets", "tqdm"}  # what python train.py configs/small.py imports
 EXTRAS = {"hf": {"transformers", "safetensors", "tokenizers"}, "plot": {"matplotlib"}, "wandb": {"wandb"}}
+EXTRAS |= {"study": {"scipy"}}
 DEV_TOOLS = {"pytest", "ruff", "scipy", "hyper-connections"}  # the tests compare with scipy and hyper-connections
 
 

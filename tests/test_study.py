@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, metrics_records, needs_muon, run
+from study_switches import switches  # noqa: F401  (a fixture: the switch keys, where this checkout lacks them)
 
-from scripts.study import modern_questions, norm_questions, registry
+from scripts.study import modern_questions, norm_questions, presets, registry
 from scripts.study import runner as study
+from scripts.study.depth_runs import DEEP_BASE
 from scripts.study.job import Job
+from scripts.study.presets import PRESETS
 from scripts.study.question import Q6_LRS, Q_BASE
 from scripts.study.results import TOL, Results
 from scripts.study.runner import main as study_main
@@ -77,6 +80,7 @@ def test_study_runs_variants_and_questions_1_to_5(tmp_path, char_data, monkeypat
         assert f"![{name}]({name}.png)" in report
 
     assert not re.search(r"issue|#\d", report, re.I)  # speaks of the project, not of its tracker
+    assert f"- preset cpu: {PRESETS['cpu'].note}\n" in report and re.search(r"; estimated \d+\)\n", report)
     for n in range(1, 6):
         text = section(report, f"## Question {n}:")
         assert len(numbers(text)) >= 4, (n, text)
@@ -116,10 +120,13 @@ def test_study_runs_variants_and_questions_1_to_5(tmp_path, char_data, monkeypat
 
 def test_a_diverging_run_is_a_result(tmp_path, char_data):
     flags = ["--variants=pre_ln", "--seeds=1", "--questions=none", "--max_iters=10", "--learning_rate=1e9"]
-    proc = study_py(tmp_path, char_data, *flags, "--grad_clip=0", "--warmup_iters=0", "--n_layer=1", "--jobs=2")
+    proc = study_py(
+        tmp_path, char_data, *flags, "--grad_clip=0", "--warmup_iters=0", "--n_layer=1", "--preset=quick", "--jobs=2"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\[\d/2\] pre_ln seed 1337 \.\.\. DIVERGED: step \d+: loss", proc.stdout, re.M), proc.stdout
     report = (tmp_path / "small/report.md").read_text()
+    assert f"- preset quick: {PRESETS['quick'].note}\n" in report
     assert row(report, "pre_ln")[1:4] == ["—", "—", "—"] and row(report, "pre_ln")[6] == "yes (1/1)"
     assert "Not trained: pre_ln-s1337 diverged" in report
 
@@ -137,12 +144,12 @@ def test_unknown_variant_is_one_line(tmp_path):
     [
         ("--n_layr=3", "unknown config key 'n_layr'"),
         ("--norm_position=side", "norm_position must be one of pre, post, peri"),
-        ("--questions=1,10", "--questions must be all, none or some of 1,2,3,4,5,6,7,8,9"),
-        ("--seeds=0", "--seeds must be a positive integer"),
+        ("--questions=1,15", "--questions must be all, none or some of 1,2,3,4,5,6,7,8,9,10,11,12,13,14"),
+        ("--seeds=-1", "--seeds must be a positive integer"),
         ("--name", "flag '--name' needs a value"),
         ("--jobs=two", "config key 'jobs' expects int, got 'two'"),
         ("config/other.py", "give one config file"),
-        ("--preset=tpu", "preset must be one of cpu, gpu"),
+        ("--preset=tpu", "preset must be one of cpu, quick, gpu"),
     ],
 )
 def test_bad_flags_fail_in_one_line(tmp_path, capsys, flag, needle):
@@ -156,7 +163,7 @@ def test_parse_splits_study_flags_from_train_flags():
     """config.split_flags, as bench.py uses it: a bare bool flag, dashes or underscores, the rest in order."""
     opts, config_file, user = study.parse(["--n_layer=3", "configs/small.py", "--reuse", "--study-dir=x", "--seeds=3"])
     assert (opts.reuse, opts.study_dir, opts.seeds, opts.questions, opts.variant_names[:2]) == (
-        True, "x", 3, "1,2,3,4,5,6,7,8,9", ["pre_ln", "rmsnorm"]
+        True, "x", 3, "1,2,3,4,5,6,7,8,9,10,11,12,13,14", ["pre_ln", "rmsnorm"]
     )  # fmt: skip
     assert (config_file, user) == ("configs/small.py", ["--n_layer=3"])
     assert study.parse(["configs/small.py", "--questions=none"])[0].question_numbers == set()
@@ -165,9 +172,10 @@ def test_parse_splits_study_flags_from_train_flags():
 def test_help_names_every_flag_variant_and_question(capsys):
     assert study_main(["configs/small.py", "--help"]) == 0
     out = capsys.readouterr().out
-    for flag in ("--variants", "--seeds", "--questions", "--name", "--study_dir", "--reuse", "--jobs"):
+    for flag in ("--variants", "--seeds", "--questions", "--name", "--study_dir", "--reuse", "--jobs", "--preset"):
         assert f"  {flag} " in out, flag
     assert all(v in out for v in study.VARIANTS) and all(q.title in out for q in registry.QUESTIONS.values())
+    assert all(f"  {p.name}: {p.note}" in out for p in PRESETS.values())
     assert not re.search(r"issue|#\d", out, re.I), out  # speaks of the project, not of its tracker
 
 
@@ -188,13 +196,15 @@ def test_one_run_per_gpu_when_there_are_several(monkeypatch):
 
 
 @needs_muon  # the default variants and questions 8-9 train with Muon
+@pytest.mark.usefixtures("switches")
 def test_every_run_decays_over_its_own_budget():
     """small.py ends its cosine at step 1000; the study's shorter runs must not inherit that schedule."""
     import train
     from gpt_residual.config import TrainConfig, parse_args
 
     jobs = study.plan(*study.parse(["configs/small.py"]))
-    assert {j.resolved["max_iters"] for j in jobs} == {study.DEFAULT_MAX_ITERS, Q_BASE["max_iters"]}
+    budgets = {PRESETS["cpu"].variant_iters, Q_BASE["max_iters"], DEEP_BASE["max_iters"]}
+    assert {j.resolved["max_iters"] for j in jobs} == budgets
     for job in jobs:
         cfg = parse_args(TrainConfig, job.args)
         assert train.get_lr(cfg.max_iters - 1, cfg) < cfg.min_lr * 1.01, job.name
@@ -396,20 +406,26 @@ def test_q6_range_is_the_learning_rates_that_train(post_plain, post_qk, answer):
 
 
 @needs_muon  # the default variants and questions 8-9 train with Muon
+@pytest.mark.usefixtures("switches")
 def test_the_gpu_preset_studies_gpt2_small_width_on_bpe_shakespeare():
     """python -m scripts.study configs/study_gpu.py --preset=gpu: every run, variants and questions alike, is
-    12 x 768 on the BPE data and uncompiled; the CPU study's questions keep their narrow model."""
+    768 wide on the BPE data and uncompiled, 12 layers but for the depth questions' (6 to 24); the CPU study's
+    questions keep their narrow models."""
     jobs = study.plan(*study.parse(["configs/study_gpu.py", "--preset=gpu"]))
-    shapes = {(j.resolved["n_layer"], j.resolved["n_embd"], j.resolved["dataset"], j.resolved["compile"]) for j in jobs}
-    assert shapes == {(12, 768, "shakespeare", False)}
+    shapes = {(j.resolved["n_embd"], j.resolved["dataset"], j.resolved["compile"]) for j in jobs}
+    assert shapes == {(768, "shakespeare", False)}
+    assert {j.resolved["n_layer"] for j in jobs if not j.run.startswith(("d", "lr"))} == {12}
+    assert {j.resolved["n_layer"] for j in jobs} == {6, 12, 24}  # the preset leaves out the 48-layer runs
     assert {j.group for j in jobs} >= {"q", "pre_ln", "modern"}
     cpu = study.plan(*study.parse(["configs/small.py"]))
-    assert {j.resolved["n_embd"] for j in cpu if j.group == "q"} == {64}
+    assert {j.resolved["n_embd"] for j in cpu if j.group == "q"} == {64, 32}  # questions 1-9, 10-14
 
 
 @needs_muon  # the default variants and questions 8-9 train with Muon
+@pytest.mark.usefixtures("switches")
 def test_dry_run_lists_the_runs_and_their_cost_and_runs_nothing(tmp_path, capsys):
-    """--dry_run: one line per run (steps, tokens) and the totals, from the same plan the study runs; no folder."""
+    """--dry_run: one line per run (steps, tokens, its seconds by the cost model) and the totals with the
+    estimated time, from the same plan the study runs; no folder."""
     argv = ["configs/study_gpu.py", "--preset=gpu", f"--study_dir={tmp_path / 'studies'}", "--dry_run=True"]
     assert study_main(argv) == 0
     out = capsys.readouterr().out.splitlines()
@@ -418,6 +434,14 @@ def test_dry_run_lists_the_runs_and_their_cost_and_runs_nothing(tmp_path, capsys
     trained = [j.resolved for j in jobs if not j.probe]
     steps = sum(c["max_iters"] for c in trained)
     tokens = sum(c["max_iters"] * c["batch_size"] * c["block_size"] for c in trained)
-    probes = len(jobs) - len(trained)
-    assert out[-1] == f"{len(jobs)} runs ({probes} probes): {steps:,} steps, {tokens / 1e6:.1f}M tokens"
-    assert re.fullmatch(r"  pre_ln-init +probe +0\.00M tokens", out[0]), out[0]
+    probes, inspected = len(jobs) - len(trained), sum(bool(j.inspect) for j in jobs)
+    minutes = study.estimate(jobs, 8, gpu=True)
+    assert out[-1] == (
+        f"{len(jobs)} runs ({probes} probes, {inspected} inspected): {steps:,} steps, {tokens / 1e6:.1f}M tokens; "
+        f"estimated {minutes:.0f} min, 8 at a time on one GPU (cost model: scripts/study/presets.py)"
+    )
+    assert re.fullmatch(r"  pre_ln-init +probe +0\.00M tokens +\d+\.\d s", out[0]), out[0]
+    k = next(k for k, j in enumerate(jobs) if j.inspect)
+    secs = presets.run_seconds(jobs[k].resolved, False, jobs[k].inspect, study.vocab_size(jobs[0].resolved), True)
+    steps = jobs[k].resolved["max_iters"]
+    assert re.fullmatch(rf"  {jobs[k].name} +{steps} steps \+ inspect +[\d.]+M tokens +{secs:.1f} s", out[k])

@@ -20,6 +20,8 @@ class Job:
     args: list[str]  # train.py's arguments, config file first
     resolved: dict = field(default_factory=dict)  # the config they resolve to; a run is reused only if equal
     probe: bool = False  # a probe_init run: measures at initialisation, trains nothing
+    run: str = ""  # the question's Run it is one seed of ("" for a variant's run)
+    inspect: int = 0  # val batches for python -m scripts.inspect after training (0: not inspected)
     rc: int = -1  # train.py's exit code
     error: str = ""  # the last line of its stderr when it failed
     wall: float = NAN  # seconds the run took
@@ -29,6 +31,8 @@ class Job:
     tele: list[dict] = field(default_factory=list)  # the telemetry records while training
     init: dict | None = None  # the probe's record at initialisation
     config: dict = field(default_factory=dict)  # the run's config.json
+    inspection: dict | None = None  # inspect.json: per layer, what python -m scripts.inspect measured
+    inspect_error: str = ""  # the last line of the inspection's stderr when it failed
 
     @property
     def status(self) -> str:
@@ -36,8 +40,7 @@ class Job:
 
     def describe(self) -> str:
         """What it was and how it ended, for the progress line."""
-        what = self.name if self.group == "q" else self.group
-        what += " probe" if self.probe else f" seed {self.seed}"
+        what = self.name if self.group == "q" else self.group + (" probe" if self.probe else f" seed {self.seed}")
         if self.status != "ok":
             return f"{what} ... {self.status.upper()}: {self.error.removeprefix('error: ')}"
         return f"{what} ... " + (
@@ -55,3 +58,5 @@ class Job:
         self.tele = [r for r in recs if "rms" in r and not r.get("probe_init")]
         self.init = next((r for r in recs if r.get("probe_init")), None)
         self.config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        self.inspect_error = result.get("inspect_error", "")
+        self.inspection = json.loads((out / "inspect.json").read_text()) if (out / "inspect.json").exists() else None

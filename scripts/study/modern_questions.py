@@ -7,14 +7,13 @@ them; registry.py lists those.
 """
 
 import math
-import statistics
 
+from scripts.study import stats
 from scripts.study.figures import plot_curves
 from scripts.study.job import Job
 from scripts.study.question import LEARNED_SCALARS, LR_SWEEP, POST_WARMUP, PRE_WARMUP, Question
 from scripts.study.results import (
     NAN,
-    TOL,
     Results,
     fastest,
     final,
@@ -68,16 +67,10 @@ def seeds(r: Results, variant: str) -> list[Job]:
     return [j for j in r.groups.get(variant, []) if not j.probe]
 
 
-def noise(*groups: list[Job]) -> float:
-    """Twice the largest seed-to-seed std of the groups' final val losses; TOL with fewer than 2 seeds."""
-    stds = [statistics.stdev(xs) if len(xs := finite(final(j) for j in g)) > 1 else NAN for g in groups]
-    return 2 * max(stds) if all(math.isfinite(s) for s in stds) else TOL
-
-
-def compare(diff: float, tol: float) -> str:
-    if not math.isfinite(diff):
-        return "no measurement"
-    return "no difference within noise" if abs(diff) <= tol else "lower" if diff < 0 else "higher"
+def versus(arm: list[Job], base: list[Job]) -> str:
+    """The final val loss of arm minus base's: the difference, its 95% interval, Welch's p, and the words."""
+    c = stats.welch(map(final, base), map(final, arm))
+    return f"{stats.describe(c)}: {stats.verdict(c)}"
 
 
 def missing(r: Results, *variants: str) -> list[str]:
@@ -234,9 +227,8 @@ def q8(r: Results) -> list[str]:
     md += [f"Level: val loss {fmt(level, 4)}.", ""]
     md += table(["optimizer", "steps to level", "tokens to level", "seconds to level", "ms/step", "final val"], rows)
     steps, secs = (got["Muon"][x] / got["AdamW"][x] for x in ("step", "seconds"))
-    diff, tol = mean(map(final, runs["Muon"])) - mean(map(final, runs["AdamW"])), noise(*runs.values())
     md.append(f"- Muon needed {fmt(steps)}x AdamW's steps (and tokens) and {fmt(secs)}x its training time to the level")
-    md.append(f"- Final val loss, Muon minus AdamW: {diff:+.4f} nats ({compare(diff, tol)}; 2 std = {fmt(tol, 4)})")
+    md.append(f"- Final val loss, Muon minus AdamW: {versus(runs['Muon'], runs['AdamW'])}")
     md += ["- Times depend on the machine and its load: see the header.", ""]
     return md + r.figure("q8_muon", plot_level, runs, level)
 
@@ -262,9 +254,8 @@ def q9(r: Results) -> list[str]:
         rows.append([v, mean_std(final(j) for j in rs), fmt(ms, 1), fmt(secs, 1), fmt(at_t[v], 4)])
     md += table(["variant", "final val", "ms/step", "training seconds", f"val at {fmt(t, 1)} s"], rows)
     for v in ("rope", "modern"):
-        diff, tol = mean(map(final, runs[v])) - mean(map(final, runs["pre_ln"])), noise(runs[v], runs["pre_ln"])
         md.append(
-            f"- {v} minus pre_ln: final val loss {diff:+.4f} nats ({compare(diff, tol)}; 2 std = {fmt(tol, 4)}), "
+            f"- {v} minus pre_ln: final val loss {versus(runs[v], runs['pre_ln'])}; "
             f"at {fmt(t, 1)} s {at_t[v] - at_t['pre_ln']:+.4f} nats"
         )
     md += ["- Times depend on the machine and its load: see the header.", ""]

@@ -1,10 +1,11 @@
-"""What a question of the study is, and the runs the questions read.
+"""What a question of the study is, and the runs questions 1-9 read.
 
-A Question owns its runs (the Run specs below that its section reads) and its report section; registry.py
-lists every question, and both the planner (runner.py) and the report (report.py) read that list. Every Run
-is one `python train.py` run of the questions' model, Q_BASE: several questions may read the same run, which
-the study makes once. A new question is a Question in norm_questions.py or modern_questions.py (or a new
-module), its new runs here, and one line in registry.py.
+A Question owns its runs (the Run specs that its section reads) and its report section; registry.py lists
+every question, and both the planner (runner.py) and the report (report.py) read that list. A Run is one
+`python train.py` run of a questions' model, or with seeded=True one per seed of the study: Q_BASE here for
+questions 1-9, DEEP_BASE (depth_runs.py) for questions 10-14. Several questions may read the same run,
+which the study makes once. A new question is a Question in a question module, its new runs here or in
+depth_runs.py, and one line in registry.py.
 """
 
 import typing
@@ -17,10 +18,15 @@ if typing.TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Run:
-    """One run of the questions' model: its folder is runs/q-<name>; r.q[name] in a section."""
+    """One run of a questions' model: its folder is runs/q-<name> (seeded: runs/q-<name>-s<seed>, one per
+    seed); r.q[name] (the first seed) and r.seeds(run) (every seed) in a section."""
 
     name: str
-    overrides: dict  # TrainConfig overrides on top of Q_BASE (and the preset)
+    overrides: dict  # TrainConfig overrides on top of its base (and the preset's)
+    base: str = "q"  # "q": Q_BASE, the 12-layer model of questions 1-9; "deep": depth_runs.DEEP_BASE
+    seeded: bool = False  # one run per seed of the study (--seeds), the same seeds for every arm; else one
+    inspect: bool = False  # measure the trained run with python -m scripts.inspect (layer usefulness)
+    lr_scale: float = 1.0  # learning_rate and min_lr as a multiple of its base's (and preset's): sweeps follow them
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,10 @@ class Question:
 # in 300 steps at 3e-3 or 1e-2, with warmup or without; at 1e-3 it trains with warmup.
 Q_BASE = dict(n_layer=12, n_embd=64, n_head=4, batch_size=16, max_iters=300, learning_rate=1e-3, min_lr=1e-4)
 Q_BASE |= dict(warmup_iters=100, norm="layernorm", norm_position="pre", residual=True, deepnorm=False, init="gpt2")
-# --preset=gpu: the questions' model at GPT-2 small's width, for one GPU (with configs/study_gpu.py's data,
-# context and dtype); its runs are short, so they run uncompiled (a compile per run would cost more)
-PRESETS = {"cpu": {}, "gpu": dict(n_embd=768, n_head=12, batch_size=32)}
+# nanochat's stack: pre-LN, weightless RMSNorm, QK-norm, a norm on the embeddings, rotary positions, the
+# learned residual and value scalars, a logit cap, and Muon for the blocks' matrices
+MODERN = dict(norm="rmsnorm", norm_affine=False, qk_norm=True, embed_norm=True, positions="rope")
+MODERN |= dict(residual_scalars=True, value_residual=True, logit_softcap=15.0, optimizer="muon")
 PROBE = {"probe_init": True}  # measure at initialisation, train nothing
 
 # probes at initialisation (questions 2, 3, 4)

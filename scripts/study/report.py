@@ -9,9 +9,10 @@ import statistics
 import time
 from pathlib import Path
 
-from scripts.study import registry
+from scripts.study import registry, stats
 from scripts.study.figures import GRADS, LAYER, RMS, STREAM, get_plt, plot_curves, plot_layers
 from scripts.study.job import Job
+from scripts.study.presets import PRESETS
 from scripts.study.results import (
     TOL,
     Results,
@@ -27,6 +28,7 @@ from scripts.study.results import (
     shape,
     step_stat,
     table,
+    top_ratio,
 )
 
 # ----------------------------------------------------------------------------- the header
@@ -61,14 +63,18 @@ def variants_section(r: Results) -> list[str]:
         )
         i, e = init[v], end[v]
         per_layer.append([v, fmt(i.get("loss")), *(fmt(ratio(rec.get(k))) for rec in (i, e) for k in GRADS)])
-        per_layer[-1] += [fmt(ratio(i.get("rms", [])[1:])), fmt(ratio(e.get("rms", [])[1:])), e.get("step", "—")]
+        per_layer[-1] += [fmt(ratio(i.get("rms", [])[1:])), fmt(ratio(e.get("rms", [])[1:]))]
+        per_layer[-1] += [fmt(top_ratio(e)[0], 1), e.get("step", "—")]
     header = ["variant", "final train loss", "final val loss", "val bits/byte", "ms/step*", "tokens/s*", "diverged"]
     md = table([*header, "load"], rows)
     md += ["*: of the fastest seed (the median over its log records but the first); load: the 1-minute load average"]
     md += [f"after that run, on {os.cpu_count()} cores (above that, the cores were shared: slower steps).", ""]
-    md += ["Per layer: L/1 is the last block's value over the first block's (RMS: of the stream leaving it).", ""]
+    md += ["Per layer: L/1 is the last block's value over the first block's (RMS: of the stream leaving it);"]
+    md += ["top/median |h|: the largest over the blocks of the stream's largest |h| over its median (question 12).", ""]
     head = ["variant", "loss at init", "attn grad L/1, init", "mlp grad L/1, init", "attn grad L/1, end"]
-    md += table([*head, "mlp grad L/1, end", "RMS L/1, init", "RMS L/1, end", "end = step"], per_layer)
+    md += table(
+        [*head, "mlp grad L/1, end", "RMS L/1, init", "RMS L/1, end", "top/median |h|, end", "end = step"], per_layer
+    )
     md += r.figure("val_loss", plot_curves, runs)
     md += r.figure("grad_norms", plot_layers, {"at init": init, "at the end": end}, GRADS, "grad norm", LAYER)
     md += r.figure("rms", plot_layers, {"at init": init, "at the end": end}, RMS, "RMS", STREAM)
@@ -81,10 +87,10 @@ def variants_reading(runs: dict[str, list[Job]], init: dict, end: dict, unigram:
     ranked = sorted((x, v) for v, rs in runs.items() if math.isfinite(x := mean(final(j) for j in rs)))
     std = {v: statistics.stdev(xs) for v, rs in runs.items() if len(xs := finite(final(j) for j in rs)) > 1}
     if ranked:
-        gap = f", {ranked[1][0] - ranked[0][0]:.4f} below {ranked[1][1]}" if len(ranked) > 1 else ""
-        if len(ranked) > 1 and ranked[0][1] in std and ranked[1][1] in std:
-            noise = 2 * max(std[ranked[0][1]], std[ranked[1][1]])
-            gap += f" ({'within' if ranked[1][0] - ranked[0][0] < noise else 'more than'} 2 std = {noise:.4f})"
+        gap = ""
+        if len(ranked) > 1:  # the best against the runner-up: Welch over their seeds
+            c = stats.welch((final(j) for j in runs[ranked[0][1]]), (final(j) for j in runs[ranked[1][1]]))
+            gap = f", below {ranked[1][1]} by {stats.describe(c)}: {stats.verdict(c, None, 'lower', 'detected')}"
         order = " < ".join(f"{v} {x:.4f}" for x, v in ranked)
         md.append(f"- Lowest final val loss: **{ranked[0][1]}**{gap}. Order: {order}")
     base = {v: x for x, v in ranked}.get("pre_ln")
@@ -108,19 +114,25 @@ def variants_reading(runs: dict[str, list[Job]], init: dict, end: dict, unigram:
 
 def write(out: Path, jobs: list[Job], opts, command: str, where: list, started: tuple, measured: tuple) -> Path:
     """out/report.md and its figures: the header (machine, load, time), the variants, then each question.
-    opts: the StudyOptions; started: (perf_counter, load average); measured: (unigram loss, norm_bench)."""
-    (t0, load0), (unigram, bench) = started, measured
+    opts: the StudyOptions; started: (perf_counter, load average, estimated minutes); measured: (unigram
+    loss, norm_bench)."""
+    (t0, load0, minutes), (unigram, bench) = started, measured
     groups = {v: [j for j in jobs if j.group == v] for v in opts.variant_names}
-    q = {j.name.removeprefix("q-"): j for j in jobs if j.group == "q"}
-    r, wall = Results(out, get_plt(), groups, q, unigram, bench), time.perf_counter() - t0
+    reps = {}
+    for j in jobs:
+        if j.group == "q":
+            reps.setdefault(j.run, []).append(j)
+    q = {name: js[0] for name, js in reps.items()}
+    r, wall = Results(out, get_plt(), groups, q, unigram, bench, reps), time.perf_counter() - t0
     how = f"{len(where)} at once on " + (
-        f"GPUs {','.join(where)}" if where[0] else "the CPU (step times not comparable)"
+        f"GPUs {','.join(where)}" if where[0] else "one device (step times inflated by sharing it)"
     )
     how = "one after another" if len(where) == 1 else how
-    md = [f"# Norm study: {out.name}", "", f"`{command}`", "", f"- {hardware()}"]
-    md += [f"- load average (1 min): {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"]
-    took = f"{wall / 60:.1f} min (the runs alone: {sum(j.wall for j in jobs) / 60:.1f} min)"
-    md += [f"- {len(jobs)} runs, {how}; this study took {took}"]
+    preset = PRESETS[opts.preset]
+    md = [f"# Norm study: {out.name}", "", f"`{command}`", "", f"- preset {preset.name}: {preset.note}"]
+    md += [f"- {hardware()}", f"- load average (1 min): {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"]
+    took = f"{wall / 60:.1f} min (the runs alone: {sum(j.wall for j in jobs) / 60:.1f} min; estimated {minutes:.0f})"
+    md += [f"- {len(jobs)} runs, {how}; {opts.seeds} seeds per arm; this study took {took}"]
     md += [f"- val loss of a model that knows only the token frequencies (unigram): {fmt(r.unigram, 4)}", ""]
     md += ["## Variants", "", *variants_section(r)]
     for n in sorted(opts.question_numbers):

@@ -1,23 +1,20 @@
 """What every section of the report reads (Results) and the numbers it writes: the helpers that turn runs
 into values (final, step_stat, ratio, ...) and values into markdown (fmt, table). report.py and the
-question modules import them; they import nothing of the study but Job."""
+question modules import them; they import nothing of the study but Job and stats."""
 
 import math
 import statistics
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts.study.job import NAN, Job
+from scripts.study.stats import finite
 
 TOL = 0.05  # nats: a smaller loss difference between single-seed runs is called no difference
 GROW = 1.5  # last/first layer ratio above this "grows toward the output", below 1/GROW "shrinks", else "flat"
 
 # ----------------------------------------------------------------------------- numbers
-
-
-def finite(xs) -> list[float]:
-    return [x for x in xs if x is not None and math.isfinite(x)]
 
 
 def mean(xs) -> float:
@@ -72,6 +69,14 @@ def outcome(job: Job, unigram: float) -> str:
     return job.status if job.status != "ok" else "stuck" if final(job) > unigram - TOL else "trained"
 
 
+def top_ratio(rec: dict) -> tuple[float, int]:
+    """(the largest top/median |h| over the blocks, its block) of a telemetry record; (NAN, -1) without one."""
+    top, med = rec.get("act_top") or [], rec.get("act_median") or []
+    ratios = [t / m if m and m > 0 else NAN for t, m in zip(top, med)]
+    good = [(x, i) for i, x in enumerate(ratios) if math.isfinite(x)]
+    return max(good) if good else (NAN, -1)
+
+
 def last(job: Job) -> dict:
     """The run's last telemetry record: the statistics 'at the end'."""
     return job.tele[-1] if job.tele else {}
@@ -104,6 +109,11 @@ class Results:
     q: dict[str, Job]  # the questions' runs, by their Run name (question.py)
     unigram: float  # the val loss of a model that knows only the token frequencies
     bench: dict[str, dict[str, float]]  # device: norm layer: µs per forward + backward
+    reps: dict[str, list[Job]] = field(default_factory=dict)  # a seeded Run's jobs, one per seed, by Run name
+
+    def seeds(self, run) -> list[Job]:
+        """The jobs of a question's Run: one per seed (one for an unseeded Run); [] when not run."""
+        return self.reps.get(run.name, [])
 
     def figure(self, name: str, fn, *args) -> list[str]:
         """Draw out/name.png with fn (if matplotlib is there); its markdown."""
