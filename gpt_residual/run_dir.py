@@ -109,11 +109,14 @@ def lock_out_dir(out_dir: Path) -> IO:
     except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: this filesystem has no locks
         print(f"note: cannot lock out_dir '{out_dir}' ({e.strerror}): nothing stops a second run from writing there")
         return f
-    f.truncate(0)  # append mode: the record is written from the start
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     command = shlex.join([*console.launcher(os.environ)[0], *sys.argv])  # python or torchrun, then train.py ...
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}))
-    f.flush()
+    try:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}
+        os.ftruncate(f.fileno(), 0)  # written through the descriptor: nothing is left in a buffer to flush at close
+        os.write(f.fileno(), json.dumps(record).encode())
+    except OSError:  # a full disk: the lock holds without its record; the run's first real write says what to free
+        pass
     return f
 
 
