@@ -17,17 +17,18 @@ For block i (0 = the first), over fixed batches (x, y):
 With hyper_connections the stream between blocks is (B, T, n_streams, C); what is read is its sum over the
 streams, what the final norm receives (stream_view).
 
-The switches' own readings (interfaces.md), keyed by module name (model.named_modules()):
-    readings()               any module that defines it: numbers computed from its parameters (DyT/Derf's alpha,
-                             HC's static H_res, ...)
-    gate_mean                a module named "...attn.gate" (gated attention): the mean of its output, the sigmoid
-                             gates (B, T, n_head or C), over the forward passes
-    saturated                a DyT or Derf norm (class name DyT / Derf, with .alpha; Derf's shift .s): the fraction
-                             of its units with |tanh(alpha x)| > 0.99, resp. |erf(alpha x + s)| > 0.99, x its input
-    h_pre_mean, h_post_mean, h_res_mean    a module with readings() whose forward returns the tuple (h_pre, h_post,
-                             h_res) (HC/mHC's mixing for its input): each averaged over its leading (batch, token) dims
-    weights_mean             a module with readings() whose forward returns one tensor (Attention Residuals' softmax
-                             weights over the earlier layers, on the last dim): averaged over its other dims
+The switches' own readings, keyed by module name (model.named_modules()):
+    readings()               any module that defines it: numbers computed from its parameters (DyT/Derf's alpha and
+                             shift, HC/mHC's static H_pre, H_post, H_res, Attention Residuals' pseudo-query norm)
+    gate_mean                gated attention's gate (block.attn.gate): the mean of its output, the sigmoid gates
+                             (B, T, n_head or C), over the forward passes
+    saturated                a DyT or Derf norm (norms.DyT): the fraction of its units with |squash(x)| > 0.99
+                             (|tanh(alpha x)|, resp. |erf(alpha x + s)|), x its input
+    h_pre_mean, h_post_mean, h_res_mean    HC/mHC's mixing (block.res_attn.mix, block.res_mlp.mix: streams.HyperMix,
+                             ManifoldMix), whose forward returns (H_pre, H_post, H_res) for its input: each averaged
+                             over the batch's tokens (static and dynamic parts together)
+    weights_mean             Attention Residuals' depth weights (block.res_attn.depth, ...; streams.DepthWeights): the
+                             softmax over the sources (the embedding, the earlier outputs) averaged over the tokens
     hc_gain                  with hyper_connections, the composite gain of H_res over depth: streams.composite_gain
 """
 
@@ -35,12 +36,10 @@ import math
 
 import torch
 
+from gpt_residual import norms, streams
+
 TOP_K = 3  # Sun et al. show the three largest magnitudes of each layer beside the median
 SATURATED = 0.99  # a DyT/Derf unit whose |tanh| (|erf|) exceeds this passes almost no gradient
-SQUASH = {  # what a DyT/Derf norm squashes its input with, before its affine gamma * (.) + beta
-    "dyt": lambda m, x: torch.tanh(m.alpha * x),  # DyT (Zhu et al. 2025)
-    "derf": lambda m, x: torch.erf(m.alpha * x + m.s),  # Derf (Chen et al. 2025)
-}
 
 
 def stream_view(h: torch.Tensor) -> torch.Tensor:
@@ -67,19 +66,17 @@ def massive(h: torch.Tensor):
 
 def hc_gain(model) -> float | None:
     """The composite gain of HC/mHC's H_res over depth (streams.composite_gain), None without hyper_connections."""
-    if getattr(model.config, "hyper_connections", "none") == "none":
-        return None
-    from gpt_residual import streams  # the multi-stream connections (issue 26)
-
-    return float(streams.composite_gain(model))
+    gain = streams.composite_gain(model)
+    return None if gain is None else float(gain)
 
 
 # ----------------------------------------------------------------------------- the switches' modules
 
 
-def saturated(norm, squash, x: torch.Tensor) -> torch.Tensor:
+def saturated(norm: norms.DyT, x: torch.Tensor) -> torch.Tensor:
     """The fraction of a DyT/Derf norm's units past SATURATED for its input x."""
-    return (squash(norm, x.detach().float()).abs() > SATURATED).float().mean()
+    with torch.no_grad():
+        return (norm.squash(x.detach().float()).abs() > SATURATED).float().mean()
 
 
 def _leading_mean(t: torch.Tensor, keep: int) -> torch.Tensor:
@@ -88,21 +85,20 @@ def _leading_mean(t: torch.Tensor, keep: int) -> torch.Tensor:
     return t.reshape(-1, *t.shape[t.dim() - keep :]).mean(0) if t.dim() > keep else t
 
 
-def _outputs(args, out) -> dict:
-    if isinstance(out, (tuple, list)) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out):
-        return {f"{k}_mean": _leading_mean(t, 1 + (k == "h_res")) for k, t in zip(("h_pre", "h_post", "h_res"), out)}
-    return {"weights_mean": _leading_mean(out, 1)} if isinstance(out, torch.Tensor) else {}
+def _mixing(args, out) -> dict:
+    return {f"{k}_mean": _leading_mean(t, 1 + (k == "h_res")) for k, t in zip(("h_pre", "h_post", "h_res"), out)}
 
 
 def reader_for(name: str, module):
     """What a forward hook on this module records (a function of its args and output), or None."""
-    squash = SQUASH.get(type(module).__name__.lower())
     if name.endswith("attn.gate"):
         return lambda args, out: {"gate_mean": out.detach().float().mean()}
-    if squash is not None:
-        return lambda args, out: {"saturated": saturated(module, squash, args[0])}
-    if callable(getattr(module, "readings", None)):
-        return _outputs
+    if isinstance(module, norms.DyT):  # Derf too
+        return lambda args, out: {"saturated": saturated(module, args[0])}
+    if isinstance(module, (streams.HyperMix, streams.ManifoldMix)):
+        return _mixing
+    if isinstance(module, streams.DepthWeights):
+        return lambda args, out: {"weights_mean": _leading_mean(out, 1)}
     return None
 
 

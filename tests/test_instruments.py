@@ -4,8 +4,6 @@ modules that follow the switches' contract (interfaces.md); and the telemetry's 
 
 import copy
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -121,186 +119,78 @@ def test_logit_lens_of_the_last_block_is_the_models_loss(position):
     assert model.training
 
 
-# ----------------------------------------------------------------------------- the switches' contract (interfaces.md)
+# ----------------------------------------------------------------------------- the switches' modules
 
 
-class Gate(nn.Module):
-    """Gated attention's gate stand-in: sigmoid(x @ W_g), one per head."""
-
-    def __init__(self, C, H):
-        super().__init__()
-        self.proj, self.seen = nn.Linear(C, H), []
-
-    def forward(self, x):
-        out = torch.sigmoid(self.proj(x))
-        self.seen.append(out.mean().item())
-        return out
-
-
-class DyT(nn.Module):
-    """gamma * tanh(alpha x) + beta; records the fraction of its units past 0.99."""
-
-    def __init__(self, C, alpha):
-        super().__init__()
-        self.alpha, self.weight, self.bias = nn.Parameter(torch.tensor(alpha)), nn.Parameter(torch.ones(C)), None
-        self.seen = []
-
-    def squash(self, x):
-        return torch.tanh(self.alpha * x)
-
-    def forward(self, x):
-        u = self.squash(x)
-        self.seen.append((u.abs() > 0.99).float().mean().item())
-        return self.weight * u
-
-    def readings(self):
-        return {"alpha": self.alpha.item()}
+def test_gates_and_point_wise_norms_are_read_where_the_answer_is_known():
+    """Gated attention with a constant gate (weight 0, bias b: every gate is sigmoid(b)) and DyT/Derf norms whose alpha
+    makes them saturate all units (huge) or none (tiny): the readings say exactly that."""
+    for norm in ("dyt", "derf"):
+        model = tiny(attn_gate="head", norm=norm, bias=True)
+        with torch.no_grad():
+            for i, block in enumerate(model.transformer.h):
+                block.attn.gate.weight.zero_()
+                block.attn.gate.bias.fill_(0.5 * i - 0.5)
+                block.ln_1.alpha.fill_(1e4)  # |alpha x| >> 1 wherever x is not ~0: saturated
+                block.ln_2.alpha.fill_(1e-4)  # |alpha x| << 1: linear, nothing saturated
+        sw = instruments.measure(model, batches())["switches"]
+        for i in range(len(model.transformer.h)):
+            assert sw[f"transformer.h.{i}.attn.gate"]["gate_mean"] == pytest.approx(torch.sigmoid(torch.tensor(
+                0.5 * i - 0.5)).item(), rel=1e-6)  # fmt: skip
+            ln_1, ln_2 = sw[f"transformer.h.{i}.ln_1"], sw[f"transformer.h.{i}.ln_2"]
+            assert ln_1["saturated"] > 0.99 and ln_2["saturated"] == 0.0
+            assert ln_1["alpha"] == pytest.approx(1e4) and ln_2["alpha"] == pytest.approx(1e-4)
+            assert ("shift" in ln_1) == (norm == "derf")
+        assert "saturated" in sw["transformer.ln_f"]
 
 
-class Derf(DyT):
-    """gamma * erf(alpha x + s) + beta."""
+def test_hyper_connections_mixing_and_gain_are_read_from_the_model():
+    """mHC: the mean H_res of every sub-layer is doubly stochastic (Sinkhorn), H_pre and H_post are the mixing's own
+    outputs averaged over the tokens, and hc_gain is streams.composite_gain; the massive activations are those of the
+    streams' sum (the stream the final norm reads)."""
+    from gpt_residual import streams as streams_module
 
-    def __init__(self, C, alpha):
-        super().__init__(C, alpha)
-        self.s = nn.Parameter(torch.tensor(0.3))
-
-    def squash(self, x):
-        return torch.erf(self.alpha * x + self.s)
-
-    def readings(self):
-        return {"alpha": self.alpha.item(), "s": self.s.item()}
-
-
-class Mixing(nn.Module):
-    """HC stand-in: forward returns (h_pre, h_post, h_res) for the streams (B, T, n, C), static + dynamic."""
-
-    def __init__(self, n, C):
-        super().__init__()
-        self.static, self.dynamic, self.seen = nn.Parameter(torch.eye(n) * 1.5), nn.Linear(C, n * n), []
-
-    def forward(self, x):
-        B, T, n, _ = x.shape
-        h_res = self.static + 0.1 * torch.tanh(self.dynamic(x.mean(2))).view(B, T, n, n)
-        h_pre, h_post = torch.softmax(x.mean(-1), -1), torch.sigmoid(x.sum(-1))
-        self.seen.append([t.flatten(0, 1).mean(0) for t in (h_pre, h_post, h_res)])
-        return h_pre, h_post, h_res
-
-    def readings(self):
-        return {"h_res": self.static.tolist()}
-
-
-class DepthWeights(nn.Module):
-    """Attention Residuals stand-in: softmax weights (B, T, k) over the k earlier layers, by a pseudo-query."""
-
-    def __init__(self, C, k):
-        super().__init__()
-        self.query, self.keys, self.seen = nn.Parameter(torch.randn(C)), nn.Parameter(torch.randn(k, C)), []
-
-    def forward(self, x):
-        w = torch.softmax((x * self.query) @ self.keys.T, dim=-1)
-        self.seen.append(w.flatten(0, 1).mean(0))
-        return w
-
-    def readings(self):
-        return {"query_norm": self.query.norm().item()}
+    model = tiny(hyper_connections="mhc", n_streams=3)
+    data = batches()
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, []).append(out))
+             for name, m in model.named_modules() if isinstance(m, streams_module.ManifoldMix)]  # fmt: skip
+    got = instruments.measure(model, data)
+    for h in hooks:
+        h.remove()
+    assert got["hc_gain"] == pytest.approx(streams_module.composite_gain(model))
+    for i in range(3):
+        for sub in ("res_attn", "res_mlp"):
+            name = f"transformer.h.{i}.{sub}.mix"
+            mix = got["switches"][name]
+            h_res = torch.tensor(mix["h_res_mean"])
+            assert h_res.shape == (3, 3)
+            assert h_res.sum(0).allclose(torch.ones(3), atol=1e-4) and h_res.sum(1).allclose(torch.ones(3), atol=1e-4)
+            first = [seen[name][k] for k in range(len(data))]  # measure's first pass over the batches
+            want = torch.stack([o[0].flatten(0, 1).mean(0) for o in first]).mean(0)
+            assert torch.tensor(mix["h_pre_mean"]).allclose(want, atol=1e-6)
+            static = got["switches"][f"transformer.h.{i}.{sub}"]
+            assert torch.tensor(static["h_res"]).shape == (3, 3)  # readings(): the static part
+    with torch.no_grad():
+        lanes = []
+        hook = model.transformer.h[1].register_forward_hook(lambda m, a, out: lanes.append(out.sum(2)))
+        for x, y in data:
+            model(x, y)
+        hook.remove()
+    assert got["layers"][1]["top_abs"][0] == pytest.approx(max(h.abs().max().item() for h in lanes), rel=1e-6)
 
 
-class StandInBlock(nn.Module):
-    def __init__(self, C, H, n, layer):
-        super().__init__()
-        self.ln_1 = (DyT if layer % 2 == 0 else Derf)(C, alpha=2.0)
-        self.attn = nn.Module()
-        self.attn.gate = Gate(C, H)
-        self.attn.c_proj = nn.Linear(C, C)
-        self.mix, self.depth = Mixing(n, C), DepthWeights(C, layer + 1)
-
-    def forward(self, x, *rest):  # x: (B, T, n, C)
-        h_pre, h_post, h_res = self.mix(x)
-        inner = self.ln_1((h_pre.unsqueeze(-1) * x).sum(2))
-        gate = self.attn.gate(inner).repeat_interleave(inner.size(-1) // self.attn.gate.proj.out_features, dim=-1)
-        y = self.attn.c_proj(inner) * gate * self.depth(inner)[..., :1]
-        return torch.einsum("btij,btjc->btic", h_res, x) + h_post.unsqueeze(-1) * y.unsqueeze(2)
-
-
-class StandInModel(nn.Module):
-    """A multi-stream model of the contract's shape: transformer.h, head(x, targets), config.hyper_connections."""
-
-    def __init__(self, C=16, H=2, n=3, layers=3):
-        super().__init__()
-        torch.manual_seed(0)
-        self.config = types.SimpleNamespace(hyper_connections="hc", n_layer=layers, value_residual=False)
-        self.n = n
-        blocks = nn.ModuleList([StandInBlock(C, H, n, i) for i in range(layers)])
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(V, C), h=blocks, ln_f=nn.LayerNorm(C)))
-        self.lm_head = nn.Linear(C, V)
-
-    def forward(self, idx, targets):
-        x = self.transformer.wte(idx).unsqueeze(2).expand(-1, -1, self.n, -1)  # the embedding enters every stream
-        for block in self.transformer.h:
-            x = block(x)
-        return self.head(x.sum(2), targets)
-
-    def head(self, x, targets):
-        logits = self.lm_head(self.transformer.ln_f(x))
-        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-@torch.no_grad()
-def summed_streams(model: StandInModel, x) -> list[torch.Tensor]:
-    """The sum over the streams leaving each block of the stand-in, block by block."""
-    h, out = model.transformer.wte(x).unsqueeze(2).expand(-1, -1, model.n, -1), []
-    for block in model.transformer.h:
-        h = block(h)
-        out.append(h.sum(2))
-    return out
-
-
-def composite_gain(model) -> float:
-    """streams.composite_gain's stand-in: max row sum of |prod of the static H_res|."""
-    product = torch.eye(model.n)
-    for block in model.transformer.h:
-        product = block.mix.static.detach() @ product
-    return product.abs().sum(1).max().item()
-
-
-@pytest.fixture
-def fake_streams(monkeypatch):
-    """gpt_residual.streams (the streams helper's module) as far as the instruments use it."""
-    fake = types.ModuleType("gpt_residual.streams")
-    fake.composite_gain = composite_gain
-    monkeypatch.setitem(sys.modules, "gpt_residual.streams", fake)
-
-
-def test_switch_modules_are_read_as_the_contract_says(fake_streams):
-    model = StandInModel()
-    got = instruments.measure(model, batches(n=2))
-    model_loss = sum(model(x, y)[1].item() for x, y in batches(n=2)) / 2
-    assert got["layers"][-1]["logit_lens_loss"] == pytest.approx(model_loss, abs=1e-6)  # the streams' sum, read
-    assert got["hc_gain"] == pytest.approx(1.5**3)
-    after = [summed_streams(model, x) for x, _ in batches(n=2)]
-    for i, r in enumerate(got["layers"]):  # the massive activations of the streams' sum
-        assert r["top_abs"][0] == pytest.approx(max(s[i].abs().max().item() for s in after), rel=1e-6)
-    sw = got["switches"]
-    for i, block in enumerate(model.transformer.h):  # each stand-in kept what it saw; [:2]: measure's first pass
-
-        def mean_seen(seen):
-            return (seen[0] + seen[1]) / 2
-
-        gate = sw[f"transformer.h.{i}.attn.gate"]
-        assert gate["gate_mean"] == pytest.approx(mean_seen(block.attn.gate.seen), rel=1e-6)
-        norm = sw[f"transformer.h.{i}.ln_1"]
-        assert norm["alpha"] == 2.0 and ("s" in norm) == (i % 2 == 1)  # readings(), DyT and Derf
-        assert 0 < norm["saturated"] < 1  # alpha = 2: some units past 0.99, not all
-        assert norm["saturated"] == pytest.approx(mean_seen(block.ln_1.seen), rel=1e-6)
-        mix = sw[f"transformer.h.{i}.mix"]
-        assert mix["h_res"] == block.mix.static.tolist()  # readings(): the static part, as a nested list
-        for k, key in enumerate(("h_pre_mean", "h_post_mean", "h_res_mean")):
-            want = mean_seen([seen[k] for seen in block.mix.seen])
-            assert torch.tensor(mix[key]).allclose(want, rtol=1e-5, atol=1e-7), key
-        depth = sw[f"transformer.h.{i}.depth"]
-        assert torch.tensor(depth["weights_mean"]).allclose(mean_seen(block.depth.seen), rtol=1e-5, atol=1e-7)
-        assert len(depth["weights_mean"]) == i + 1
-        assert depth["query_norm"] == pytest.approx(block.depth.query.norm().item())
+def test_attention_residuals_weights_are_uniform_at_init():
+    """attn_residuals="full" with its zero-initialised pseudo-queries: every sub-layer's softmax over its sources is
+    uniform, 1/S over S = the embedding and the earlier sub-layers' outputs."""
+    model = tiny(attn_residuals="full")
+    sw = instruments.measure(model, batches())["switches"]
+    for i in range(3):
+        for k, sub in enumerate(("res_attn", "res_mlp")):
+            sources = 2 * i + k + 1
+            weights = sw[f"transformer.h.{i}.{sub}.depth"]["weights_mean"]
+            assert weights == pytest.approx([1 / sources] * sources)
+            assert sw[f"transformer.h.{i}.{sub}"]["query_norm"] == 0.0
 
 
 # ----------------------------------------------------------------------------- telemetry (telemetry_interval)
@@ -320,13 +210,20 @@ def test_telemetry_reads_the_largest_and_median_activation_of_every_block():
     assert "hc_gain" not in got
 
 
-def test_telemetry_reads_the_sum_of_the_streams_and_the_composite_gain(fake_streams):
-    model, (x, y) = StandInModel(), batches(n=1)[0]
+def test_telemetry_reads_the_sum_of_the_streams_and_the_composite_gain():
+    from gpt_residual import streams as streams_module
+
+    model, (x, y) = tiny(hyper_connections="hc", n_streams=3), batches(n=1)[0]
     tele = telemetry.Telemetry(model)
     with tele.capture_rms():
         model(x, y)
     got = tele.learned()
-    want = [h.abs() for h in summed_streams(model, x)]
-    assert got["act_top"] == pytest.approx([w.max().item() for w in want], rel=1e-6)
-    assert got["act_median"] == pytest.approx([w.median().item() for w in want], rel=1e-6)
-    assert got["hc_gain"] == pytest.approx(1.5**3)
+    lanes = []
+    hooks = [b.register_forward_hook(lambda m, a, out: lanes.append(out.sum(2).abs())) for b in model.transformer.h]
+    with torch.no_grad():
+        model(x, y)
+    for h in hooks:
+        h.remove()
+    assert got["act_top"] == pytest.approx([w.max().item() for w in lanes], rel=1e-6)
+    assert got["act_median"] == pytest.approx([w.median().item() for w in lanes], rel=1e-6)
+    assert got["hc_gain"] == pytest.approx(streams_module.composite_gain(model))
