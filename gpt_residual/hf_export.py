@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gpt_residual import checkpoint, config, dataset, pretrained
+from gpt_residual import checkpoint, config, dataset, files, pretrained
 from model import GPT, GPTConfig
 
 TOLERANCE = 1e-4  # largest float32 logit difference between our model and the export
@@ -210,18 +210,22 @@ def export(out_dir: str, to: str, command: str = "") -> float:
     """Write out_dir's checkpoint to the folder `to` in Hugging Face format; returns the largest logit difference
     of the folder loaded back against our model. Nothing is left at `to` when any step fails. command: the
     export's command line for the model card (default: the scripts.export line that does the same)."""
-    pretrained._transformers()  # the one-line error when transformers is missing
+    transformers = pretrained._transformers()  # the one-line error when transformers is missing
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bar: the export prints its own lines
     target = Path(to).expanduser()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"'{target}' exists and is not empty; choose another --to (or remove it first)")
     model, meta, state = load_run(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    with files.writing(target, "the export", after="nothing was written"):  # a full disk, a folder not yours
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        to_hf(model, meta).save_pretrained(str(tmp), safe_serialization=True)
-        write_tokenizer(tmp, meta, model.config.block_size)
-        command = command or shlex.join(["python", "-m", "scripts.export", f"--out_dir={out_dir}", f"--to={to}"])
-        (tmp / "README.md").write_text(model_card(model, meta, state, command))
+        need = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        with files.writing(target, "the export", need, after="nothing was written"):
+            to_hf(model, meta).save_pretrained(str(tmp), safe_serialization=True)
+            write_tokenizer(tmp, meta, model.config.block_size)
+            command = command or shlex.join(["python", "-m", "scripts.export", f"--out_dir={out_dir}", f"--to={to}"])
+            (tmp / "README.md").write_text(model_card(model, meta, state, command))
         diff = max_logit_diff(model, tmp, meta["vocab_size"])
         if not diff <= TOLERANCE:  # NaN fails too
             raise ExportError(

@@ -270,3 +270,17 @@ def test_a_library_that_names_the_errno_in_its_message(tmp_path):
     with pytest.raises(KeyError):
         with files.writing(tmp_path / "x", "x"):
             raise KeyError("a bug")
+
+
+def test_an_export_on_a_full_disk_is_one_line_and_leaves_nothing(small_fs, tmp_path):
+    """scripts.export into a full tmpfs: one line saying what to free, no half-written folder or temp folder."""
+    pytest.importorskip("transformers")
+    from test_export import char_meta, save_run, small
+
+    meta = char_meta()
+    save_run(tmp_path / "run", small(meta["vocab_size"]), meta)
+    disk = small_fs(256 * 1024)
+    fill(disk, leave=4 * 4096)
+    proc = run(["-m", "scripts.export", f"--out_dir={tmp_path / 'run'}", f"--to={disk / 'hf'}"])
+    assert_one_line_error(proc, "no space left on the device writing the export", "nothing was written")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
