@@ -124,10 +124,13 @@ class KVCache:
     """Keys and values of every layer, allocated once to block_size and written in place, so that a
     one-token decode step has fixed shapes (a CUDA graph can replay it). A prompt fills slots 0..T-1
     (reset the cache first); each later token goes to slot `pos` and attends to the first `span` slots
-    (a Python int, so a step's shapes stay fixed while it holds) through the mask of filled ones."""
+    (a Python int, so a step's shapes stay fixed while it holds) through the mask of filled ones. Several
+    tokens after a cached prefix (a chunk) attend to the prefix and causally to themselves: a context run
+    once, then its continuations (repeat_rows gives each row of the prefix several continuations). size
+    (default block_size) bounds the slots, for a cache that never needs them all."""
 
-    def __init__(self, config: GPTConfig):
-        self.block_size = config.block_size
+    def __init__(self, config: GPTConfig, size: int | None = None):
+        self.block_size = min(size or config.block_size, config.block_size)
         self.k = [None] * config.n_layer  # per layer: (B, nh, block_size, hs), made on first use
         self.v = [None] * config.n_layer
         self.pos = None  # (1,) long tensor: the slot of the next token
@@ -145,15 +148,14 @@ class KVCache:
         self.length = 0
 
     def claim(self, T: int) -> torch.Tensor:
-        """The slots (T,) of the next T tokens, marked filled; pos moves past them (no host sync). Several
-        tokens at once only from slot 0 (a prompt attends to itself, not to a cached prefix)."""
+        """The slots (T,) of the next T tokens, marked filled; pos moves past them (no host sync)."""
         if self.pos is None:
             raise ValueError("reset the KV cache before its first use")
         if not torch.compiler.is_compiling():  # a compiled or graphed step is checked by its caller
-            if self.length + T > self.block_size or (T > 1 and self.length):
+            if self.length + T > self.block_size:
                 raise ValueError(
-                    f"the KV cache cannot take {T} token(s) after {self.length} of its {self.block_size} slots: "
-                    "a prompt goes in from slot 0 (reset first), later tokens one at a time, within block_size"
+                    f"the KV cache cannot take {T} token(s) after {self.length} of its {self.block_size} slots; "
+                    "reset it, or keep the context within its slots"
                 )
             self.length += T
         slots = self.pos + torch.arange(T, device=self.pos.device)
@@ -171,6 +173,12 @@ class KVCache:
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
 
+    def repeat_rows(self, n: int):
+        """Each row's keys and values n times in a row (row b becomes rows b*n .. b*n+n-1): a prefix run once
+        for n continuations."""
+        self.k = [None if k is None else k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [None if v is None else v.repeat_interleave(n, dim=0) for v in self.v]
+
 
 class ForwardContext:
     """What the layers of one forward pass share besides the stream: rope's angles (cos, sin), each (T, hs/2),
@@ -187,6 +195,14 @@ class ForwardContext:
         if self.mask is None:
             filled = cache.filled[..., : cache.span]
             self.mask = torch.zeros(filled.shape, dtype=dtype, device=filled.device).masked_fill_(~filled, -math.inf)
+        return self.mask
+
+    def chunk_mask(self, T: int, length: int, device, dtype: torch.dtype) -> torch.Tensor:
+        """A chunk of T tokens ending a context of `length` slots: token i sees the prefix and the chunk's
+        tokens up to itself, as an additive mask (T, length), made once per pass."""
+        if self.mask is None:
+            seen = torch.ones(T, length, dtype=torch.bool, device=device).tril(diagonal=length - T)
+            self.mask = torch.zeros(T, length, dtype=dtype, device=device).masked_fill_(~seen, -math.inf)
         return self.mask
 
 
@@ -241,8 +257,11 @@ class CausalSelfAttention(nn.Module):
             if T == 1:  # one new token attends to every filled slot; a prompt (from slot 0) to itself
                 span = cache.span
                 k, v, mask = keys[:, :, :span], values[:, :, :span], shared.decode_mask(cache, q.dtype)
+            elif cache.length > T:  # a chunk after a cached prefix: the prefix, then causally itself
+                n = cache.length
+                k, v, mask = keys[:, :, :n], values[:, :, :n], shared.chunk_mask(T, n, q.device, q.dtype)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))

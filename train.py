@@ -309,10 +309,12 @@ def loop(cfg, rt, state: TrainState, data: Data, model_cfg, logger, stop, t_star
                 console.log_eval(rt, logger, state.last_eval, time.perf_counter() - t_start, meter.eval_s)
                 if sampler.due(state.step):
                     with meter.pause(eval_time=True):
-                        sampler(state.raw_model, state.step, logger)
+                        sampler(state.raw_model, state.step, logger, stop)
                 if hellaswag:  # a fixed subset, every hellaswag_interval steps and at the end
                     with meter.pause(eval_time=True):
-                        hellaswag(state.raw_model, state.step, logger, final=state.step >= cfg.max_iters)
+                        hellaswag(state.raw_model, state.step, logger, state.step >= cfg.max_iters, stop)
+                if stop.agreed():  # a stop requested while sampling or scoring: save now, every rank
+                    done = stopping = True
         periodic = cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0
         if state.step > max(first_step, state.saved_step) and (periodic or is_best or done):
             with meter.pause():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from model import GPT, KVCache
 
 ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
+CHUNK = 16  # draw: tokens read back from the device at a time
 
 
 @torch.inference_mode()
@@ -69,6 +70,39 @@ def generate_stream(
             nxt = decoder.step(nxt, idx.size(1) - start)  # the last token (B, 1), the context's length
         idx = torch.cat((idx, nxt), dim=1)
         yield nxt
+
+
+def draw(model: GPT, tok, idx: torch.Tensor, max_new_tokens: int, engine: str = "eager", stream=None,
+         stopped=None, **sampling) -> tuple[list[list[int]], int]:
+    """Generate for every row of idx (B, T) with generate_stream (sampling: temperature, top_k, top_p,
+    use_cache), never a padded-vocabulary id (vocab_limit is the tokenizer's, a dataset.Tokenizer); a row ends
+    at the tokenizer's end-of-text token (if it has one) or after max_new_tokens. Reads the tokens back CHUNK
+    at a time and stops when every row has ended, or, before any step, when stopped() is true (a stop was
+    requested: what was drawn is returned). Writes row 0's text to stream as it comes. Returns each row's
+    new token ids and the number of steps run."""
+    eot = tok.enc.eot_token if tok.kind == "gpt2" else None
+    rows, done = [[] for _ in range(idx.size(0))], [False] * idx.size(0)
+    decode, cols, steps = tok.stream_decoder(), [], 0
+    tokens = generate_stream(model, idx, max_new_tokens, engine=engine, vocab_limit=tok.vocab_size, **sampling)
+    while steps < max_new_tokens and not all(done):
+        if stopped is not None and stopped():
+            max_new_tokens = steps  # read back what was drawn, then stop
+        else:
+            cols.append(next(tokens))
+            steps += 1
+        if cols and (len(cols) == CHUNK or steps == max_new_tokens):
+            for r, new in enumerate(torch.cat(cols, dim=1).tolist()):  # one host sync per chunk
+                for t in new:
+                    done[r] = done[r] or t == eot
+                    if done[r]:
+                        break
+                    rows[r].append(t)
+                    if stream is not None and r == 0:
+                        stream.write(decode(t))
+            cols = []
+            if stream is not None:
+                stream.flush()
+    return rows, steps
 
 
 def check_generate_args(model: GPT, max_new_tokens, temperature, top_k, top_p, engine, device, vocab_limit=None):

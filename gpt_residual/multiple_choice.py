@@ -10,11 +10,15 @@ acc_norm the one with the smallest mean loss per token. A context whose tokens a
 block_size keeps its last block_size + 1 tokens (the ending's last block_size tokens, at most, are scored).
 The log-likelihoods are over the tokenizer's own vocabulary (a padded model's extra logits are left out).
 
-The endings of many examples run in one forward (padded on the right, where the causal mask keeps the
-padding out of every scored position); under torchrun the examples are strided over the ranks and the
-results gathered, every rank running the same number of forwards (FSDP needs that).
+Each context runs once: the contexts of a batch of examples (of one context length) go through the model into
+a KV cache, and their endings continue from it, four rows per context, padded on the right (where the causal
+mask keeps the padding out of every scored position); only the scored positions go through the head. An
+example whose rows were cut to block_size (each ending keeps its own last tokens) runs as four whole rows.
+Under torchrun the batches are strided over the ranks and the results gathered, every rank running the same
+number of forwards (FSDP needs that: evaluate.lockstep).
 """
 
+import itertools
 import json
 import math
 import statistics
@@ -29,6 +33,8 @@ import torch.nn.functional as F
 
 from gpt_residual import dataset, runtime
 from gpt_residual.dataset import DataError
+from gpt_residual.evaluate import Stopped, lockstep
+from model import KVCache
 
 NUM_ENDINGS = 4
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -152,6 +158,11 @@ class Encoded:
     scored: list[int]  # per ending: how many of the row's last tokens are the ending's, scored
     truncated: bool  # some ending lost context tokens to block_size
 
+    @property
+    def context(self) -> int:
+        """The context's tokens, which every row begins with (0 when the rows were cut)."""
+        return 0 if self.truncated else len(self.rows[0]) - self.scored[0]
+
 
 def encode(examples: list[Example], tok: dataset.Tokenizer, block_size: int) -> list[Encoded]:
     out = []
@@ -166,69 +177,110 @@ def encode(examples: list[Example], tok: dataset.Tokenizer, block_size: int) -> 
     return out
 
 
-def score_batch(model, batch: list[Encoded], vocab_size: int, device: str) -> list[tuple[list, list]]:
-    """Per example of batch: the summed log-likelihood of each ending (nats) and its token count. One
-    forward over all endings, right-padded; the loss at each position is taken from the model's logits."""
-    rows = [row for enc in batch for row in enc.rows]
-    scored = [n for enc in batch for n in enc.scored]
-    width = max(len(r) for r in rows) - 1
+def pack(rows: list[list[int]], scored: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows right-padded (on the host) into inputs x = row[:-1] and targets y, -1 but at each row's last
+    `scored` positions; at least one position wide."""
+    width = max(1, max(len(r) for r in rows) - 1)
     x = torch.zeros(len(rows), width, dtype=torch.long)
     y = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, (row, n) in enumerate(zip(rows, scored)):
-        x[i, : len(row) - 1] = torch.tensor(row[:-1])
-        y[i, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
+        if len(row) > 1:
+            x[i, : len(row) - 1] = torch.tensor(row[:-1])
+        if n:
+            y[i, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
+    return x, y
+
+
+def row_logliks(model, x: torch.Tensor, y: torch.Tensor, vocab_size: int, device, cache=None) -> torch.Tensor:
+    """(rows,) float64 on the host: per row of x, the summed log-likelihood of its targets y (>= 0), over the
+    tokenizer's vocabulary; one read-back."""
     flat = (y >= 0).flatten().nonzero().squeeze(1)  # the scored positions (on the host: no device sync)
-    owner = flat // width  # the row each scored position belongs to
+    owner = flat // y.size(1)  # the row each scored position belongs to
     x, y, on_device = x.to(device), y.to(device), flat.to(device)
-    picked = logits_at(model, x, y, on_device)[:, :vocab_size].float()
+    picked = logits_at(model, x, y, on_device, cache)[:, :vocab_size].float()
     logp = -F.cross_entropy(picked, y.flatten()[on_device], reduction="none")
-    sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, owner, logp.double().cpu())  # one read-back
-    sums = sums.view(len(batch), NUM_ENDINGS).tolist()
-    return [(sums[i], scored[i * NUM_ENDINGS : (i + 1) * NUM_ENDINGS]) for i in range(len(batch))]
+    return torch.zeros(len(x), dtype=torch.float64).index_add_(0, owner, logp.double().cpu())
 
 
-def logits_at(model, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """The logits (len(flat), model vocab) at the flat positions of x. For a GPT, the stream after the final
-    norm is caught by a hook and only the scored positions go through the head: most of a row is context,
-    whose logits nobody needs. Under FSDP the head's weights are whole only inside the forward: the model's
-    own forward then computes every position's logits (and a loss, unused)."""
+def score_rows(model, batch: list[Encoded], vocab_size: int, device) -> list[list[float]]:
+    """Per example of batch: the summed log-likelihood of each ending (nats). One forward over every ending's
+    whole row (context and ending, as cut to block_size), right-padded."""
+    rows = [row for enc in batch for row in enc.rows]
+    scored = [n for enc in batch for n in enc.scored]
+    return row_logliks(model, *pack(rows, scored), vocab_size, device).view(len(batch), NUM_ENDINGS).tolist()
+
+
+def score_shared(model, batch: list[Encoded], vocab_size: int, device) -> list[list[float]]:
+    """score_rows for examples whose rows are whole, all with contexts of one length: the contexts run once,
+    in one forward into a KV cache (its last position predicts every ending's first token), and the endings
+    continue from it in a second forward, NUM_ENDINGS rows per context. Always two forwards (FSDP counts
+    them: see evaluate.lockstep)."""
+    n = batch[0].context
+    ends = [row[n:] for enc in batch for row in enc.rows]
+    x, y = pack(ends, [len(e) - 1 for e in ends])
+    cache = KVCache(model.config, n + x.size(1))
+    cache.reset(device)
+    contexts = torch.tensor([enc.rows[0][:n] for enc in batch], device=device)
+    last, _ = model(contexts, cache=cache)  # (E, 1, vocab): without targets, the last position's logits
+    firsts = torch.tensor([e[0] for e in ends], device=device)
+    each = last[:, 0, :vocab_size].float().repeat_interleave(NUM_ENDINGS, 0)  # a context's, for each ending
+    first = -F.cross_entropy(each, firsts, reduction="none")
+    cache.repeat_rows(NUM_ENDINGS)
+    rest = row_logliks(model, x, y, vocab_size, device, cache)
+    return (rest + first.double().cpu()).view(len(batch), NUM_ENDINGS).tolist()
+
+
+def logits_at(model, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor, cache=None) -> torch.Tensor:
+    """The logits (len(flat), model vocab) at the flat positions of x (continuing the cache's context, if
+    any). For a GPT, the stream after the final norm is caught by a hook and only the scored positions go
+    through the head: most of a row is context, whose logits nobody needs. Under FSDP the head's weights are
+    whole only inside the forward: the model's own forward then computes every position's logits (and a
+    loss, unused)."""
     ln_f = getattr(getattr(model, "transformer", None), "ln_f", None)
     if ln_f is None or hasattr(model.lm_head.weight, "full_tensor"):
-        logits, _ = model(x, y)
+        logits, _ = model(x, y, cache=cache)
         return logits.flatten(0, 1)[flat]
     seen = []
     handle = ln_f.register_forward_hook(lambda module, args, out: seen.append(out))
     try:
-        model(x)  # without targets the head computes the last position only
+        model(x, cache=cache)  # without targets the head computes the last position only
     finally:
         handle.remove()
     return model.softcap(model.lm_head(seen[0].flatten(0, 1)[flat]))
 
 
-def batches_of(share: list[Encoded], batch_size: int) -> list[list[Encoded]]:
-    """The share in batches of batch_size examples, longest first, so rows of like length share a forward."""
-    ordered = sorted(share, key=lambda e: -max(len(r) for r in e.rows))
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+def batches_of(encoded: list[Encoded], batch_size: int) -> tuple[list[list[Encoded]], list[list[Encoded]]]:
+    """(shared, cut): the examples whose rows are whole in batches of batch_size with one context length each
+    (score_shared), and those whose rows were cut to block_size in batches of like length (score_rows);
+    longest first."""
+    whole = sorted((e for e in encoded if not e.truncated), key=lambda e: (-e.context, e.index))
+    shared = []
+    for _, group in itertools.groupby(whole, key=lambda e: e.context):
+        group = list(group)
+        shared += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    cut = sorted((e for e in encoded if e.truncated), key=lambda e: -max(len(r) for r in e.rows))
+    return shared, [cut[i : i + batch_size] for i in range(0, len(cut), batch_size)]
 
 
 @torch.no_grad()
-def score(model, encoded: list[Encoded], vocab_size: int, rt: runtime.Runtime, batch_size: int) -> list[dict]:
-    """Every example's record {index, label, loglik, tokens}, in index order, on every rank. Rank r scores
-    examples r, r + W, ...; every rank runs the same number of forwards (a rank with fewer batches repeats
-    a one-row forward whose result it drops), then the records are gathered."""
-    share = encoded[rt.rank :: rt.world_size]
-    batches = batches_of(share, batch_size)
-    most = math.ceil(math.ceil(len(encoded) / rt.world_size) / batch_size)  # rank 0's count, the largest
+def score(model, encoded: list[Encoded], vocab_size: int, rt: runtime.Runtime, batch_size: int, stop=None):
+    """Every example's record {index, label, loglik, tokens}, in index order, on every rank; None when the
+    ranks agreed to stop (stop: a runtime.GracefulStop, checked before every batch). The batches are strided
+    over the ranks (evaluate.lockstep: every rank runs the same number of forwards), then the records are
+    gathered."""
     was_training = model.training
     model.eval()
     records = []
     try:
         with rt.autocast():
-            for batch in batches:
-                for enc, (loglik, tokens) in zip(batch, score_batch(model, batch, vocab_size, rt.device)):
-                    records.append({"index": enc.index, "label": enc.label, "loglik": loglik, "tokens": tokens})
-            for _ in range(most - len(batches)):  # keep this rank in step with the others' forwards
-                model(torch.zeros(1, 1, dtype=torch.long, device=rt.device))
+            for batches, run in zip(batches_of(encoded, batch_size), (score_shared, score_rows)):
+                for g, keep in lockstep(len(batches), rt, stop):
+                    logliks = run(model, batches[g], vocab_size, rt.device)
+                    if keep:  # else a repeat that only kept this rank in step with the others
+                        records += [{"index": enc.index, "label": enc.label, "loglik": ll, "tokens": enc.scored}
+                                    for enc, ll in zip(batches[g], logliks)]  # fmt: skip
+    except Stopped:
+        return None
     finally:
         model.train(was_training)
     if rt.ddp:
@@ -297,12 +349,16 @@ class TrainingScorer:
         self.encoded = encode(examples, self.tok, cfg.block_size)
         self.batch_size = max(1, cfg.batch_size // NUM_ENDINGS)  # rows of at most block_size: a training batch
 
-    def __call__(self, model, step: int, logger, final: bool = False) -> dict | None:
+    def __call__(self, model, step: int, logger, final: bool = False, stop=None) -> dict | None:
+        """The logged record; None when none is due, or when the ranks agreed to stop (stop.agreed() before
+        every batch: within one batch of a signal), leaving nothing printed or logged."""
         if step % self.cfg.hellaswag_interval and not final:
             return None
         t0 = time.perf_counter()
         with torch.compiler.set_stance("force_eager"):
-            records = score(model, self.encoded, self.tok.vocab_size, self.rt, self.batch_size)
+            records = score(model, self.encoded, self.tok.vocab_size, self.rt, self.batch_size, stop)
+        if records is None:
+            return None
         result = summarize("hellaswag", records, sum(e.truncated for e in self.encoded))
         seconds = time.perf_counter() - t0
         self.rt.print(f"step {step}: {describe(result, self.cfg.block_size)} ({seconds:.1f}s)")

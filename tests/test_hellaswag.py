@@ -54,15 +54,16 @@ def tiny_gpt(vocab: int, block_size: int = 32, seed: int = 0) -> GPT:
 
 
 class Bigram(torch.nn.Module):
-    """A model whose logits at a position depend only on that position's token: table[token]."""
+    """A model whose logits at a position depend only on that position's token: table[token]. Called as a GPT
+    is (a cache it needs nothing from; without targets, the last position's logits only)."""
 
     def __init__(self, vocab: int, block_size: int):
         super().__init__()
         self.config = GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=1, n_head=1, n_embd=8)
         self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(1)))
 
-    def forward(self, idx, targets=None):
-        return self.table[idx], None
+    def forward(self, idx, targets=None, cache=None):
+        return self.table[idx] if targets is not None else self.table[idx[:, -1:]], None
 
 
 def direct_loglik(model, ctx: list[int], end: list[int]) -> float:
@@ -112,6 +113,26 @@ def test_gpt_scores_equal_a_direct_computation_batched_or_one_by_one(tmp_path, c
         assert b["loglik"] == pytest.approx(a["loglik"], rel=1e-4, abs=1e-4) and a["tokens"] == b["tokens"]
     assert (one["acc"], one["acc_norm"]) == (many["acc"], many["acc_norm"])
     assert len({tuple(r["loglik"]) for r in one["examples"]}) == len(examples)  # the scores are not constant
+
+
+def test_each_context_runs_once_and_its_endings_continue_from_the_cache(tmp_path, char_tok):
+    """Contexts of one length share a forward into a KV cache; the endings (one of them a single token, so
+    nothing of it is fed) continue from it, four rows per context: the model sees each context once, and the
+    log-likelihoods equal whole rows run one by one."""
+    ctx = ["First Citizen", "hear me speak", "chief enemyyy", "Before we pro"]  # 13 characters each
+    records = [{"ctx": c, "endings": ["", "speak.", "All: resolved", "you"], "label": i} for i, c in enumerate(ctx)]
+    records.append({"ctx": "All", "endings": ["a", "e", "c", "Speak, speak."], "label": 0})
+    examples = multiple_choice.read_examples(write_jsonl(tmp_path / "mc.jsonl", records))
+    model, shapes = tiny_gpt(char_tok.vocab_size, block_size=64), []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    result = multiple_choice.evaluate(model, examples, char_tok, CPU, batch_size=3)
+    # batches longest context first: 3 contexts of 13, then 1 of 13, then "All" (3); endings " " + ending
+    assert shapes == [(3, 13), (12, 13), (1, 13), (4, 13), (1, 3), (4, 13)]
+    for ex, rec in zip(examples, result["examples"], strict=True):
+        c = char_tok.encode(ex.ctx)
+        direct = [direct_loglik(model, c, char_tok.encode(" " + e)) for e in ex.endings]
+        assert rec["loglik"] == pytest.approx(direct, rel=1e-4, abs=1e-4)
+        assert rec["tokens"] == [len(" " + e) for e in ex.endings]
 
 
 def test_a_long_context_keeps_its_last_tokens(tmp_path, char_tok):

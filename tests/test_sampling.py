@@ -134,22 +134,23 @@ def test_vocab_limit_is_checked():
 
 def test_sample_passes_the_tokenizers_vocabulary(monkeypatch):
     seen = {}
-    monkeypatch.setattr(sample, "generate_stream", lambda model, idx, n, **kw: seen.update(kw) or iter(()))
+    monkeypatch.setattr(engine, "generate_stream", lambda model, idx, n, **kw: seen.update(kw) or iter(()))
     tok = dataset.Tokenizer(token_files.gpt2_meta())
-    sample.draw(None, tok, torch.zeros(1, 1, dtype=torch.long), sample.SampleConfig(max_new_tokens=4), "eager")
+    engine.draw(None, tok, torch.zeros(1, 1, dtype=torch.long), 0)
     assert seen["vocab_limit"] == tok.vocab_size == 50257
 
 
-def test_cache_refuses_an_overrun_and_a_second_prompt():
-    """KVCache.claim: never past block_size, and several tokens only from slot 0 (they would attend
-    only to themselves, not to the cached prefix)."""
+def test_cache_refuses_an_overrun():
+    """KVCache.claim: never past its slots (block_size, or the size it was made with), refused before anything
+    is written."""
     model = sharp_model()
     cache = KVCache(model.config)
     cache.reset(torch.device("cpu"))
     model(prompts(1, 10), cache=cache)
-    with pytest.raises(ValueError, match="cannot take 3 token.s. after 10 of its 16 slots"):
-        model(prompts(1, 3), cache=cache)
-    for _ in range(6):
+    with pytest.raises(ValueError, match="cannot take 7 token.s. after 10 of its 16 slots"):
+        model(prompts(1, 7), cache=cache)
+    model(prompts(1, 3), cache=cache)  # a chunk after the prefix
+    for _ in range(3):
         model(prompts(1, 1), cache=cache)
     assert int(cache.pos) == cache.length == 16
     with pytest.raises(ValueError, match="cannot take 1 token.s. after 16 of its 16 slots"):
@@ -157,6 +158,27 @@ def test_cache_refuses_an_overrun_and_a_second_prompt():
     assert int(cache.pos) == 16  # refused before anything was written
     cache.reset(torch.device("cpu"))
     model(prompts(1, 16), cache=cache)  # a whole block from slot 0 fits
+    small = KVCache(model.config, size=6)
+    small.reset(torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot take 7 token.s. after 0 of its 6 slots"):
+        model(prompts(1, 7), cache=small)
+
+
+@pytest.mark.parametrize("prefix,chunk", [(1, 5), (6, 1), (7, 9)])
+def test_a_chunk_continues_its_cached_prefix_and_rows_repeat(prefix, chunk):
+    """A context run into the cache once, then repeat_rows(3) and a chunk of 3 different continuations: each
+    row's logits equal those of its whole row run without a cache."""
+    model = sharp_model()
+    ctx, conts = prompts(2, prefix, seed=4), prompts(6, chunk, seed=5)
+    cache = KVCache(model.config, size=prefix + chunk)
+    cache.reset(torch.device("cpu"))
+    model(ctx, cache=cache)
+    cache.repeat_rows(3)
+    logits, _ = model(conts, conts, cache=cache)  # with targets: every position's logits
+    whole = torch.cat([ctx.repeat_interleave(3, 0), conts], dim=1)
+    want, _ = model(whole, whole)
+    assert torch.allclose(logits, want[:, prefix:], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-2)  # the continuations differ: the check has teeth
 
 
 def test_a_cached_step_checks_its_length_on_every_engine():
@@ -401,7 +423,7 @@ def test_max_batch_splits_the_samples(char_ckpt):
 
 
 class ScriptedModel:
-    """Stands in for GPT in sample.draw: yields the given columns and counts how many were taken."""
+    """Stands in for GPT in engine.draw: yields the given columns and counts how many were taken."""
 
     def __init__(self, rows: list[list[int]]):
         self.cols, self.taken = torch.tensor(rows).T.unsqueeze(-1), 0
@@ -413,15 +435,25 @@ class ScriptedModel:
 
 
 def test_rows_stop_at_end_of_text(monkeypatch):
-    monkeypatch.setattr(sample, "generate_stream", lambda model, idx, n, **kw: model.generate_stream(idx, n, **kw))
+    monkeypatch.setattr(engine, "generate_stream", lambda model, idx, n, **kw: model.generate_stream(idx, n, **kw))
     tok = dataset.Tokenizer(token_files.gpt2_meta())
     eot, a, b = tok.enc.eot_token, tok.encode(" a")[0], tok.encode(" b")[0]
     rows = [[a, eot] + [a] * 38, [b] * 20 + [eot] + [b] * 19]
     model = ScriptedModel(rows)
-    cfg = sample.SampleConfig(max_new_tokens=40)
-    new, steps = sample.draw(model, tok, torch.zeros(2, 1, dtype=torch.long), cfg, "eager")
+    new, steps = engine.draw(model, tok, torch.zeros(2, 1, dtype=torch.long), 40)
     assert new == [[a], [b] * 20]
     assert model.taken == steps == 32  # every row ended within the second chunk of 16: no further steps
+
+
+def test_a_stop_request_ends_the_draw_at_once(monkeypatch):
+    """stopped() is asked before every step: the draw ends there, with the tokens drawn so far read back."""
+    monkeypatch.setattr(engine, "generate_stream", lambda model, idx, n, **kw: model.generate_stream(idx, n, **kw))
+    tok = dataset.Tokenizer(token_files.gpt2_meta())
+    model = ScriptedModel([list(range(100, 140))])
+    asked = []
+    new, steps = engine.draw(model, tok, torch.zeros(1, 1, dtype=torch.long), 40, stopped=lambda: len(asked) > 20
+                             or asked.append(1))  # fmt: skip
+    assert new == [list(range(100, 121))] and steps == model.taken == 21
 
 
 def test_engine_rule_and_errors(char_ckpt, capsys):
