@@ -8,7 +8,6 @@ python sample.py --init_from=gpt2 --start="Hello"              # OpenAI's GPT-2 
 python sample.py --num_samples=64 --engine=graph                # one batch of 64, one CUDA graph per token
 """
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from data import token_files
-from gpt_residual import checkpoint, config, console, dataset, pretrained, runtime
+from gpt_residual import config, console, runtime
 from gpt_residual.engine import ENGINES, draw
-from model import GPT, GPTConfig
+from gpt_residual.pretrained import load_model
 
 GRAPH_MIN_TOKENS = 32  # engine=auto: CUDA graphs from this many new tokens on (see choose_engine)
 
@@ -56,19 +54,6 @@ class SampleConfig:
             raise config.ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         config.check_choice("dtype", self.dtype, config.DTYPES)
         config.check_choice("device", self.device.split(":")[0], config.DEVICES)
-
-
-def load_model(out_dir: str, device: str, init_from: str = "resume") -> tuple[GPT, dataset.Tokenizer]:
-    """The model and tokenizer recorded in out_dir/ckpt.pt, or a pretrained GPT-2 and its BPE (or the char
-    vocabulary of a folder written by scripts.export)."""
-    if init_from != "resume":  # the tokenizer first: offline without the BPE, fail before loading GBs of weights
-        tok = dataset.Tokenizer(pretrained.char_meta(init_from) or token_files.gpt2_meta())  # an export's chars
-        return pretrained.load_pretrained(init_from).eval().to(device), tok
-    state = checkpoint.load(Path(out_dir) / "ckpt.pt")
-    tok = dataset.Tokenizer(json.loads(state["tokenizer"]))
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.eval().to(device), tok
 
 
 def prompt_text(start: str) -> str:

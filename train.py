@@ -70,12 +70,13 @@ def load_data(cfg: config.TrainConfig, rt: runtime.Runtime) -> Data:
 
 
 def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tuple[GPTConfig, GPT | None]:
-    """The model's config: the checkpoint's when resuming, GPT-2's when fine-tuning (with the loaded
-    model), else the config's keys with the dataset's vocabulary."""
+    """The model's config: the checkpoint's when resuming, GPT-2's when fine-tuning (each with the model holding
+    the loaded weights), else the config's keys with the dataset's vocabulary (and no model yet)."""
     model = None
     if saved is not None:
         run_dir.check_resume(cfg, saved)
-        model_cfg = GPTConfig(**{**saved["model_config"], "dropout": cfg.dropout})
+        model = pretrained.from_checkpoint(saved, cfg.dropout)  # the weights; the optimizer's state comes later
+        model_cfg = model.config
     elif cfg.init_from == "scratch":
         model_cfg = replace(cfg.model_config(), vocab_size=padded_vocab(meta))
     else:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt_residual.pretrained import assemble
 from model import GPT, KVCache
 
 ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
@@ -252,9 +253,7 @@ class Decoder:
 def precast_copy(model: GPT, dtype: torch.dtype) -> GPT:
     """A copy of model sharing its tensors, except that every Linear's weight and bias are cast to
     dtype (the head untied from the token embedding, which stays as it is)."""
-    with torch.device("meta"):
-        twin = GPT(model.config)
-    twin.load_state_dict(model.state_dict(), assign=True)  # separate Parameters: wte and lm_head untied
+    twin = assemble(model.config, model.state_dict(), tie=False)  # wte and lm_head: Parameters of their own
     for module in twin.modules():
         if isinstance(module, nn.Linear):
             module.to(dtype)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import train
-from gpt_residual import config, dataset, runlog, runtime
+from gpt_residual import config, dataset, pretrained, runlog, runtime
 from gpt_residual.engine import ENGINES, generate
 from model import GPT
 
@@ -256,7 +256,7 @@ def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -
 
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
     if out_dir:
-        model, _ = sample.load_model(out_dir, rt.device)
+        model, _ = pretrained.load_model(out_dir, rt.device)
         source = f"{out_dir}/ckpt.pt"
     else:
         folder = dataset.dataset_dir(cfg.dataset, cfg.data_dir)

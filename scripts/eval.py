@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt_residual import config, console, multiple_choice, runtime
-from sample import load_model
+from gpt_residual.pretrained import load_model
 
 TASKS = ("hellaswag",)
 

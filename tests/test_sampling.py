@@ -422,6 +422,41 @@ def test_max_batch_splits_the_samples(char_ckpt):
     assert log.count("sample(s) x") == 1 and log2.count("sample(s) x") == 3
 
 
+PEAK_RSS = """import resource, sys, torch
+from gpt_residual.pretrained import load_model
+model, _ = load_model(sys.argv[1], "cpu")
+model(torch.zeros(1, 1, dtype=torch.long))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_checkpoint_loads_its_weights_only_into_a_model_never_initialised(char_ckpt, tmp_path, monkeypatch):
+    """pretrained.load_model (sample.py, scripts.eval, bench): the model is built on the meta device and takes
+    the checkpoint's tensors (torch.nn.init never fills a real tensor), the head tied to the embedding; the file is
+    memory-mapped, so an optimizer state of 256 MB is never read: the loading process's peak memory grows by
+    far less than that."""
+    inits, real = [], torch.nn.init.normal_
+
+    def spy_init(*args, **kwargs):
+        inits.append((args[0] if args else kwargs["tensor"]).device.type)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", spy_init)
+    model, tok = sample.load_model(str(char_ckpt), "cpu")
+    assert set(inits) <= {"meta"} and model.lm_head.weight is model.transformer.wte.weight and not model.training
+    saved = torch.load(char_ckpt / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved["model"].items())
+    big = tmp_path / "big"
+    big.mkdir()
+    torch.save({**saved, "optimizer": {"state": {0: {"exp_avg": torch.ones(64 * 2**20)}}}}, big / "ckpt.pt")
+    peaks = {}
+    for name, folder in (("small", char_ckpt), ("big", big)):
+        proc = run(["-c", PEAK_RSS, str(folder)], timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[name] = int(proc.stdout.split()[-1]) / 1024  # MiB
+    assert peaks["big"] - peaks["small"] < 64, peaks
+
+
 class ScriptedModel:
     """Stands in for GPT in engine.draw: yields the given columns and counts how many were taken."""
 
