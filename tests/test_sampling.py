@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,11 +110,11 @@ def test_seeded_sampling_same_with_and_without_cache(top_k, top_p):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (1.0, 30)])
-def test_padded_vocabulary_ids_are_never_chosen(use_cache, temperature, top_k):
+def test_padded_vocabulary_ids_are_never_chosen(use_cache, temperature, top_k, monkeypatch):
     """A model whose vocabulary is padded (37 real ids of 48) and whose padded rows win every logit:
     vocab_limit masks them before a token is chosen, so they are never sampled nor fed back."""
     model = sharp_model(vocab_size=48)
-    model.softcap = lambda logits: logits + torch.arange(48).ge(37) * 1e4  # the padded ids' logits win
+    monkeypatch.setattr(GPT, "softcap", lambda self, logits: logits + torch.arange(48).ge(37) * 1e4)  # padded win
     idx = prompts(3, 4)
     torch.manual_seed(0)
     free = generate(model, idx, 30, temperature=temperature, top_k=top_k, use_cache=use_cache)
@@ -121,6 +122,26 @@ def test_padded_vocabulary_ids_are_never_chosen(use_cache, temperature, top_k):
     torch.manual_seed(0)
     kept = generate(model, idx, 30, temperature=temperature, top_k=top_k, use_cache=use_cache, vocab_limit=37)
     assert kept.shape == (3, 34) and int(kept.max()) < 37
+
+
+@pytest.mark.parametrize("rows", [1, 2, 200])
+def test_a_cpu_decode_head_is_reordered_and_kept_up_to_date(monkeypatch, rows):
+    """On a CPU the cached (eager) generation's head multiplies in BLAS's fastest order (engine.DecodeHead:
+    one row or many, by a transposed copy of the weight; a few, by the weight from the left): F.linear never
+    reads the head's weight. The copy follows the weight when it changes in place (an optimizer step):
+    greedy tokens equal the uncached model's before and after."""
+    model, idx, heads = sharp_model(), prompts(rows, 3), []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: heads.append(
+        w.data_ptr() == model.lm_head.weight.data_ptr()) or real(x, w, b))  # fmt: skip
+    cached = generate(model, idx, 12, temperature=0)
+    assert heads and not any(heads)  # the blocks' linears ran, the head's never
+    assert torch.equal(cached, generate(model, idx, 12, temperature=0, use_cache=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # tied: the embedding changes too
+    again = generate(model, idx, 12, temperature=0)
+    assert torch.equal(again, generate(model, idx, 12, temperature=0, use_cache=False))
+    assert not torch.equal(again, cached)
 
 
 def test_vocab_limit_is_checked():
@@ -422,14 +443,15 @@ def test_max_batch_splits_the_samples(char_ckpt):
     assert log.count("sample(s) x") == 1 and log2.count("sample(s) x") == 3
 
 
-PEAK_RSS = """import resource, sys, torch
+PEAK_RSS = """import sys, torch
 from gpt_residual.pretrained import load_model
 model, _ = load_model(sys.argv[1], "cpu")
 model(torch.zeros(1, 1, dtype=torch.long))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""  # VmHWM: this process's own peak (ru_maxrss would start from the forking parent's)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
 def test_a_checkpoint_loads_its_weights_only_into_a_model_never_initialised(char_ckpt, tmp_path, monkeypatch):
     """pretrained.load_model (sample.py, scripts.eval, bench): the model is built on the meta device and takes
     the checkpoint's tensors (torch.nn.init never fills a real tensor), the head tied to the embedding; the file is
