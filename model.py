@@ -105,11 +105,11 @@ def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
 
 
 def rotary(pos: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, hs/2) of the rotary angles pos * base^(-2i/hs) at positions pos (T,). Computed from
-    the position tensor each pass (no buffer): a cached decode step reads the cache's slot, so its shapes
-    stay fixed for torch.compile and CUDA graphs."""
+    """cos and sin (T, hs/2) of the rotary angles pos * base^(-2i/hs) at positions pos (T,), or (B, T, hs/2) for
+    positions per row (B, T). Computed from the position tensor each pass (no buffer): a cached decode step
+    reads the cache's slot, so its shapes stay fixed for torch.compile and CUDA graphs."""
     inv_freq = ROPE_BASE ** -(torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
-    angles = pos.float()[:, None] * inv_freq  # (T, hs/2)
+    angles = pos.float()[..., None] * inv_freq  # (T, hs/2) or (B, T, hs/2)
     return angles.cos(), angles.sin()
 
 
@@ -117,6 +117,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate each pair of channels (i, i + hs/2) of x (B, nh, T, hs) by its angle (Llama's half split)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dim() == 3:  # positions per row: the same angles for every head
+        cos, sin = cos[:, None], sin[:, None]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -124,13 +126,10 @@ class KVCache:
     """Keys and values of every layer, allocated once to block_size and written in place, so that a
     one-token decode step has fixed shapes (a CUDA graph can replay it). A prompt fills slots 0..T-1
     (reset the cache first); each later token goes to slot `pos` and attends to the first `span` slots
-    (a Python int, so a step's shapes stay fixed while it holds) through the mask of filled ones. Several
-    tokens after a cached prefix (a chunk) attend to the prefix and causally to themselves: a context run
-    once, then its continuations (repeat_rows gives each row of the prefix several continuations). size
-    (default block_size) bounds the slots, for a cache that never needs them all."""
+    (a Python int, so a step's shapes stay fixed while it holds) through the mask of filled ones."""
 
-    def __init__(self, config: GPTConfig, size: int | None = None):
-        self.block_size = min(size or config.block_size, config.block_size)
+    def __init__(self, config: GPTConfig):
+        self.block_size = config.block_size
         self.k = [None] * config.n_layer  # per layer: (B, nh, block_size, hs), made on first use
         self.v = [None] * config.n_layer
         self.pos = None  # (1,) long tensor: the slot of the next token
@@ -148,14 +147,15 @@ class KVCache:
         self.length = 0
 
     def claim(self, T: int) -> torch.Tensor:
-        """The slots (T,) of the next T tokens, marked filled; pos moves past them (no host sync)."""
+        """The slots (T,) of the next T tokens, marked filled; pos moves past them (no host sync). Several
+        tokens at once only from slot 0 (a prompt attends to itself, not to a cached prefix)."""
         if self.pos is None:
             raise ValueError("reset the KV cache before its first use")
         if not torch.compiler.is_compiling():  # a compiled or graphed step is checked by its caller
-            if self.length + T > self.block_size:
+            if self.length + T > self.block_size or (T > 1 and self.length):
                 raise ValueError(
-                    f"the KV cache cannot take {T} token(s) after {self.length} of its {self.block_size} slots; "
-                    "reset it, or keep the context within its slots"
+                    f"the KV cache cannot take {T} token(s) after {self.length} of its {self.block_size} slots: "
+                    "a prompt goes in from slot 0 (reset first), later tokens one at a time, within block_size"
                 )
             self.length += T
         slots = self.pos + torch.arange(T, device=self.pos.device)
@@ -173,20 +173,15 @@ class KVCache:
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
 
-    def repeat_rows(self, n: int):
-        """Each row's keys and values n times in a row (row b becomes rows b*n .. b*n+n-1): a prefix run once
-        for n continuations."""
-        self.k = [None if k is None else k.repeat_interleave(n, dim=0) for k in self.k]
-        self.v = [None if v is None else v.repeat_interleave(n, dim=0) for v in self.v]
-
 
 class ForwardContext:
     """What the layers of one forward pass share besides the stream: rope's angles (cos, sin), each (T, hs/2),
-    and, with value_residual, layer 0's values v0 (B, nh, T, hs), set by layer 0 for the later ones. A plain
-    object, not a dict: FSDP rebuilds the containers in a module's arguments, and layer 0's v0 would be lost."""
+    a packed row's attention mask (GPT.forward's mask) and, with value_residual, layer 0's values v0 (B, nh, T,
+    hs), set by layer 0 for the later ones. A plain object, not a dict: FSDP rebuilds the containers in a
+    module's arguments, and layer 0's v0 would be lost."""
 
-    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.rope, self.v0, self.mask = rope, None, None
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None = None, packed: torch.Tensor | None = None):
+        self.rope, self.packed, self.v0, self.mask = rope, packed, None, None
 
     def decode_mask(self, cache: KVCache, dtype: torch.dtype) -> torch.Tensor:
         """The cache's filled slots among the first span as an additive mask (1, 1, 1, span), 0 or -inf in the
@@ -195,14 +190,6 @@ class ForwardContext:
         if self.mask is None:
             filled = cache.filled[..., : cache.span]
             self.mask = torch.zeros(filled.shape, dtype=dtype, device=filled.device).masked_fill_(~filled, -math.inf)
-        return self.mask
-
-    def chunk_mask(self, T: int, length: int, device, dtype: torch.dtype) -> torch.Tensor:
-        """A chunk of T tokens ending a context of `length` slots: token i sees the prefix and the chunk's
-        tokens up to itself, as an additive mask (T, length), made once per pass."""
-        if self.mask is None:
-            seen = torch.ones(T, length, dtype=torch.bool, device=device).tril(diagonal=length - T)
-            self.mask = torch.zeros(T, length, dtype=dtype, device=device).masked_fill_(~seen, -math.inf)
         return self.mask
 
 
@@ -251,15 +238,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         shared = shared or ForwardContext()
         q, k, v = self.project(x, pos, shared)
-        mask = None
+        mask = shared.packed  # None but for a packed row
         if cache is not None:
             keys, values = cache.update(self.layer, k, v, pos)  # (B, nh, block_size, hs)
             if T == 1:  # one new token attends to every filled slot; a prompt (from slot 0) to itself
                 span = cache.span
                 k, v, mask = keys[:, :, :span], values[:, :, :span], shared.decode_mask(cache, q.dtype)
-            elif cache.length > T:  # a chunk after a cached prefix: the prefix, then causally itself
-                n = cache.length
-                k, v, mask = keys[:, :, :n], values[:, :, :n], shared.chunk_mask(T, n, q.device, q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
@@ -374,12 +358,16 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets=None, cache: KVCache | None = None, pos=None, mask=None):
+        """idx (B, T) -> (logits, loss); see head. A packed row (no cache) gives each token its position, pos
+        (B, T), each below block_size, and the tokens it sees, mask (B, 1, T, T) (True: seen; every token must
+        see itself): several continuations of one context in one row, each from the context's end."""
         B, T = idx.size()
-        if T > self.config.block_size:
+        if T > self.config.block_size and pos is None:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         # positions: 0..T-1, or with a cache the next T slots (the caller keeps them within block_size)
-        pos = torch.arange(T, device=idx.device) if cache is None else cache.claim(T)  # (T,)
+        if pos is None:
+            pos = torch.arange(T, device=idx.device) if cache is None else cache.claim(T)  # (T,)
         c = self.config
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
@@ -387,7 +375,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.ln_e(x))  # ln_e: embed_norm, else nothing
         x0 = x  # what residual_scalars mixes back in before every block
         angles = rotary(pos, c.n_embd // c.n_head) if c.positions == "rope" else None
-        shared = ForwardContext(angles)  # and, once layer 0 has run, its values
+        shared = ForwardContext(angles, mask)  # and, once layer 0 has run, its values
         for i, block in enumerate(self.transformer.h):
             if c.residual_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0

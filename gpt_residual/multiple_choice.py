@@ -10,15 +10,14 @@ acc_norm the one with the smallest mean loss per token. A context whose tokens a
 block_size keeps its last block_size + 1 tokens (the ending's last block_size tokens, at most, are scored).
 The log-likelihoods are over the tokenizer's own vocabulary (a padded model's extra logits are left out).
 
-Each context runs once: the contexts of a batch of examples (of one context length) go through the model into
-a KV cache, and their endings continue from it, four rows per context, padded on the right (where the causal
-mask keeps the padding out of every scored position); only the scored positions go through the head. An
-example whose rows were cut to block_size (each ending keeps its own last tokens) runs as four whole rows.
-Under torchrun the batches are strided over the ranks and the results gathered, every rank running the same
-number of forwards (FSDP needs that: evaluate.lockstep).
+Each context runs once: an example is one packed row, the inputs its four rows share (the context) and then
+each ending's own, continuing from the context's end (their positions restart there, and the attention mask
+lets each ending see the context and itself only), as a shared prefix would; rows of several examples run in
+one forward, right-padded, and only the scored positions go through the head. Under torchrun the batches are
+strided over the ranks and the results gathered, every rank running the same number of forwards (FSDP needs
+that: evaluate.lockstep).
 """
 
-import itertools
 import json
 import math
 import statistics
@@ -34,7 +33,6 @@ import torch.nn.functional as F
 from gpt_residual import dataset, runtime
 from gpt_residual.dataset import DataError
 from gpt_residual.evaluate import Stopped, lockstep
-from model import KVCache
 
 NUM_ENDINGS = 4
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -158,11 +156,6 @@ class Encoded:
     scored: list[int]  # per ending: how many of the row's last tokens are the ending's, scored
     truncated: bool  # some ending lost context tokens to block_size
 
-    @property
-    def context(self) -> int:
-        """The context's tokens, which every row begins with (0 when the rows were cut)."""
-        return 0 if self.truncated else len(self.rows[0]) - self.scored[0]
-
 
 def encode(examples: list[Example], tok: dataset.Tokenizer, block_size: int) -> list[Encoded]:
     out = []
@@ -177,89 +170,77 @@ def encode(examples: list[Example], tok: dataset.Tokenizer, block_size: int) -> 
     return out
 
 
-def pack(rows: list[list[int]], scored: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows right-padded (on the host) into inputs x = row[:-1] and targets y, -1 but at each row's last
-    `scored` positions; at least one position wide."""
-    width = max(1, max(len(r) for r in rows) - 1)
-    x = torch.zeros(len(rows), width, dtype=torch.long)
-    y = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, (row, n) in enumerate(zip(rows, scored)):
-        if len(row) > 1:
-            x[i, : len(row) - 1] = torch.tensor(row[:-1])
-        if n:
-            y[i, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
-    return x, y
+def packed_row(enc: Encoded) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """The example as one row: the inputs (row[:-1]) its four rows share, their longest common prefix (the
+    context, when nothing was cut), once, then the rest of each row's inputs, each continuing from the shared
+    part's end. Returns (tokens, positions, segments: 0 for the shared part and i + 1 for ending i's, targets:
+    (index in the row, token, ending) for every scored token)."""
+    inputs, shared = [row[:-1] for row in enc.rows], 0
+    while shared < min(map(len, inputs)) and len({x[shared] for x in inputs}) == 1:
+        shared += 1
+    tokens, positions, segments, targets = inputs[0][:shared], list(range(shared)), [0] * shared, []
+    for i, (x, row, n) in enumerate(zip(inputs, enc.rows, enc.scored)):
+        start = len(tokens) - shared  # where this ending's own inputs begin, less the shared part
+        tokens += x[shared:]
+        positions += range(shared, len(x))
+        segments += [i + 1] * (len(x) - shared)
+        targets += [(p if p < shared else start + p, row[p + 1], i) for p in range(len(x) - n, len(x))]
+    return tokens, positions, segments, targets
 
 
-def row_logliks(model, x: torch.Tensor, y: torch.Tensor, vocab_size: int, device, cache=None) -> torch.Tensor:
-    """(rows,) float64 on the host: per row of x, the summed log-likelihood of its targets y (>= 0), over the
-    tokenizer's vocabulary; one read-back."""
-    flat = (y >= 0).flatten().nonzero().squeeze(1)  # the scored positions (on the host: no device sync)
-    owner = flat // y.size(1)  # the row each scored position belongs to
-    x, y, on_device = x.to(device), y.to(device), flat.to(device)
-    picked = logits_at(model, x, y, on_device, cache)[:, :vocab_size].float()
-    logp = -F.cross_entropy(picked, y.flatten()[on_device], reduction="none")
-    return torch.zeros(len(x), dtype=torch.float64).index_add_(0, owner, logp.double().cpu())
+def pack(batch: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of packed rows, right-padded, on the host: tokens x and positions (B, T), the attention mask (B, 1,
+    T, T: a token sees the shared part before it and its own ending's tokens up to itself; padding sees only
+    padding), and per scored token its flat index in x, its target and its ending's row (example x 4 + i)."""
+    rows = [packed_row(enc) for enc in batch]
+    T = max(len(r[0]) for r in rows)
+    x, pos, seg = (torch.full((len(rows), T), fill, dtype=torch.long) for fill in (0, 0, -1))
+    flat, target, owner = [], [], []
+    for b, (tokens, positions, segments, targets) in enumerate(rows):
+        x[b, : len(tokens)], pos[b, : len(tokens)] = torch.tensor(tokens), torch.tensor(positions)
+        seg[b, : len(tokens)] = torch.tensor(segments)
+        for p, t, i in targets:
+            flat.append(b * T + p), target.append(t), owner.append(b * NUM_ENDINGS + i)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg == 0)[:, None, :])  # (B, T, T)
+    return x, pos, mask[:, None], torch.tensor(flat), torch.stack([torch.tensor(target), torch.tensor(owner)])
 
 
-def score_rows(model, batch: list[Encoded], vocab_size: int, device) -> list[list[float]]:
-    """Per example of batch: the summed log-likelihood of each ending (nats). One forward over every ending's
-    whole row (context and ending, as cut to block_size), right-padded."""
-    rows = [row for enc in batch for row in enc.rows]
-    scored = [n for enc in batch for n in enc.scored]
-    return row_logliks(model, *pack(rows, scored), vocab_size, device).view(len(batch), NUM_ENDINGS).tolist()
+def score_batch(model, batch: list[Encoded], vocab_size: int, device) -> list[list[float]]:
+    """Per example of batch: the summed log-likelihood of each ending (nats). One forward of packed rows (each
+    example's context once, its endings continuing from it); only the scored positions go through the head.
+    The sums come back in one read-back."""
+    x, pos, mask, flat, (target, owner) = pack(batch)
+    forward = dict(pos=pos.to(device), mask=mask.to(device))
+    picked = logits_at(model, x.to(device), flat.to(device), forward)[:, :vocab_size].float()
+    logp = -F.cross_entropy(picked, target.to(device), reduction="none")
+    sums = torch.zeros(len(batch) * NUM_ENDINGS, dtype=torch.float64).index_add_(0, owner, logp.double().cpu())
+    return sums.view(len(batch), NUM_ENDINGS).tolist()
 
 
-def score_shared(model, batch: list[Encoded], vocab_size: int, device) -> list[list[float]]:
-    """score_rows for examples whose rows are whole, all with contexts of one length: the contexts run once,
-    in one forward into a KV cache (its last position predicts every ending's first token), and the endings
-    continue from it in a second forward, NUM_ENDINGS rows per context. Always two forwards (FSDP counts
-    them: see evaluate.lockstep)."""
-    n = batch[0].context
-    ends = [row[n:] for enc in batch for row in enc.rows]
-    x, y = pack(ends, [len(e) - 1 for e in ends])
-    cache = KVCache(model.config, n + x.size(1))
-    cache.reset(device)
-    contexts = torch.tensor([enc.rows[0][:n] for enc in batch], device=device)
-    last, _ = model(contexts, cache=cache)  # (E, 1, vocab): without targets, the last position's logits
-    firsts = torch.tensor([e[0] for e in ends], device=device)
-    each = last[:, 0, :vocab_size].float().repeat_interleave(NUM_ENDINGS, 0)  # a context's, for each ending
-    first = -F.cross_entropy(each, firsts, reduction="none")
-    cache.repeat_rows(NUM_ENDINGS)
-    rest = row_logliks(model, x, y, vocab_size, device, cache)
-    return (rest + first.double().cpu()).view(len(batch), NUM_ENDINGS).tolist()
-
-
-def logits_at(model, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor, cache=None) -> torch.Tensor:
-    """The logits (len(flat), model vocab) at the flat positions of x (continuing the cache's context, if
-    any). For a GPT, the stream after the final norm is caught by a hook and only the scored positions go
-    through the head: most of a row is context, whose logits nobody needs. Under FSDP the head's weights are
-    whole only inside the forward: the model's own forward then computes every position's logits (and a
-    loss, unused)."""
+def logits_at(model, x: torch.Tensor, flat: torch.Tensor, forward: dict) -> torch.Tensor:
+    """The logits (len(flat), model vocab) at the flat positions of x, forward's keywords (a packed row's
+    positions and mask) passed to the model. For a GPT, the stream after the final norm is caught by a hook
+    and only those positions go through the head: the contexts' logits, most of a row, nobody needs. Under FSDP
+    the head's weights are whole only inside the forward: the model's own forward then computes every
+    position's logits (given targets, and a loss, unused)."""
     ln_f = getattr(getattr(model, "transformer", None), "ln_f", None)
     if ln_f is None or hasattr(model.lm_head.weight, "full_tensor"):
-        logits, _ = model(x, y, cache=cache)
+        logits, _ = model(x, torch.zeros_like(x), **forward)
         return logits.flatten(0, 1)[flat]
     seen = []
     handle = ln_f.register_forward_hook(lambda module, args, out: seen.append(out))
     try:
-        model(x, cache=cache)  # without targets the head computes the last position only
+        model(x, **forward)  # without targets the head computes the last position only
     finally:
         handle.remove()
     return model.softcap(model.lm_head(seen[0].flatten(0, 1)[flat]))
 
 
-def batches_of(encoded: list[Encoded], batch_size: int) -> tuple[list[list[Encoded]], list[list[Encoded]]]:
-    """(shared, cut): the examples whose rows are whole in batches of batch_size with one context length each
-    (score_shared), and those whose rows were cut to block_size in batches of like length (score_rows);
-    longest first."""
-    whole = sorted((e for e in encoded if not e.truncated), key=lambda e: (-e.context, e.index))
-    shared = []
-    for _, group in itertools.groupby(whole, key=lambda e: e.context):
-        group = list(group)
-        shared += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-    cut = sorted((e for e in encoded if e.truncated), key=lambda e: -max(len(r) for r in e.rows))
-    return shared, [cut[i : i + batch_size] for i in range(0, len(cut), batch_size)]
+def batches_of(encoded: list[Encoded], batch_size: int) -> list[list[Encoded]]:
+    """The examples in batches of batch_size, longest packed row first, so rows of like length share a forward."""
+    ordered = sorted(encoded, key=lambda e: -len(packed_row(e)[0]))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 @torch.no_grad()
@@ -268,17 +249,17 @@ def score(model, encoded: list[Encoded], vocab_size: int, rt: runtime.Runtime, b
     ranks agreed to stop (stop: a runtime.GracefulStop, checked before every batch). The batches are strided
     over the ranks (evaluate.lockstep: every rank runs the same number of forwards), then the records are
     gathered."""
+    batches = batches_of(encoded, batch_size)
     was_training = model.training
     model.eval()
     records = []
     try:
         with rt.autocast():
-            for batches, run in zip(batches_of(encoded, batch_size), (score_shared, score_rows)):
-                for g, keep in lockstep(len(batches), rt, stop):
-                    logliks = run(model, batches[g], vocab_size, rt.device)
-                    if keep:  # else a repeat that only kept this rank in step with the others
-                        records += [{"index": enc.index, "label": enc.label, "loglik": ll, "tokens": enc.scored}
-                                    for enc, ll in zip(batches[g], logliks)]  # fmt: skip
+            for g, keep in lockstep(len(batches), rt, stop):
+                logliks = score_batch(model, batches[g], vocab_size, rt.device)
+                if keep:  # else a repeat that only kept this rank in step with the others
+                    records += [{"index": enc.index, "label": enc.label, "loglik": ll, "tokens": enc.scored}
+                                for enc, ll in zip(batches[g], logliks)]  # fmt: skip
     except Stopped:
         return None
     finally:
