@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from gpt_residual import dataset, runtime
 from gpt_residual.dataset import DataError
+from gpt_residual.engine import CpuHead
 from gpt_residual.evaluate import Stopped, lockstep
 
 NUM_ENDINGS = 4
@@ -206,19 +207,19 @@ def pack(batch: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return x, pos, mask[:, None], torch.tensor(flat), torch.stack([torch.tensor(target), torch.tensor(owner)])
 
 
-def score_batch(model, batch: list[Encoded], vocab_size: int, device) -> list[list[float]]:
+def score_batch(model, batch: list[Encoded], vocab_size: int, device, head=None) -> list[list[float]]:
     """Per example of batch: the summed log-likelihood of each ending (nats). One forward of packed rows (each
-    example's context once, its endings continuing from it); only the scored positions go through the head.
-    The sums come back in one read-back."""
+    example's context once, its endings continuing from it); only the scored positions go through the head
+    (head, else the model's own). The sums come back in one read-back."""
     x, pos, mask, flat, (target, owner) = pack(batch)
     forward = dict(pos=pos.to(device), mask=mask.to(device))
-    picked = logits_at(model, x.to(device), flat.to(device), forward)[:, :vocab_size].float()
+    picked = logits_at(model, x.to(device), flat.to(device), forward, head)[:, :vocab_size].float()
     logp = -F.cross_entropy(picked, target.to(device), reduction="none")
     sums = torch.zeros(len(batch) * NUM_ENDINGS, dtype=torch.float64).index_add_(0, owner, logp.double().cpu())
     return sums.view(len(batch), NUM_ENDINGS).tolist()
 
 
-def logits_at(model, x: torch.Tensor, flat: torch.Tensor, forward: dict) -> torch.Tensor:
+def logits_at(model, x: torch.Tensor, flat: torch.Tensor, forward: dict, head=None) -> torch.Tensor:
     """The logits (len(flat), model vocab) at the flat positions of x, forward's keywords (a packed row's
     positions and mask) passed to the model. For a GPT, the stream after the final norm is caught by a hook
     and only those positions go through the head: the contexts' logits, most of a row, nobody needs. Under FSDP
@@ -234,7 +235,7 @@ def logits_at(model, x: torch.Tensor, flat: torch.Tensor, forward: dict) -> torc
         model(x, **forward)  # without targets the head computes the last position only
     finally:
         handle.remove()
-    return model.softcap(model.lm_head(seen[0].flatten(0, 1)[flat]))
+    return model.softcap((head or model.lm_head)(seen[0].flatten(0, 1)[flat]))
 
 
 def batches_of(encoded: list[Encoded], batch_size: int) -> list[list[Encoded]]:
@@ -252,11 +253,12 @@ def score(model, encoded: list[Encoded], vocab_size: int, rt: runtime.Runtime, b
     batches = batches_of(encoded, batch_size)
     was_training = model.training
     model.eval()
-    records = []
+    records, lm_head = [], getattr(model, "lm_head", None)
+    head = CpuHead(lm_head.weight) if rt.device_type == "cpu" and isinstance(lm_head, torch.nn.Linear) else None
     try:
         with rt.autocast():
             for g, keep in lockstep(len(batches), rt, stop):
-                logliks = score_batch(model, batches[g], vocab_size, rt.device)
+                logliks = score_batch(model, batches[g], vocab_size, rt.device, head)
                 if keep:  # else a repeat that only kept this rank in step with the others
                     records += [{"index": enc.index, "label": enc.label, "loglik": ll, "tokens": enc.scored}
                                 for enc, ll in zip(batches[g], logliks)]  # fmt: skip

@@ -126,10 +126,10 @@ def test_padded_vocabulary_ids_are_never_chosen(use_cache, temperature, top_k, m
 
 @pytest.mark.parametrize("rows", [1, 2, 200])
 def test_a_cpu_decode_head_is_reordered_and_kept_up_to_date(monkeypatch, rows):
-    """On a CPU the cached (eager) generation's head multiplies in BLAS's fastest order (engine.DecodeHead:
-    one row or many, by a transposed copy of the weight; a few, by the weight from the left): F.linear never
-    reads the head's weight. The copy follows the weight when it changes in place (an optimizer step):
-    greedy tokens equal the uncached model's before and after."""
+    """On a CPU the cached (eager) generation's head is computed the way the CPU runs fastest (engine.CpuHead:
+    one row by a transposed copy of the weight, more by oneDNN's packed copy): F.linear never reads the head's
+    weight. The copy follows the weight when it changes in place (an optimizer step): greedy tokens equal the
+    uncached model's before and after."""
     model, idx, heads = sharp_model(), prompts(rows, 3), []
     real = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: heads.append(
