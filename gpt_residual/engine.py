@@ -264,12 +264,12 @@ def precast_copy(model: GPT, dtype: torch.dtype) -> GPT:
 
 class CpuHead(nn.Module):
     """The head on a CPU (a decode step's, multiple-choice scoring's): F.linear's logits x W^T, computed the way
-    this CPU runs fastest for the rows at hand. Measured with one thread (AMD EPYC, AVX-512; MKL and oneDNN),
-    for W of GPT-2's vocabulary by 384 and 768: one row, x @ W^T with W^T a contiguous (n_embd, vocab) copy of
-    W, 1.6-2.4x F.linear's speed; more rows, oneDNN's linear with W packed in its blocked layout (the layout
-    torch.compile's CPU backend packs weights into), 1.5-2.6x (8 rows: 2.1-2.6x; 100 rows: 2x). The copy is
+    this CPU runs fastest for the rows at hand: one row, x @ W^T with W^T a contiguous (n_embd, vocab) copy of
+    W (MKL); more rows, oneDNN's linear with W packed in its blocked layout (the layout torch.compile's CPU
+    backend packs weights into). With one thread (AMD EPYC, AVX-512), for W of GPT-2's vocabulary by 384 and
+    768: 1.4-2x F.linear's speed for one row, 2.7-2.9x for 8, 1.7x for 100 (docs/benchmarks.md). The copy is
     made on first use and again when W changes (its version counter moves with every in-place update, as an
-    optimizer step's). Without oneDNN, or in another dtype than float32, F.linear."""
+    optimizer step's). Without oneDNN (more than one row), or in another dtype than float32, F.linear."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
