@@ -162,11 +162,11 @@ def make_norm(config: GPTConfig, dim: int | None = None, site: str = "attn", sca
 
 
 def rotary(pos: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, hs/2) of the rotary angles pos * base^(-2i/hs) at positions pos (T,). Computed from
-    the position tensor each pass (no buffer): a cached decode step reads the cache's slot, so its shapes
-    stay fixed for torch.compile and CUDA graphs."""
+    """cos and sin (T, hs/2) of the rotary angles pos * base^(-2i/hs) at positions pos (T,), or (B, T, hs/2) for
+    positions per row (B, T). Computed from the position tensor each pass (no buffer): a cached decode step
+    reads the cache's slot, so its shapes stay fixed for torch.compile and CUDA graphs."""
     inv_freq = ROPE_BASE ** -(torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
-    angles = pos.float()[:, None] * inv_freq  # (T, hs/2)
+    angles = pos.float()[..., None] * inv_freq  # (T, hs/2) or (B, T, hs/2)
     return angles.cos(), angles.sin()
 
 
@@ -174,6 +174,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate each pair of channels (i, i + hs/2) of x (B, nh, T, hs) by its angle (Llama's half split)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dim() == 3:  # positions per row: the same angles for every head
+        cos, sin = cos[:, None], sin[:, None]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -231,11 +233,12 @@ class KVCache:
 
 class ForwardContext:
     """What the layers of one forward pass share besides the stream: rope's angles (cos, sin), each (T, hs/2),
-    and, with value_residual, layer 0's values v0 (B, nh, T, hs), set by layer 0 for the later ones. A plain
-    object, not a dict: FSDP rebuilds the containers in a module's arguments, and layer 0's v0 would be lost."""
+    a packed row's attention mask (GPT.forward's mask) and, with value_residual, layer 0's values v0 (B, nh, T,
+    hs), set by layer 0 for the later ones. A plain object, not a dict: FSDP rebuilds the containers in a
+    module's arguments, and layer 0's v0 would be lost."""
 
-    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.rope, self.v0, self.mask = rope, None, None
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None = None, packed: torch.Tensor | None = None):
+        self.rope, self.packed, self.v0, self.mask = rope, packed, None, None
 
     def decode_mask(self, cache: KVCache, dtype: torch.dtype) -> torch.Tensor:
         """The cache's filled slots among the first span as an additive mask (1, 1, 1, span), 0 or -inf in the
@@ -310,14 +313,14 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         shared = shared or ForwardContext()
         q, k, v = self.project(x, pos, shared)
-        mask = None
+        mask = shared.packed  # None but for a packed row
         if cache is not None:
             keys, values = cache.update(self.layer, k, v, pos)  # (B, nh, block_size, hs)
             if T == 1:  # one new token attends to every filled slot; a prompt (from slot 0) to itself
                 span = cache.span
                 k, v, mask = keys[:, :, :span], values[:, :, :span], shared.decode_mask(cache, q.dtype)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2)  # (B, T, nh, hs)
         if self.gate is not None:  # attn_gate: y * g, g (B, T, nh) per head or (B, T, C) per channel
@@ -456,12 +459,16 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets=None, cache: KVCache | None = None, pos=None, mask=None):
+        """idx (B, T) -> (logits, loss); see head. A packed row (no cache) gives each token its position, pos
+        (B, T), each below block_size, and the tokens it sees, mask (B, 1, T, T) (True: seen; every token must
+        see itself): several continuations of one context in one row, each from the context's end."""
         B, T = idx.size()
-        if T > self.config.block_size:
+        if T > self.config.block_size and pos is None:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         # positions: 0..T-1, or with a cache the next T slots (the caller keeps them within block_size)
-        pos = torch.arange(T, device=idx.device) if cache is None else cache.claim(T)  # (T,)
+        if pos is None:
+            pos = torch.arange(T, device=idx.device) if cache is None else cache.claim(T)  # (T,)
         c = self.config
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
@@ -471,7 +478,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.ln_e(x))  # ln_e: embed_norm, else nothing
         x0 = x  # what residual_scalars mixes back in before every block
         angles = rotary(pos, c.n_embd // c.n_head) if c.positions == "rope" else None
-        shared = ForwardContext(angles)  # and, once layer 0 has run, its values
+        shared = ForwardContext(angles, mask)  # and, once layer 0 has run, its values
         if self.streams is not None:
             x = self.streams.expand(x)  # (B, T, n, C) or (B, T, 1, C): see streams.py
         for i, block in enumerate(self.transformer.h):

@@ -8,7 +8,6 @@ python sample.py --init_from=gpt2 --start="Hello"              # OpenAI's GPT-2 
 python sample.py --num_samples=64 --engine=graph                # one batch of 64, one CUDA graph per token
 """
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -16,13 +15,11 @@ from pathlib import Path
 
 import torch
 
-from data import token_files
-from gpt_residual import checkpoint, config, console, dataset, pretrained, runtime
-from gpt_residual.engine import ENGINES, generate_stream
-from model import GPT, GPTConfig
+from gpt_residual import config, console, runtime
+from gpt_residual.engine import ENGINES, draw
+from gpt_residual.pretrained import load_model
 
 GRAPH_MIN_TOKENS = 32  # engine=auto: CUDA graphs from this many new tokens on (see choose_engine)
-CHUNK = 16  # tokens read back from the device at a time
 
 
 @dataclass
@@ -59,19 +56,6 @@ class SampleConfig:
         config.check_choice("device", self.device.split(":")[0], config.DEVICES)
 
 
-def load_model(out_dir: str, device: str, init_from: str = "resume") -> tuple[GPT, dataset.Tokenizer]:
-    """The model and tokenizer recorded in out_dir/ckpt.pt, or a pretrained GPT-2 and its BPE (or the char
-    vocabulary of a folder written by scripts.export)."""
-    if init_from != "resume":  # the tokenizer first: offline without the BPE, fail before loading GBs of weights
-        tok = dataset.Tokenizer(pretrained.char_meta(init_from) or token_files.gpt2_meta())  # an export's chars
-        return pretrained.load_pretrained(init_from).eval().to(device), tok
-    state = checkpoint.load(Path(out_dir) / "ckpt.pt")
-    tok = dataset.Tokenizer(json.loads(state["tokenizer"]))
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.eval().to(device), tok
-
-
 def prompt_text(start: str) -> str:
     if start.startswith("FILE:"):
         path = Path(start[5:])
@@ -97,37 +81,6 @@ def choose_engine(engine: str, device_type: str, max_new_tokens: int) -> str:
     return "graph" if device_type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS else "eager"
 
 
-def draw(model: GPT, tok: dataset.Tokenizer, idx: torch.Tensor, cfg: SampleConfig, engine: str, stream=None):
-    """Generate for every row of idx (B, T); a row ends at the tokenizer's end-of-text token (if it
-    has one) or after cfg.max_new_tokens. Reads tokens back CHUNK at a time and stops when every row
-    has ended; writes row 0's text to stream as it comes. Returns each row's new token ids and the
-    number of steps run."""
-    eot = tok.enc.eot_token if tok.kind == "gpt2" else None
-    rows, done = [[] for _ in range(idx.size(0))], [False] * idx.size(0)
-    decode, cols, steps = tok.stream_decoder(), [], 0
-    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache,
-                  vocab_limit=tok.vocab_size)  # never a padded vocabulary slot
-    for steps, col in enumerate(generate_stream(model, idx, cfg.max_new_tokens, engine=engine, **kwargs), 1):
-        cols.append(col)
-        if len(cols) < CHUNK and steps < cfg.max_new_tokens:
-            continue
-        for r, new in enumerate(torch.cat(cols, dim=1).tolist()):  # one host sync per chunk
-            for t in new:
-                done[r] = done[r] or t == eot
-                if done[r]:
-                    break
-                if t < tok.vocab_size:  # a padded vocabulary slot is never a real token
-                    rows[r].append(t)
-                    if stream is not None and r == 0:
-                        stream.write(decode(t))
-        cols = []
-        if stream is not None:
-            stream.flush()
-        if all(done):
-            break
-    return rows, steps
-
-
 def sample(cfg: SampleConfig, out=sys.stdout, log=sys.stderr) -> list[str]:
     """Write the cfg.num_samples samples to out, each followed by a newline; timings go to log.
     Returns the samples."""
@@ -143,6 +96,7 @@ def sample(cfg: SampleConfig, out=sys.stdout, log=sys.stderr) -> list[str]:
             raise config.ConfigError("the prompt is empty; give --start some text (e.g. --start='\\n')")
         ids = [tok.enc.eot_token]  # GPT-2 starts documents after <|endoftext|>
     torch.manual_seed(cfg.seed)
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache)
     samples = []
     for first in range(0, cfg.num_samples, cfg.max_batch):
         batch = min(cfg.max_batch, cfg.num_samples - first)
@@ -152,7 +106,7 @@ def sample(cfg: SampleConfig, out=sys.stdout, log=sys.stderr) -> list[str]:
             out.write(text)
         t0 = time.perf_counter()
         with rt.autocast():
-            rows, steps = draw(model, tok, idx, cfg, engine, out if streaming else None)
+            rows, steps = draw(model, tok, idx, cfg.max_new_tokens, engine, out if streaming else None, **sampling)
         dt = time.perf_counter() - t0
         for new in rows:
             samples.append(text + tok.decode(new))

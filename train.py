@@ -71,12 +71,13 @@ def load_data(cfg: config.TrainConfig, rt: runtime.Runtime) -> Data:
 
 
 def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tuple[GPTConfig, GPT | None]:
-    """The model's config: the checkpoint's when resuming, GPT-2's when fine-tuning (with the loaded
-    model), else the config's keys with the dataset's vocabulary."""
+    """The model's config: the checkpoint's when resuming, GPT-2's when fine-tuning (each with the model holding
+    the loaded weights), else the config's keys with the dataset's vocabulary (and no model yet)."""
     model = None
     if saved is not None:
         run_dir.check_resume(cfg, saved, meta)
-        model_cfg = GPTConfig(**{**saved["model_config"], "dropout": cfg.dropout})
+        model = pretrained.from_checkpoint(saved, cfg.dropout)  # the weights; the optimizer's state comes later
+        model_cfg = model.config
     elif cfg.init_from == "scratch":
         model_cfg = replace(cfg.model_config(), vocab_size=padded_vocab(meta))
     else:
@@ -346,10 +347,12 @@ def loop(run: Run, rt: runtime.Runtime, stop: runtime.GracefulStop, t_start: flo
                 console.log_eval(rt, logger, state.last_eval, time.perf_counter() - t_start, meter.eval_s)
                 if sampler.due(state.step):
                     with meter.pause(eval_time=True):
-                        sampler(state.raw_model, state.step, logger)
+                        sampler(state.raw_model, state.step, logger, stop)
                 if hellaswag:  # a fixed subset, every hellaswag_interval steps and at the end
                     with meter.pause(eval_time=True):
-                        hellaswag(state.raw_model, state.step, logger, final=state.step >= cfg.max_iters)
+                        hellaswag(state.raw_model, state.step, logger, state.step >= cfg.max_iters, stop)
+                if stop.agreed():  # a stop requested while sampling or scoring: save now, every rank
+                    done = stopping = True
         periodic = cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0
         if state.step > max(first_step, state.saved_step) and (periodic or is_best or done):
             with meter.pause(), stop.shielded():  # a second Ctrl-C waits for the write to end

@@ -72,13 +72,15 @@ def what_is_left(out_dir: Path) -> str:
     return "no earlier checkpoint exists; free space or choose another out_dir"
 
 
-def load(path: Path) -> dict:
-    """Load a checkpoint on the CPU, refusing anything but tensors and plain data."""
+def load(path: Path, mmap: bool = False) -> dict:
+    """Load a checkpoint on the CPU, refusing anything but tensors and plain data; with mmap, its tensors are
+    memory-mapped from the file and read only when used (what is never used, the optimizer's state for a
+    sampler, is never read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train first (init_from=scratch) or fix out_dir")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "unsupported global" in str(e).lower():  # a class or function to call: code would run
             raise CheckpointError(

@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt_residual.pretrained import assemble
 from model import GPT, KVCache
 
 ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
+CHUNK = 16  # draw: tokens read back from the device at a time
 
 
 @torch.inference_mode()
@@ -69,6 +71,39 @@ def generate_stream(
             nxt = decoder.step(nxt, idx.size(1) - start)  # the last token (B, 1), the context's length
         idx = torch.cat((idx, nxt), dim=1)
         yield nxt
+
+
+def draw(model: GPT, tok, idx: torch.Tensor, max_new_tokens: int, engine: str = "eager", stream=None,
+         stopped=None, **sampling) -> tuple[list[list[int]], int]:
+    """Generate for every row of idx (B, T) with generate_stream (sampling: temperature, top_k, top_p,
+    use_cache), never a padded-vocabulary id (vocab_limit is the tokenizer's, a dataset.Tokenizer); a row ends
+    at the tokenizer's end-of-text token (if it has one) or after max_new_tokens. Reads the tokens back CHUNK
+    at a time and stops when every row has ended, or, before any step, when stopped() is true (a stop was
+    requested: what was drawn is returned). Writes row 0's text to stream as it comes. Returns each row's
+    new token ids and the number of steps run."""
+    eot = tok.enc.eot_token if tok.kind == "gpt2" else None
+    rows, done = [[] for _ in range(idx.size(0))], [False] * idx.size(0)
+    decode, cols, steps = tok.stream_decoder(), [], 0
+    tokens = generate_stream(model, idx, max_new_tokens, engine=engine, vocab_limit=tok.vocab_size, **sampling)
+    while steps < max_new_tokens and not all(done):
+        if stopped is not None and stopped():
+            max_new_tokens = steps  # read back what was drawn, then stop
+        else:
+            cols.append(next(tokens))
+            steps += 1
+        if cols and (len(cols) == CHUNK or steps == max_new_tokens):
+            for r, new in enumerate(torch.cat(cols, dim=1).tolist()):  # one host sync per chunk
+                for t in new:
+                    done[r] = done[r] or t == eot
+                    if done[r]:
+                        break
+                    rows[r].append(t)
+                    if stream is not None and r == 0:
+                        stream.write(decode(t))
+            cols = []
+            if stream is not None:
+                stream.flush()
+    return rows, steps
 
 
 def check_generate_args(model: GPT, max_new_tokens, temperature, top_k, top_p, engine, device, vocab_limit=None):
@@ -148,6 +183,8 @@ class Decoder:
     def __init__(self, model: GPT, choose_token, engine: str, low_precision: torch.dtype | None):
         graphed = engine == "graph" or (engine == "compile" and model.lm_head.weight.is_cuda)
         self.model = precast_copy(model, low_precision) if low_precision is not None and engine != "eager" else model
+        if engine == "eager" and not model.lm_head.weight.is_cuda:
+            self.model = cpu_head_copy(self.model)  # the head as this CPU runs it fastest: see CpuHead
         self.choose_token, self.graphed, self.low_precision = choose_token, graphed, low_precision
         self.cache = KVCache(model.config)
         self.fn = torch.compile(self._step, dynamic=False) if engine == "compile" else self._step
@@ -218,10 +255,47 @@ class Decoder:
 def precast_copy(model: GPT, dtype: torch.dtype) -> GPT:
     """A copy of model sharing its tensors, except that every Linear's weight and bias are cast to
     dtype (the head untied from the token embedding, which stays as it is)."""
-    with torch.device("meta"):
-        twin = GPT(model.config)
-    twin.load_state_dict(model.state_dict(), assign=True)  # separate Parameters: wte and lm_head untied
+    twin = assemble(model.config, model.state_dict(), tie=False)  # wte and lm_head: Parameters of their own
     for module in twin.modules():
         if isinstance(module, nn.Linear):
             module.to(dtype)
+    return twin.eval()
+
+
+class CpuHead(nn.Module):
+    """The head on a CPU (a decode step's, multiple-choice scoring's): F.linear's logits x W^T, computed the way
+    this CPU runs fastest for the rows at hand: one row, x @ W^T with W^T a contiguous (n_embd, vocab) copy of
+    W (MKL); more rows, oneDNN's linear with W packed in its blocked layout (the layout torch.compile's CPU
+    backend packs weights into). With one thread (AMD EPYC, AVX-512), for W of GPT-2's vocabulary by 384 and
+    768: 1.4-2x F.linear's speed for one row, 2.7-2.9x for 8, 1.7x for 100 (docs/benchmarks.md). The copy is
+    made on first use and again when W changes (its version counter moves with every in-place update, as an
+    optimizer step's). Without oneDNN (more than one row), or in another dtype than float32, F.linear."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.source, self.key, self.copy = weight, None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.flatten(0, -2)  # (B * T, n_embd)
+        w = self.source
+        packed = len(rows) > 1
+        if x.dtype != torch.float32 or w.dtype != torch.float32 or (packed and not ONEDNN_LINEAR):
+            return F.linear(x, w)
+        key = (w.data_ptr(), w._version, packed)
+        if key != self.key:
+            w, self.key = w.detach(), key
+            pack = torch.ops.mkldnn._reorder_linear_weight
+            self.copy = pack(w, batch_size=len(rows)) if packed else w.t().contiguous()
+        if packed:
+            return torch.ops.mkldnn._linear_pointwise(rows, self.copy, None, "none", [], "").view(*x.shape[:-1], -1)
+        return x @ self.copy
+
+
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def cpu_head_copy(model: GPT) -> GPT:
+    """A copy of model sharing its tensors, its head a CpuHead of model's head weight."""
+    twin = assemble(model.config, model.state_dict(), tie=False)
+    twin.lm_head = CpuHead(model.lm_head.weight)
     return twin.eval()

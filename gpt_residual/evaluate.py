@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gpt_residual import dataset, runtime
-from gpt_residual.engine import generate
+from gpt_residual.engine import draw
 
 
 def byte_table(meta: dict, vocab_size: int, device) -> torch.Tensor:
@@ -27,13 +27,30 @@ def byte_table(meta: dict, vocab_size: int, device) -> torch.Tensor:
     return table.to(device)
 
 
+class Stopped(Exception):
+    """The ranks agreed to stop in the middle of lockstep's work: it is abandoned."""
+
+
+def lockstep(count: int, rt: runtime.Runtime, stop: runtime.GracefulStop | None = None):
+    """The units 0..count-1 of some work strided over the ranks (rank r: r, r + W, ...), as (unit, keep): every
+    rank gets the same number, so every rank runs the same number of forwards (under FSDP each forward
+    gathers weights from every rank). A rank past its last unit gets the last one again with keep False: run
+    it, drop its result. Before each, the ranks agree on the stop flag (stop.agreed(): at the same point on
+    every rank) and raise Stopped together."""
+    for i in range(-(-count // rt.world_size)):
+        if stop is not None and stop.agreed():
+            raise Stopped
+        g = i * rt.world_size + rt.rank
+        yield min(g, count - 1), g < count
+
+
 @torch.no_grad()
 def estimate_losses(model, samplers: dict, cfg, rt: runtime.Runtime, stop: runtime.GracefulStop, token_bytes=None):
     """Mean loss over the same samples of each split every time: eval_iters batches, or the whole split
-    when it holds fewer windows (BatchSampler.estimate_samples); ranks share the work. With token_bytes
-    (byte_table), also "<split>_bpb": bits per byte over the same targets. The sums stay on the device
-    until the end: one read-back for all splits. Returns None, abandoning the estimate, as soon as a stop
-    is requested (checked between batches)."""
+    when it holds fewer windows (BatchSampler.estimate_samples); ranks share the work (lockstep). With
+    token_bytes (byte_table), also "<split>_bpb": bits per byte over the same targets. The sums stay on the
+    device until the end: one read-back for all splits. Returns None, abandoning the estimate, as soon as the
+    ranks agree that a stop was requested (checked between batches)."""
     model.eval()
     try:
         totals = {}
@@ -41,20 +58,19 @@ def estimate_losses(model, samplers: dict, cfg, rt: runtime.Runtime, stop: runti
             samples = sampler.estimate_samples(cfg.eval_iters)
             batches = -(-samples // sampler.B)  # the last may be partial
             total = torch.zeros(4, device=rt.device)  # sums of: loss weighted by rows, rows, nats, bytes
-            for i in range(-(-batches // rt.world_size)):  # the same number of forwards on every rank
-                if stop.agreed():  # under DDP every rank checks at the same batch, so all abandon together
-                    return None
-                g = min(i * rt.world_size + rt.rank, batches - 1)  # (FSDP: every rank must run each forward)
+            for g, keep in lockstep(batches, rt, stop):
                 rows = min(sampler.B, samples - g * sampler.B)
                 x, y = pad_rows(*sampler.get(g, rt.device, rows), sampler.B)
                 with rt.autocast():
                     logits, loss = model(x, y)
-                if i * rt.world_size + rt.rank < batches:  # a batch beyond the last only kept this rank in step
+                if keep:
                     total += batch_sums(logits, loss, y, rows, token_bytes)
             if rt.ddp:
                 dist.all_reduce(total)
             totals[split] = total
         return summarize(totals, token_bytes is not None)
+    except Stopped:
+        return None
     finally:
         model.train()
 
@@ -97,11 +113,14 @@ def summarize(totals: dict, with_bpb: bool) -> dict:
 
 
 class TrainingSampler:
-    """sample_interval > 0: at those eval steps (and the last), sample_tokens tokens after sample_prompt, drawn
-    on rank 0 through the KV-cached engine (engine.generate) from the unwrapped model, printed and logged as
-    {"step", "sample"}. The draw is seeded by cfg.seed inside a forked RNG, so it is the same every time and the
+    """sample_interval > 0: at those eval steps (and the last), up to sample_tokens tokens after sample_prompt,
+    drawn on rank 0 by sample.py's code (engine.draw: KV-cached, never a padded-vocabulary id, ending at
+    end-of-text) from the unwrapped model, printed and logged as {"step", "sample"}. Every rank checks the
+    prompt when this is made (a prompt outside a char vocabulary is a one-line DataError everywhere, not only
+    on rank 0). The draw is seeded by cfg.seed inside a forked RNG, so it is the same every time and the
     training's random streams (dropout) are untouched: the losses equal those of a run without samples. Blocks
-    compiled in place (compile_scope="blocks") run eagerly here: generation's shapes would make them recompile."""
+    compiled in place (compile_scope="blocks") run eagerly here: generation's shapes would make them recompile.
+    A stop request (stop.requested, this rank's own flag: only rank 0 draws) ends the draw within a token."""
 
     TEMPERATURE = 0.8  # sample.py's default
 
@@ -114,9 +133,11 @@ class TrainingSampler:
     def due(self, step: int) -> bool:
         return self.active and (step % self.cfg.sample_interval == 0 or step >= self.cfg.max_iters)
 
-    def __call__(self, model, step: int, logger) -> str | None:
-        """The sample at this step (printed and logged), or None when none is due."""
-        if not self.due(step):
+    def __call__(self, model, step: int, logger, stop=None) -> str | None:
+        """The sample at this step (printed and logged); None when none is due, or when a stop was requested
+        before or while drawing (nothing is printed or logged then)."""
+        stopped = (lambda: stop.requested is not None) if stop is not None else None
+        if not self.due(step) or (stopped and stopped()):
             return None
         rt, was_training = self.rt, model.training
         devices = [rt.device] if rt.device_type != "cpu" else []
@@ -126,10 +147,13 @@ class TrainingSampler:
             with torch.random.fork_rng(devices=devices, device_type=rt.device_type), rt.autocast():
                 torch.manual_seed(self.cfg.seed)
                 with torch.compiler.set_stance("force_eager"):
-                    out = generate(model, idx, self.cfg.sample_tokens, temperature=self.TEMPERATURE)
+                    rows, _ = draw(model, self.tokenizer, idx, self.cfg.sample_tokens, stopped=stopped,
+                                   temperature=self.TEMPERATURE)  # fmt: skip
         finally:
             model.train(was_training)
-        text = self.tokenizer.decode(out[0, len(self.prompt) :].tolist())
+        if stopped and stopped():
+            return None
+        text = self.tokenizer.decode(rows[0])
         shown = textwrap.indent(text, "  | ", lambda _: True)  # every line marked, blank ones too
         rt.print(f"step {step}: sample after {self.cfg.sample_prompt!r}:\n{shown}")
         logger.log({"step": step, "sample": text})

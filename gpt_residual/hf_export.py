@@ -52,12 +52,9 @@ def check_exportable(cfg: GPTConfig) -> None:
 
 def load_run(out_dir: str) -> tuple[GPT, dict, dict]:
     """(our model in eval mode, the dataset's meta.json, the checkpoint) of out_dir/ckpt.pt."""
-    state = checkpoint.load(Path(out_dir) / "ckpt.pt")
-    model_cfg = GPTConfig(**{**state["model_config"], "dropout": 0.0})
-    check_exportable(model_cfg)
-    model = GPT(model_cfg)
-    model.load_state_dict(state["model"])
-    return model.eval(), json.loads(state["tokenizer"]), state
+    state = checkpoint.load(Path(out_dir) / "ckpt.pt", mmap=True)
+    check_exportable(GPTConfig(**state["model_config"]))
+    return pretrained.from_checkpoint(state).eval(), json.loads(state["tokenizer"]), state
 
 
 def hf_config(model_cfg: GPTConfig, meta: dict):

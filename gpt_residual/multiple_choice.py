@@ -10,9 +10,12 @@ acc_norm the one with the smallest mean loss per token. A context whose tokens a
 block_size keeps its last block_size + 1 tokens (the ending's last block_size tokens, at most, are scored).
 The log-likelihoods are over the tokenizer's own vocabulary (a padded model's extra logits are left out).
 
-The endings of many examples run in one forward (padded on the right, where the causal mask keeps the
-padding out of every scored position); under torchrun the examples are strided over the ranks and the
-results gathered, every rank running the same number of forwards (FSDP needs that).
+Each context runs once: an example is one packed row, the inputs its four rows share (the context) and then
+each ending's own, continuing from the context's end (their positions restart there, and the attention mask
+lets each ending see the context and itself only), as a shared prefix would; rows of several examples run in
+one forward, right-padded, and only the scored positions go through the head. Under torchrun the batches are
+strided over the ranks and the results gathered, every rank running the same number of forwards (FSDP needs
+that: evaluate.lockstep).
 """
 
 import json
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 
 from gpt_residual import dataset, runtime
 from gpt_residual.dataset import DataError
+from gpt_residual.engine import CpuHead
+from gpt_residual.evaluate import Stopped, lockstep
 
 NUM_ENDINGS = 4
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -166,69 +171,99 @@ def encode(examples: list[Example], tok: dataset.Tokenizer, block_size: int) -> 
     return out
 
 
-def score_batch(model, batch: list[Encoded], vocab_size: int, device: str) -> list[tuple[list, list]]:
-    """Per example of batch: the summed log-likelihood of each ending (nats) and its token count. One
-    forward over all endings, right-padded; the loss at each position is taken from the model's logits."""
-    rows = [row for enc in batch for row in enc.rows]
-    scored = [n for enc in batch for n in enc.scored]
-    width = max(len(r) for r in rows) - 1
-    x = torch.zeros(len(rows), width, dtype=torch.long)
-    y = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, (row, n) in enumerate(zip(rows, scored)):
-        x[i, : len(row) - 1] = torch.tensor(row[:-1])
-        y[i, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
-    flat = (y >= 0).flatten().nonzero().squeeze(1)  # the scored positions (on the host: no device sync)
-    owner = flat // width  # the row each scored position belongs to
-    x, y, on_device = x.to(device), y.to(device), flat.to(device)
-    picked = logits_at(model, x, y, on_device)[:, :vocab_size].float()
-    logp = -F.cross_entropy(picked, y.flatten()[on_device], reduction="none")
-    sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, owner, logp.double().cpu())  # one read-back
-    sums = sums.view(len(batch), NUM_ENDINGS).tolist()
-    return [(sums[i], scored[i * NUM_ENDINGS : (i + 1) * NUM_ENDINGS]) for i in range(len(batch))]
+def packed_row(enc: Encoded) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """The example as one row: the inputs (row[:-1]) its four rows share, their longest common prefix (the
+    context, when nothing was cut), once, then the rest of each row's inputs, each continuing from the shared
+    part's end. Returns (tokens, positions, segments: 0 for the shared part and i + 1 for ending i's, targets:
+    (index in the row, token, ending) for every scored token)."""
+    inputs, shared = [row[:-1] for row in enc.rows], 0
+    while shared < min(map(len, inputs)) and len({x[shared] for x in inputs}) == 1:
+        shared += 1
+    tokens, positions, segments, targets = inputs[0][:shared], list(range(shared)), [0] * shared, []
+    for i, (x, row, n) in enumerate(zip(inputs, enc.rows, enc.scored)):
+        start = len(tokens) - shared  # where this ending's own inputs begin, less the shared part
+        tokens += x[shared:]
+        positions += range(shared, len(x))
+        segments += [i + 1] * (len(x) - shared)
+        targets += [(p if p < shared else start + p, row[p + 1], i) for p in range(len(x) - n, len(x))]
+    return tokens, positions, segments, targets
 
 
-def logits_at(model, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """The logits (len(flat), model vocab) at the flat positions of x. For a GPT, the stream after the final
-    norm is caught by a hook and only the scored positions go through the head: most of a row is context,
-    whose logits nobody needs. Under FSDP the head's weights are whole only inside the forward: the model's
-    own forward then computes every position's logits (and a loss, unused)."""
+def pack(batch: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of packed rows, right-padded, on the host: tokens x and positions (B, T), the attention mask (B, 1,
+    T, T: a token sees the shared part before it and its own ending's tokens up to itself; padding sees only
+    padding), and per scored token its flat index in x, its target and its ending's row (example x 4 + i)."""
+    rows = [packed_row(enc) for enc in batch]
+    T = max(len(r[0]) for r in rows)
+    x, pos, seg = (torch.full((len(rows), T), fill, dtype=torch.long) for fill in (0, 0, -1))
+    flat, target, owner = [], [], []
+    for b, (tokens, positions, segments, targets) in enumerate(rows):
+        x[b, : len(tokens)], pos[b, : len(tokens)] = torch.tensor(tokens), torch.tensor(positions)
+        seg[b, : len(tokens)] = torch.tensor(segments)
+        for p, t, i in targets:
+            flat.append(b * T + p), target.append(t), owner.append(b * NUM_ENDINGS + i)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg == 0)[:, None, :])  # (B, T, T)
+    return x, pos, mask[:, None], torch.tensor(flat), torch.stack([torch.tensor(target), torch.tensor(owner)])
+
+
+def score_batch(model, batch: list[Encoded], vocab_size: int, device, head=None) -> list[list[float]]:
+    """Per example of batch: the summed log-likelihood of each ending (nats). One forward of packed rows (each
+    example's context once, its endings continuing from it); only the scored positions go through the head
+    (head, else the model's own). The sums come back in one read-back."""
+    x, pos, mask, flat, (target, owner) = pack(batch)
+    forward = dict(pos=pos.to(device), mask=mask.to(device))
+    picked = logits_at(model, x.to(device), flat.to(device), forward, head)[:, :vocab_size].float()
+    logp = -F.cross_entropy(picked, target.to(device), reduction="none")
+    sums = torch.zeros(len(batch) * NUM_ENDINGS, dtype=torch.float64).index_add_(0, owner, logp.double().cpu())
+    return sums.view(len(batch), NUM_ENDINGS).tolist()
+
+
+def logits_at(model, x: torch.Tensor, flat: torch.Tensor, forward: dict, head=None) -> torch.Tensor:
+    """The logits (len(flat), model vocab) at the flat positions of x, forward's keywords (a packed row's
+    positions and mask) passed to the model. For a GPT, the stream after the final norm is caught by a hook
+    and only those positions go through the head: the contexts' logits, most of a row, nobody needs. Under FSDP
+    the head's weights are whole only inside the forward: the model's own forward then computes every
+    position's logits (given targets, and a loss, unused)."""
     ln_f = getattr(getattr(model, "transformer", None), "ln_f", None)
     if ln_f is None or hasattr(model.lm_head.weight, "full_tensor"):
-        logits, _ = model(x, y)
+        logits, _ = model(x, torch.zeros_like(x), **forward)
         return logits.flatten(0, 1)[flat]
     seen = []
     handle = ln_f.register_forward_hook(lambda module, args, out: seen.append(out))
     try:
-        model(x)  # without targets the head computes the last position only
+        model(x, **forward)  # without targets the head computes the last position only
     finally:
         handle.remove()
-    return model.softcap(model.lm_head(seen[0].flatten(0, 1)[flat]))
+    return model.softcap((head or model.lm_head)(seen[0].flatten(0, 1)[flat]))
 
 
-def batches_of(share: list[Encoded], batch_size: int) -> list[list[Encoded]]:
-    """The share in batches of batch_size examples, longest first, so rows of like length share a forward."""
-    ordered = sorted(share, key=lambda e: -max(len(r) for r in e.rows))
+def batches_of(encoded: list[Encoded], batch_size: int) -> list[list[Encoded]]:
+    """The examples in batches of batch_size, longest packed row first, so rows of like length share a forward."""
+    ordered = sorted(encoded, key=lambda e: -len(packed_row(e)[0]))
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 @torch.no_grad()
-def score(model, encoded: list[Encoded], vocab_size: int, rt: runtime.Runtime, batch_size: int) -> list[dict]:
-    """Every example's record {index, label, loglik, tokens}, in index order, on every rank. Rank r scores
-    examples r, r + W, ...; every rank runs the same number of forwards (a rank with fewer batches repeats
-    a one-row forward whose result it drops), then the records are gathered."""
-    share = encoded[rt.rank :: rt.world_size]
-    batches = batches_of(share, batch_size)
-    most = math.ceil(math.ceil(len(encoded) / rt.world_size) / batch_size)  # rank 0's count, the largest
+def score(model, encoded: list[Encoded], vocab_size: int, rt: runtime.Runtime, batch_size: int, stop=None):
+    """Every example's record {index, label, loglik, tokens}, in index order, on every rank; None when the
+    ranks agreed to stop (stop: a runtime.GracefulStop, checked before every batch). The batches are strided
+    over the ranks (evaluate.lockstep: every rank runs the same number of forwards), then the records are
+    gathered."""
+    batches = batches_of(encoded, batch_size)
     was_training = model.training
     model.eval()
-    records = []
+    records, lm_head = [], getattr(model, "lm_head", None)
+    head = CpuHead(lm_head.weight) if rt.device_type == "cpu" and isinstance(lm_head, torch.nn.Linear) else None
     try:
         with rt.autocast():
-            for batch in batches:
-                for enc, (loglik, tokens) in zip(batch, score_batch(model, batch, vocab_size, rt.device)):
-                    records.append({"index": enc.index, "label": enc.label, "loglik": loglik, "tokens": tokens})
-            for _ in range(most - len(batches)):  # keep this rank in step with the others' forwards
-                model(torch.zeros(1, 1, dtype=torch.long, device=rt.device))
+            for g, keep in lockstep(len(batches), rt, stop):
+                logliks = score_batch(model, batches[g], vocab_size, rt.device, head)
+                if keep:  # else a repeat that only kept this rank in step with the others
+                    records += [{"index": enc.index, "label": enc.label, "loglik": ll, "tokens": enc.scored}
+                                for enc, ll in zip(batches[g], logliks)]  # fmt: skip
+    except Stopped:
+        return None
     finally:
         model.train(was_training)
     if rt.ddp:
@@ -297,12 +332,16 @@ class TrainingScorer:
         self.encoded = encode(examples, self.tok, cfg.block_size)
         self.batch_size = max(1, cfg.batch_size // NUM_ENDINGS)  # rows of at most block_size: a training batch
 
-    def __call__(self, model, step: int, logger, final: bool = False) -> dict | None:
+    def __call__(self, model, step: int, logger, final: bool = False, stop=None) -> dict | None:
+        """The logged record; None when none is due, or when the ranks agreed to stop (stop.agreed() before
+        every batch: within one batch of a signal), leaving nothing printed or logged."""
         if step % self.cfg.hellaswag_interval and not final:
             return None
         t0 = time.perf_counter()
         with torch.compiler.set_stance("force_eager"):
-            records = score(model, self.encoded, self.tok.vocab_size, self.rt, self.batch_size)
+            records = score(model, self.encoded, self.tok.vocab_size, self.rt, self.batch_size, stop)
+        if records is None:
+            return None
         result = summarize("hellaswag", records, sum(e.truncated for e in self.encoded))
         seconds = time.perf_counter() - t0
         self.rt.print(f"step {step}: {describe(result, self.cfg.block_size)} ({seconds:.1f}s)")

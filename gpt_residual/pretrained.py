@@ -1,10 +1,14 @@
-"""GPT-2 weights from Hugging Face in our GPT (model.py), for fine-tuning and sampling.
+"""A model to run: a train.py checkpoint's (load_model, from_checkpoint: the one way every command builds a
+model from a checkpoint), or GPT-2 weights from Hugging Face in our GPT (model.py), for fine-tuning and sampling.
 
+    model, tok = load_model("out", "cpu")          # out/ckpt.pt's model and tokenizer (sample.py, scripts.eval)
     model = load_pretrained("gpt2")               # or gpt2-medium, gpt2-large, gpt2-xl (from the Hub)
     model = load_pretrained("path/to/folder")     # Hugging Face format: config.json + model.safetensors
     python -m gpt_residual.pretrained gpt2-xl                  # download (or check) one now; prints its shape
 
-Needs the optional transformers package: pip install transformers (or pip install -e .[hf]).
+A model is built on the meta device and then given the loaded tensors as they are: no random initialisation
+to throw away, no second copy of the weights. Loading GPT-2 needs the optional transformers package: pip
+install transformers (or pip install -e .[hf]).
 With no network (or HF_HUB_OFFLINE=1) a Hub name is read from the local Hugging Face cache only, and a
 model missing there is a one-line error at once, not after the Hub client's retries.
 Our layer names mirror GPT-2's, so the weights map one to one; GPT-2's Conv1D layers store their
@@ -13,6 +17,7 @@ GPT-2 is a pre-LN LayerNorm model with biases and residuals, eps 1e-5, the tanh 
 tied to the token embedding: a checkpoint or a config that differs from this is refused, not guessed.
 """
 
+import contextlib
 import json
 import math
 import re
@@ -21,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from data import token_files
+from gpt_residual import checkpoint, dataset
 from gpt_residual.dataset import hub_reachable
 from model import GPT, GPTConfig
 
@@ -99,9 +106,12 @@ def gpt_config(hf_config, dropout: float = 0.0) -> GPTConfig:
         raise PretrainedError(f"the checkpoint's config is not usable: {e}") from None
 
 
-def copy_weights(hf_state: dict, model: GPT) -> None:
-    """Copy a GPT2LMHeadModel state dict into model, transposing the Conv1D weights."""
-    ours = model.state_dict()
+def gpt_state(hf_state: dict, model_cfg: GPTConfig) -> dict:
+    """Our state dict from a GPT2LMHeadModel's: the Conv1D weights transposed (contiguous, as nn.Linear's),
+    the head tied to the embedding; PretrainedError for another layout or a shape that differs from
+    model_cfg's."""
+    with uninitialised():
+        ours = GPT(model_cfg).state_dict()  # the names and shapes only
     theirs = {k: v for k, v in hf_state.items() if not k.endswith(SKIPPED)}
     if "transformer.wte.weight" in theirs:
         theirs.setdefault("lm_head.weight", theirs["transformer.wte.weight"])  # tied: saved once
@@ -111,16 +121,66 @@ def copy_weights(hf_state: dict, model: GPT) -> None:
             f"the checkpoint's weights do not match GPT-2's layout (missing {missing[:3]}, unexpected {extra[:3]}); "
             "give a GPT-2 checkpoint saved with save_pretrained"
         )
-    with torch.no_grad():
-        for key, value in theirs.items():
-            if key.endswith(TRANSPOSED):
-                value = value.t()
-            if value.shape != ours[key].shape:
-                raise PretrainedError(
-                    f"weight {key} has shape {tuple(value.shape)}, expected {tuple(ours[key].shape)}; "
-                    "the checkpoint does not match its config.json"
-                )
-            ours[key].copy_(value)
+    state = {}
+    for key, value in theirs.items():
+        value = value.detach()
+        if key.endswith(TRANSPOSED):
+            value = value.t().contiguous()
+        if value.shape != ours[key].shape:
+            raise PretrainedError(
+                f"weight {key} has shape {tuple(value.shape)}, expected {tuple(ours[key].shape)}; "
+                "the checkpoint does not match its config.json"
+            )
+        state[key] = value
+    return state
+
+
+INIT_FILLS = ("normal_", "uniform_", "kaiming_uniform_", "xavier_normal_", "zeros_", "ones_")  # what modules call
+
+
+@contextlib.contextmanager
+def uninitialised():
+    """Modules made inside are on the meta device, their initialisation skipped: torch.nn.init's fills do
+    nothing (there is nothing to fill, and torch's meta normal_ would import torch._dynamo: seconds of
+    start-up and ~70 MB, for nothing). transformers' from_pretrained does the same (no_init_weights)."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FILLS}
+    try:
+        for name in INIT_FILLS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fill in saved.items():
+            setattr(torch.nn.init, name, fill)
+
+
+def assemble(model_cfg: GPTConfig, state: dict, tie: bool = True) -> GPT:
+    """A GPT of model_cfg holding state's tensors as they are (no random init, no copy); tie: the head and the
+    token embedding one Parameter again (assign makes one of each, sharing a storage)."""
+    with uninitialised():
+        model = GPT(model_cfg)
+    model.load_state_dict(state, assign=True)
+    if tie:
+        model.transformer.wte.weight = model.lm_head.weight
+    return model
+
+
+def from_checkpoint(state: dict, dropout: float = 0.0) -> GPT:
+    """The model of a train.py checkpoint (checkpoint.load's dict), with dropout; memory-mapped tensors
+    (checkpoint.load(mmap=True)) stay so until read."""
+    return assemble(GPTConfig(**{**state["model_config"], "dropout": dropout}), state["model"])
+
+
+def load_model(out_dir: str, device, init_from: str = "resume") -> tuple[GPT, dataset.Tokenizer]:
+    """The model (eval mode, on device) and tokenizer recorded in out_dir/ckpt.pt, reading only the weights (the
+    file is memory-mapped: the optimizer's state is never read); or a pretrained GPT-2 and its BPE (or the
+    char vocabulary of a folder written by scripts.export)."""
+    if init_from != "resume":  # the tokenizer first: offline without the BPE, fail before loading GBs of weights
+        tok = dataset.Tokenizer(char_meta(init_from) or token_files.gpt2_meta())  # an export's chars
+        return load_pretrained(init_from).eval().to(device), tok
+    state = checkpoint.load(Path(out_dir) / "ckpt.pt", mmap=True)
+    tok = dataset.Tokenizer(json.loads(state["tokenizer"]))
+    return from_checkpoint(state).eval().to(device), tok
 
 
 def crop_block_size(model: GPT, block_size: int) -> None:
@@ -240,8 +300,7 @@ def load_pretrained(name_or_dir: str, dropout: float = 0.0, block_size: int | No
     hf_config = _from_hf(transformers.AutoConfig.from_pretrained, source, local, offline)
     config = gpt_config(hf_config, dropout)
     hf = _from_hf(transformers.GPT2LMHeadModel.from_pretrained, source, local, offline, config=hf_config)
-    model = GPT(config)
-    copy_weights(hf.state_dict(), model)
+    model = assemble(config, gpt_state(hf.state_dict(), config))
     del hf
     if block_size is not None and block_size != config.block_size:
         crop_block_size(model, block_size)

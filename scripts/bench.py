@@ -8,6 +8,7 @@
     python -m scripts.bench configs/gpt2.py --sample --synthetic=True --repeats=2  # on a GPU: CUDA graphs, batch of 64
     python -m scripts.bench configs/small.py --synthetic=True --json=bench.json  # the table's figures as JSON too
     python -m scripts.bench --prepare --nanogpt=PATH/TO/nanoGPT      # data preparation vs nanoGPT's (bench_prepare.py)
+    python -m scripts.bench --vs_transformers --out_dir=RUN --new_tokens=200  # sampling vs transformers' generate
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
 tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and the peak memory of the
@@ -34,11 +35,11 @@ from pathlib import Path
 import torch
 
 import train
-from gpt_residual import config, dataset, runlog, runtime
+from gpt_residual import config, dataset, pretrained, runlog, runtime
 from gpt_residual.engine import ENGINES, generate
 from gpt_residual.errors import USER_ERRORS
 from model import GPT
-from scripts import bench_prepare
+from scripts import bench_prepare, bench_sampling
 
 
 @dataclass
@@ -56,6 +57,7 @@ class BenchOptions:
     engine: str = "auto"  # --sample: the cached decode step, as sample.py's --engine (auto: graph on CUDA)
     batch: int = 0  # --sample: rows of the batched measurement (0: 64 on CUDA, 8 elsewhere; 1: none)
     batch_uncached: bool | None = None  # --sample: time the batch without the cache too (None: on CUDA only)
+    vs_transformers: bool = False  # greedy sampling beside transformers' generate, same weights (bench_sampling.py)
 
     def __post_init__(self):
         for key in ("steps", "repeats", "new_tokens"):
@@ -259,7 +261,7 @@ def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -
 
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
     if out_dir:
-        model, _ = sample.load_model(out_dir, rt.device)
+        model, _ = pretrained.load_model(out_dir, rt.device)
         source = f"{out_dir}/ckpt.pt"
     else:
         folder = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
@@ -333,6 +335,8 @@ def run(argv: list[str]):
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"{labels[0]} (1)", f"{labels[1]} (2)"]
     cfgs = [config.parse_args(config.TrainConfig, r) for r in runs]  # every config checked before any run
+    if opts.vs_transformers:  # scripts/bench_sampling.py measures; its table is printed here
+        return print_table(*bench_sampling.run(cfgs[0], opts, out_dir))
     if opts.sample and out_dir and opts.compare:
         raise config.ConfigError("--sample with --out_dir measures one checkpoint; leave out --compare")
     mode, title, results = measure(opts, runs, labels, cfgs, out_dir)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt_residual import config, console, multiple_choice, runtime
-from sample import load_model
+from gpt_residual.pretrained import load_model
 
 TASKS = ("hellaswag",)
 
@@ -50,7 +50,7 @@ class EvalConfig:
 
 def run_eval(cfg: EvalConfig, out=sys.stdout) -> dict:
     """Score the model; print one line (rank 0), write cfg.out (rank 0); return the results."""
-    rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    rt, ended_well = runtime.init_runtime(cfg.device, cfg.dtype), False
     try:
         examples = multiple_choice.load(cfg.data, rt)  # the data first: a bad file fails before the weights load
         examples = examples[: cfg.limit] if cfg.limit else examples
@@ -64,9 +64,10 @@ def run_eval(cfg: EvalConfig, out=sys.stdout) -> dict:
             print(f"{multiple_choice.describe(result, model.config.block_size)}; {speed}", file=out, flush=True)
             if cfg.out:
                 write_json(Path(cfg.out), result)
+        ended_well = True
         return result
     finally:
-        runtime.shutdown(rt)
+        runtime.shutdown(rt, ended_well)  # after a failure no barrier: a rank that failed never comes
 
 
 def write_json(path: Path, result: dict):

@@ -4,7 +4,7 @@ python -m scripts.inspect --out_dir=out                        # a table on stdo
 python -m scripts.inspect --out_dir=out --json=inspect.json    # the same numbers as JSON too
 python -m scripts.inspect --out_dir=out --batches=20 --device=cuda
 
-Loads out_dir/ckpt.pt (sample.load_model) and measures in float32 on the first `batches` of the run's fixed
+Loads out_dir/ckpt.pt (pretrained.load_model) and measures in float32 on the first `batches` of the run's fixed
 validation batches (train.load_data: the batches its loss estimates read; with --batches=eval_iters the val loss is
 the run's own estimate at that step, exactly for a run trained in float32). Per block: the three largest |h| of the
 stream leaving it and the median |h| (Sun et al. 2024), where the largest sits (token position, channel), the logit
@@ -23,7 +23,7 @@ import torch
 
 import train
 from gpt_residual import checkpoint, config, console, instruments, runtime
-from sample import load_model
+from gpt_residual.pretrained import load_model
 
 
 @dataclass
@@ -139,14 +139,15 @@ def write(path: Path, write_fn, flag: str):
 def run_inspect(cfg: InspectConfig, out=sys.stdout) -> dict:
     """Measure the run, print the table, write the figure (and the JSON); return the numbers."""
     plt = pyplot()  # fail before the measuring, not after it
-    rt = runtime.init_runtime(cfg.device, "float32")
+    rt, ended_well = runtime.init_runtime(cfg.device, "float32"), False
     try:
         record = run_record(cfg.out_dir)
         batches = val_batches(record["config"], cfg.batches, rt)  # a data problem fails before the weights load
         model, _ = load_model(cfg.out_dir, rt.device)
         result = {"out_dir": cfg.out_dir, "step": record["step"], **instruments.measure(model, batches)}
+        ended_well = True
     finally:
-        runtime.shutdown(rt)
+        runtime.shutdown(rt, ended_well)
     print(table(result), file=out)
     png = Path(cfg.png or Path(cfg.out_dir) / "inspect.png")
     fig = figure(result)

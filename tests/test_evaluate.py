@@ -1,11 +1,18 @@
 """gpt_residual/evaluate.py: bits per byte beside every loss estimate, and sample_interval's samples while training."""
 
+import json
 import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import metrics_records, tiny_text
+from conftest import ROOT, TINY, metrics_records, tiny_text
 
 import train
 from data import token_files
@@ -80,15 +87,15 @@ def test_byte_table_pads_and_special_tokens_have_no_bytes(gpt2_bpe):
 
 @pytest.fixture
 def count_generate(monkeypatch):
-    """Counts the calls of the engine's generate made by the training sampler (then runs the real one)."""
+    """Counts the calls of the engine's draw made by the training sampler (then runs the real one)."""
     calls = []
 
-    def counted(model, idx, max_new_tokens, **kw):
+    def counted(model, tok, idx, max_new_tokens, **kw):
         calls.append((idx.tolist(), max_new_tokens, kw, model.training))
-        return real(model, idx, max_new_tokens, **kw)
+        return real(model, tok, idx, max_new_tokens, **kw)
 
-    real = evaluate.generate
-    monkeypatch.setattr(evaluate, "generate", counted)
+    real = evaluate.draw
+    monkeypatch.setattr(evaluate, "draw", counted)
     return calls
 
 
@@ -139,3 +146,66 @@ def test_sample_settings_are_checked(tiny_cfg):
     meta = token_files.char_meta(tiny_text(1))
     with pytest.raises(dataset.DataError, match="outside this model's vocabulary"):
         evaluate.TrainingSampler(tiny_cfg(sample_interval=10, sample_prompt="€"), rt, meta)
+    rank1 = runtime.Runtime(1, 1, 2, "cpu", torch.float32, False)  # a rank that never draws checks the prompt too
+    with pytest.raises(dataset.DataError, match="outside this model's vocabulary"):
+        evaluate.TrainingSampler(tiny_cfg(sample_interval=10, sample_prompt="€"), rank1, meta)
+
+
+class Log:
+    def log(self, record):
+        self.record = record
+
+
+def test_training_samples_never_pick_padded_ids(tiny_cfg, gpt2_bpe):
+    """A BPE model (50257 ids padded to 50304) whose padded ids win every logit: the sample is drawn as sample.py
+    draws (vocab_limit), so it holds real tokens only and decodes (tiktoken raises KeyError on a padded id)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[50300:].fill_(1.0)
+        model.lm_head.weight[:50257, 0] = torch.linspace(-1, 1, 50257)  # the real ids differ among themselves
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(3.0)  # the stream after ln_f: all 3s, so the padded ids' logits are 24
+    cfg = tiny_cfg(sample_interval=10, sample_tokens=8, sample_prompt="Hello")
+    sampler = evaluate.TrainingSampler(cfg, runtime.init_runtime("cpu", "float32"), token_files.gpt2_meta())
+    log = Log()
+    text = sampler(model, 10, log)
+    assert text and text == log.record["sample"]
+
+
+@pytest.mark.parametrize("hook", ["samples", "hellaswag"])
+def test_sigterm_during_samples_or_hellaswag_stops_within_seconds(tmp_path, char_data, hook):
+    """A real SIGTERM at a random instant while the training samples (a million tokens) or HellaSwag (20,000
+    examples) run, each minutes of work: the run stops within seconds, exit 0, with the resume command, the
+    checkpoint untouched, and nothing logged for the abandoned work. Two trials, each resuming the same run."""
+    base = [f"--{k}={v}" for k, v in TINY.items()] + [f"--data_dir={char_data}", f"--out_dir={tmp_path / 'out'}"]
+    subprocess.run([sys.executable, "train.py", *base, "--max_iters=10"], cwd=ROOT, check=True, capture_output=True)
+    if hook == "samples":
+        flags = ["--sample_interval=10", "--sample_tokens=1000000"]
+    else:
+        words = tiny_text(1).split()
+        line = lambda i: json.dumps({"ctx": " ".join(words[i % 9 : i % 9 + 4]), "endings": words[:4], "label": i % 4})
+        (tmp_path / "mc.jsonl").write_text("".join(line(i) + "\n" for i in range(20_000)))
+        flags = ["--hellaswag_interval=10", "--hellaswag_examples=20000", f"--hellaswag_data={tmp_path / 'mc.jsonl'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    for _ in range(2):
+        cmd = [sys.executable, "train.py", *base, "--max_iters=30", "--init_from=resume", *flags]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stdout:  # the eval line of step 10 comes right before the hooks
+                if line.startswith("step 10: train loss"):
+                    break
+            time.sleep(random.uniform(0.0, 1.0))
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+            seconds = time.perf_counter() - t0
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-2000:]
+        assert seconds < 15, f"{hook}: {seconds:.1f}s from SIGTERM to exit"
+        assert "stopped by SIGTERM at step 10" in out and "resume with:" in out
+        assert not [r for r in metrics_records(tmp_path / "out") if "sample" in r or "hellaswag_acc" in r]
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before

@@ -54,15 +54,16 @@ def tiny_gpt(vocab: int, block_size: int = 32, seed: int = 0) -> GPT:
 
 
 class Bigram(torch.nn.Module):
-    """A model whose logits at a position depend only on that position's token: table[token]."""
+    """A model whose logits at a position depend only on that position's token: table[token]. Called as a GPT
+    is (a packed row's positions and mask it needs nothing from; without targets, the last position's logits only)."""
 
     def __init__(self, vocab: int, block_size: int):
         super().__init__()
         self.config = GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=1, n_head=1, n_embd=8)
         self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(1)))
 
-    def forward(self, idx, targets=None):
-        return self.table[idx], None
+    def forward(self, idx, targets=None, pos=None, mask=None):
+        return self.table[idx] if targets is not None else self.table[idx[:, -1:]], None
 
 
 def direct_loglik(model, ctx: list[int], end: list[int]) -> float:
@@ -112,6 +113,63 @@ def test_gpt_scores_equal_a_direct_computation_batched_or_one_by_one(tmp_path, c
         assert b["loglik"] == pytest.approx(a["loglik"], rel=1e-4, abs=1e-4) and a["tokens"] == b["tokens"]
     assert (one["acc"], one["acc_norm"]) == (many["acc"], many["acc_norm"])
     assert len({tuple(r["loglik"]) for r in one["examples"]}) == len(examples)  # the scores are not constant
+
+
+def test_each_context_runs_once_in_a_packed_row(tmp_path, char_tok):
+    """An example is one row: its context once, then each ending continuing from the context's end (positions
+    restarting there, each ending seeing the context and itself only; one ending a single token, fed nothing
+    of its own). The model sees each context once, and the log-likelihoods equal whole rows run one by one,
+    in a batch of rows of different lengths or one by one."""
+    records = [{"ctx": c, "endings": ["", "speak.", "All: resolved", "you"], "label": i}
+               for i, c in enumerate(["First Citizen", "hear me speak", "Before we pro"])]  # fmt: skip
+    records.append({"ctx": "All", "endings": ["a", "e", "c", "Speak, speak."], "label": 0})
+    examples = multiple_choice.read_examples(write_jsonl(tmp_path / "mc.jsonl", records))
+    model, shapes = tiny_gpt(char_tok.vocab_size, block_size=64), []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    result = multiple_choice.evaluate(model, examples, char_tok, CPU, batch_size=3)
+    # 13 context characters, then " " + each ending less its last character (0 + 6 + 13 + 3): 35 a row;
+    # "All" and " a", " e", " c", " Speak, speak.": the inputs share "All " (4), then "Speak, speak" (12)
+    assert shapes == [(3, 35), (1, 16)]
+    for ex, rec in zip(examples, result["examples"], strict=True):
+        c = char_tok.encode(ex.ctx)
+        direct = [direct_loglik(model, c, char_tok.encode(" " + e)) for e in ex.endings]
+        assert rec["loglik"] == pytest.approx(direct, rel=1e-4, abs=1e-4)
+        assert rec["tokens"] == [len(" " + e) for e in ex.endings]
+    alone = multiple_choice.evaluate(model, examples, char_tok, CPU, batch_size=1)
+    for a, b in zip(alone["examples"], result["examples"], strict=True):
+        assert a["loglik"] == pytest.approx(b["loglik"], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("switches", [{}, {"positions": "rope", "qk_norm": True}, {"value_residual": True}],
+                         ids=["learned", "rope", "value_residual"])  # fmt: skip
+def test_a_packed_row_computes_what_its_rows_compute(switches):
+    """GPT.forward with pos and mask (what scoring packs): rows of different packings in one batch, padded; each
+    continuation's logits equal those of its own row run alone (the context, then it)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32, bias=False, **switches)
+    model = GPT(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ctx, ends = [torch.randint(37, (n,), generator=g) for n in (5, 3)], [[3, 1], [4]]
+    ends = [[torch.randint(37, (n,), generator=g) for n in lengths] for lengths in ends]
+    T = 12  # the longest packed row: 5 + 3 + 1, padded to 12
+    x, pos, seg = torch.zeros(2, T, dtype=torch.long), torch.zeros(2, T, dtype=torch.long), torch.full((2, T), -1)
+    where = []  # (row, first index in the packed row, context, continuation)
+    for b, (c, conts) in enumerate(zip(ctx, ends)):
+        tokens, positions, segments = [c], [torch.arange(len(c))], [torch.zeros(len(c), dtype=torch.long)]
+        for i, e in enumerate(conts):
+            where.append((b, sum(map(len, tokens)), c, e))
+            tokens.append(e), positions.append(torch.arange(len(c), len(c) + len(e)))
+            segments.append(torch.full((len(e),), i + 1))
+        n = sum(map(len, tokens))
+        x[b, :n], pos[b, :n], seg[b, :n] = torch.cat(tokens), torch.cat(positions), torch.cat(segments)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (causal & ((seg[:, :, None] == seg[:, None, :]) | (seg == 0)[:, None, :]))[:, None]
+    with torch.no_grad():
+        packed, _ = model(x, x, pos=pos, mask=mask)  # with targets: every position's logits
+        for b, start, c, e in where:
+            alone, _ = model(torch.cat([c, e])[None], torch.cat([c, e])[None])
+            assert torch.allclose(packed[b, start : start + len(e)], alone[0, len(c) :], atol=1e-5)
+            assert torch.allclose(packed[b, len(c) - 1], alone[0, len(c) - 1], atol=1e-5)
 
 
 def test_a_long_context_keeps_its_last_tokens(tmp_path, char_tok):
@@ -313,10 +371,11 @@ class Log:
 
 
 def test_fsdp_training_scores_what_one_process_scores(tmp_path, char_data):
-    """2 ranks under FSDP with an odd subset (one example per forward: 4 forwards on rank 0, 3 on rank 1,
-    padded to 4): the run finishes, and the scores at step 0 (the same weights) are the single process's."""
+    """2 ranks under FSDP with an odd subset (one example per forward: 4 forwards on rank 0, 3 on rank 1, padded
+    to 4), at block_size 48, where 3 of the 7 examples are cut to block_size: the run finishes, and the scores at
+    step 0 (the same weights) are the single process's."""
     data = write_jsonl(tmp_path / "mc.jsonl", examples_like_text(7))
-    base = ["train.py", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+    base = ["train.py", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=48", "--batch_size=4",
             "--device=cpu", "--dtype=float32", "--compile=False", f"--data_dir={char_data}", "--max_iters=2",
             "--eval_interval=2", "--eval_iters=2", "--hellaswag_interval=2", f"--hellaswag_data={data}"]  # fmt: skip
     scores = {}

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,11 +110,11 @@ def test_seeded_sampling_same_with_and_without_cache(top_k, top_p):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (1.0, 30)])
-def test_padded_vocabulary_ids_are_never_chosen(use_cache, temperature, top_k):
+def test_padded_vocabulary_ids_are_never_chosen(use_cache, temperature, top_k, monkeypatch):
     """A model whose vocabulary is padded (37 real ids of 48) and whose padded rows win every logit:
     vocab_limit masks them before a token is chosen, so they are never sampled nor fed back."""
     model = sharp_model(vocab_size=48)
-    model.softcap = lambda logits: logits + torch.arange(48).ge(37) * 1e4  # the padded ids' logits win
+    monkeypatch.setattr(GPT, "softcap", lambda self, logits: logits + torch.arange(48).ge(37) * 1e4)  # padded win
     idx = prompts(3, 4)
     torch.manual_seed(0)
     free = generate(model, idx, 30, temperature=temperature, top_k=top_k, use_cache=use_cache)
@@ -121,6 +122,26 @@ def test_padded_vocabulary_ids_are_never_chosen(use_cache, temperature, top_k):
     torch.manual_seed(0)
     kept = generate(model, idx, 30, temperature=temperature, top_k=top_k, use_cache=use_cache, vocab_limit=37)
     assert kept.shape == (3, 34) and int(kept.max()) < 37
+
+
+@pytest.mark.parametrize("rows", [1, 2, 200])
+def test_a_cpu_decode_head_is_reordered_and_kept_up_to_date(monkeypatch, rows):
+    """On a CPU the cached (eager) generation's head is computed the way the CPU runs fastest (engine.CpuHead:
+    one row by a transposed copy of the weight, more by oneDNN's packed copy): F.linear never reads the head's
+    weight. The copy follows the weight when it changes in place (an optimizer step): greedy tokens equal the
+    uncached model's before and after."""
+    model, idx, heads = sharp_model(), prompts(rows, 3), []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: heads.append(
+        w.data_ptr() == model.lm_head.weight.data_ptr()) or real(x, w, b))  # fmt: skip
+    cached = generate(model, idx, 12, temperature=0)
+    assert heads and not any(heads)  # the blocks' linears ran, the head's never
+    assert torch.equal(cached, generate(model, idx, 12, temperature=0, use_cache=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # tied: the embedding changes too
+    again = generate(model, idx, 12, temperature=0)
+    assert torch.equal(again, generate(model, idx, 12, temperature=0, use_cache=False))
+    assert not torch.equal(again, cached)
 
 
 def test_vocab_limit_is_checked():
@@ -134,9 +155,9 @@ def test_vocab_limit_is_checked():
 
 def test_sample_passes_the_tokenizers_vocabulary(monkeypatch):
     seen = {}
-    monkeypatch.setattr(sample, "generate_stream", lambda model, idx, n, **kw: seen.update(kw) or iter(()))
+    monkeypatch.setattr(engine, "generate_stream", lambda model, idx, n, **kw: seen.update(kw) or iter(()))
     tok = dataset.Tokenizer(token_files.gpt2_meta())
-    sample.draw(None, tok, torch.zeros(1, 1, dtype=torch.long), sample.SampleConfig(max_new_tokens=4), "eager")
+    engine.draw(None, tok, torch.zeros(1, 1, dtype=torch.long), 0)
     assert seen["vocab_limit"] == tok.vocab_size == 50257
 
 
@@ -400,8 +421,44 @@ def test_max_batch_splits_the_samples(char_ckpt):
     assert log.count("sample(s) x") == 1 and log2.count("sample(s) x") == 3
 
 
+PEAK_RSS = """import sys, torch
+from gpt_residual.pretrained import load_model
+model, _ = load_model(sys.argv[1], "cpu")
+model(torch.zeros(1, 1, dtype=torch.long))
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""  # VmHWM: this process's own peak (ru_maxrss would start from the forking parent's)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
+def test_a_checkpoint_loads_its_weights_only_into_a_model_never_initialised(char_ckpt, tmp_path, monkeypatch):
+    """pretrained.load_model (sample.py, scripts.eval, bench): the model is built on the meta device and takes
+    the checkpoint's tensors (torch.nn.init never fills a real tensor), the head tied to the embedding; the file is
+    memory-mapped, so an optimizer state of 256 MB is never read: the loading process's peak memory grows by
+    far less than that."""
+    inits, real = [], torch.nn.init.normal_
+
+    def spy_init(*args, **kwargs):
+        inits.append((args[0] if args else kwargs["tensor"]).device.type)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", spy_init)
+    model, tok = sample.load_model(str(char_ckpt), "cpu")
+    assert set(inits) <= {"meta"} and model.lm_head.weight is model.transformer.wte.weight and not model.training
+    saved = torch.load(char_ckpt / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved["model"].items())
+    big = tmp_path / "big"
+    big.mkdir()
+    torch.save({**saved, "optimizer": {"state": {0: {"exp_avg": torch.ones(64 * 2**20)}}}}, big / "ckpt.pt")
+    peaks = {}
+    for name, folder in (("small", char_ckpt), ("big", big)):
+        proc = run(["-c", PEAK_RSS, str(folder)], timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[name] = int(proc.stdout.split()[-1]) / 1024  # MiB
+    assert peaks["big"] - peaks["small"] < 64, peaks
+
+
 class ScriptedModel:
-    """Stands in for GPT in sample.draw: yields the given columns and counts how many were taken."""
+    """Stands in for GPT in engine.draw: yields the given columns and counts how many were taken."""
 
     def __init__(self, rows: list[list[int]]):
         self.cols, self.taken = torch.tensor(rows).T.unsqueeze(-1), 0
@@ -413,15 +470,25 @@ class ScriptedModel:
 
 
 def test_rows_stop_at_end_of_text(monkeypatch):
-    monkeypatch.setattr(sample, "generate_stream", lambda model, idx, n, **kw: model.generate_stream(idx, n, **kw))
+    monkeypatch.setattr(engine, "generate_stream", lambda model, idx, n, **kw: model.generate_stream(idx, n, **kw))
     tok = dataset.Tokenizer(token_files.gpt2_meta())
     eot, a, b = tok.enc.eot_token, tok.encode(" a")[0], tok.encode(" b")[0]
     rows = [[a, eot] + [a] * 38, [b] * 20 + [eot] + [b] * 19]
     model = ScriptedModel(rows)
-    cfg = sample.SampleConfig(max_new_tokens=40)
-    new, steps = sample.draw(model, tok, torch.zeros(2, 1, dtype=torch.long), cfg, "eager")
+    new, steps = engine.draw(model, tok, torch.zeros(2, 1, dtype=torch.long), 40)
     assert new == [[a], [b] * 20]
     assert model.taken == steps == 32  # every row ended within the second chunk of 16: no further steps
+
+
+def test_a_stop_request_ends_the_draw_at_once(monkeypatch):
+    """stopped() is asked before every step: the draw ends there, with the tokens drawn so far read back."""
+    monkeypatch.setattr(engine, "generate_stream", lambda model, idx, n, **kw: model.generate_stream(idx, n, **kw))
+    tok = dataset.Tokenizer(token_files.gpt2_meta())
+    model = ScriptedModel([list(range(100, 140))])
+    asked = []
+    new, steps = engine.draw(model, tok, torch.zeros(1, 1, dtype=torch.long), 40, stopped=lambda: len(asked) > 20
+                             or asked.append(1))  # fmt: skip
+    assert new == [list(range(100, 121))] and steps == model.taken == 21
 
 
 def test_engine_rule_and_errors(char_ckpt, capsys):
