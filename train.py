@@ -240,6 +240,8 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
     command line, quoted back in the resume hint of an interrupted run."""
     t_start, lap = time.perf_counter(), console.Laps()
     rt = runtime.init_runtime(cfg.device, cfg.dtype, cfg.parallel)
+    if rt.device_type == "cpu":
+        runtime.keep_freed_memory()  # freed activations reused, not page-faulted in again at every step
     stop, logger = runtime.GracefulStop(rt), None
     try:
         with stop.interruptible():  # nothing to save yet: a signal ends the run at once

@@ -69,7 +69,7 @@ def build(model, weight_decay, learning_rate, betas, device_type, optimizer="ada
     for key, ps in scalars.items():
         if ps:
             groups.append({"params": ps, "weight_decay": 0.0, "lr_scale": scalar_lr * SCALAR_LR[key] / learning_rate})
-    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))  # 1 kernel
     if not muon and len(groups) == 2:
         return adamw  # today's optimizer, exactly
     optimizers = [adamw]

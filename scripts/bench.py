@@ -178,6 +178,8 @@ def peak_memory(device_type: str, reset: bool) -> tuple[str, float]:
 def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
     """Time train.train_step itself: steady-state steps after the warm-up ones, read back once at the end."""
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    if rt.device_type == "cpu":
+        runtime.keep_freed_memory()  # as train.py does
     cfg = cfg.for_world(1)
     state, batches, compile_s = build(cfg, rt, opts.synthetic)
     step = lambda: train.train_step(state, batches, cfg.learning_rate, cfg, rt)[0]

@@ -1,0 +1,81 @@
+"""What makes the CPU training step fast, tested for what it must keep: the fused AdamW computes the same update as
+the per-tensor loop, training keeps freed memory for reuse (no page faults for the same buffers at every step),
+and a compiled CPU step gives the eager step's losses. No test here asserts a timing (docs/benchmarks.md has them)."""
+
+import ctypes
+import resource
+import textwrap
+
+import pytest
+import torch
+
+from gpt_residual import optim
+from model import GPT, GPTConfig
+from tests.conftest import run
+
+
+def train_steps(optimizer_kwargs: dict, steps: int = 20) -> torch.Tensor:
+    """The flattened weights of a tiny model after steps of AdamW built by optim.build (or with optimizer_kwargs)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=True))
+    optimizer = optim.build(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+    for group in optimizer.param_groups:
+        group.update(optimizer_kwargs)
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        x = torch.randint(65, (4, 16), generator=g)
+        _, loss = model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * (i + 1) / steps
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_adamw_is_fused_on_cpu_and_computes_the_loops_update():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    assert optim.build(model, 0.1, 1e-3, (0.9, 0.95), "cpu").defaults["fused"] is True
+    fused, loop = train_steps({}), train_steps({"fused": False, "foreach": False})
+    torch.testing.assert_close(fused, loop, rtol=0, atol=1e-5)  # the same update, to rounding, after 20 steps
+    assert torch.equal(fused, train_steps({})), "the fused step is deterministic: a resume stays exact"
+
+
+FAULTS = textwrap.dedent(
+    """
+    import resource, sys, torch
+    import train
+    from gpt_residual import config
+    values = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=2, eval_interval=2,
+                  eval_iters=1, device="cpu", compile=False, dtype="float32", data_dir=sys.argv[1], out_dir=sys.argv[2])
+    if sys.argv[3] == "train":
+        train.train(config.parse_args(config.TrainConfig, [], overrides=values))
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffer = torch.empty(16 << 20)  # 64 MB, as a BPE model's logits and their gradient are
+    buffer.fill_(1.0)
+    del buffer
+    before = faults()
+    for _ in range(5):
+        buffer = torch.empty(16 << 20)
+        buffer.fill_(1.0)
+        del buffer
+    print(faults() - before)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="glibc only (mallopt)")
+def test_training_keeps_freed_memory_for_reuse(char_data, tmp_path):
+    """After train.train, a freed 64 MB buffer is reused: five more take (almost) no page faults, where glibc's
+    default would map and fault in its 16k pages every time, as it did for every eval forward of a BPE model."""
+    script = tmp_path / "faults.py"
+    script.write_text(FAULTS)
+    counts = {}
+    for mode in ("bare", "train"):
+        proc = run([str(script), str(char_data), str(tmp_path / mode), mode], env={"PYTHONPATH": "."})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts[mode] = int(proc.stdout.strip().splitlines()[-1])
+    pages = (64 << 20) // resource.getpagesize()
+    assert counts["bare"] > 4 * pages, counts  # the default: mapped and faulted in again each time
+    assert counts["train"] < pages // 10, counts  # after training: the same heap memory, no new pages
