@@ -79,3 +79,42 @@ def test_training_keeps_freed_memory_for_reuse(char_data, tmp_path):
     pages = (64 << 20) // resource.getpagesize()
     assert counts["bare"] > 4 * pages, counts  # the default: mapped and faulted in again each time
     assert counts["train"] < pages // 10, counts  # after training: the same heap memory, no new pages
+
+
+def test_compiled_cpu_gelu_is_gpt2s_tanh_gelu():
+    """Compiled for a CPU, model.gelu is written with a sigmoid: the same function and gradient as torch's tanh
+    GELU, over the usual range and where exp over- or underflows."""
+    import torch.nn.functional as F
+
+    import model
+
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([-1e4, -90.0, -30.0, 30.0, 90.0, 1e4])])
+    x.requires_grad_(True)
+    g = torch.linspace(-1, 1, x.numel())
+    compiled = torch.compile(model.gelu, fullgraph=True)
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out, x, g)
+    x_ref = x.detach().requires_grad_(True)
+    ref = F.gelu(x_ref, approximate="tanh")
+    (grad_ref,) = torch.autograd.grad(ref, x_ref, g)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.gelu(x_ref), ref)  # eager: torch's kernel itself
+
+
+def test_compiled_cpu_training_gives_the_eager_losses(tiny_cfg, tmp_path):
+    """compile=True on a CPU (the whole model, as the step comparison runs it) trains to the eager run's losses:
+    the same math, rounded in another order."""
+    import train
+    from tests.conftest import metrics_records
+
+    losses = {}
+    for compiled in (False, True):
+        cfg = tiny_cfg(compile=compiled, compile_scope="model", max_iters=8, eval_interval=8, log_interval=1,
+                       checkpoint_interval=0, out_dir=str(tmp_path / str(compiled)))
+        result = train.train(cfg)
+        assert (result["compile_time"] > 0) == compiled
+        records = metrics_records(cfg.out_dir)
+        losses[compiled] = [r[k] for k in ("loss", "val_loss") for r in records if k in r]
+    assert len(losses[True]) == 8 + 2
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=0, atol=1e-5)  # seen 2e-7
