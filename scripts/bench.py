@@ -7,6 +7,8 @@
     python -m scripts.bench configs/small.py --sample --out_dir=out --repeats=3   # sampling, cache or not
     python -m scripts.bench configs/gpt2.py --sample --synthetic=True --repeats=2  # on a GPU: CUDA graphs, batch of 64
     python -m scripts.bench configs/small.py --synthetic=True --json=bench.json  # the table's figures as JSON too
+    python -m scripts.bench configs/nanogpt_cpu.py --nanogpt=PATH/TO/nanoGPT --steps=200 --repeats=3 --compile=True \
+        --compile_scope=model                   # the training step beside nanoGPT's train.py (bench_nanogpt.py)
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
 tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and the peak memory of the
@@ -36,6 +38,7 @@ import train
 from gpt_residual import config, dataset, runlog, runtime
 from gpt_residual.engine import ENGINES, generate
 from model import GPT
+from scripts import bench_nanogpt
 
 
 @dataclass
@@ -53,6 +56,7 @@ class BenchOptions:
     engine: str = "auto"  # --sample: the cached decode step, as sample.py's --engine (auto: graph on CUDA)
     batch: int = 0  # --sample: rows of the batched measurement (0: 64 on CUDA, 8 elsewhere; 1: none)
     batch_uncached: bool | None = None  # --sample: time the batch without the cache too (None: on CUDA only)
+    nanogpt: str = ""  # a copy of nanoGPT: its train.py's step beside ours, --steps each, --repeats runs alternating
 
     def __post_init__(self):
         for key in ("steps", "repeats", "new_tokens"):
@@ -65,6 +69,8 @@ class BenchOptions:
         config.check_choice("engine", self.engine, ("auto", *ENGINES))
         if self.time_to_loss and self.sample:
             raise config.ConfigError("choose one of --time_to_loss and --sample")
+        if self.nanogpt and (self.time_to_loss or self.sample or self.compare):
+            raise config.ConfigError("--nanogpt times one config's step: leave out --time_to_loss, --sample, --compare")
         if self.json and not Path(self.json).resolve().parent.is_dir():
             raise config.ConfigError(f"json: the folder of {self.json} does not exist; create it or give another path")
         try:
@@ -332,6 +338,12 @@ def run(argv: list[str]):
     cfgs = [config.parse_args(config.TrainConfig, r) for r in runs]  # every config checked before any run
     if opts.sample and out_dir and opts.compare:
         raise config.ConfigError("--sample with --out_dir measures one checkpoint; leave out --compare")
+    if opts.nanogpt:  # scripts/bench_nanogpt.py measures; its table is printed here
+        *table, problem = bench_nanogpt.run(rest, cfgs[0], opts.nanogpt, opts.steps, opts.warmup, opts.repeats)
+        print_table(*table)
+        if problem:
+            raise bench_nanogpt.LossesDiffer(problem)
+        return
     mode, title, results = measure(opts, runs, labels, cfgs, out_dir)
     infos = [res.pop("info", None) for res in results]
     for label, info in zip(labels, infos):
@@ -380,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except train.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except bench_nanogpt.LossesDiffer as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
