@@ -120,7 +120,7 @@ def build(model, weight_decay, learning_rate, betas, device_type, optimizer="ada
     lr_factor, eps = depth_rules(model.config)
     if model.config.depth_scaling:
         groups = split_blocks(groups, {id(p) for n, p in named if n.startswith(BLOCKS)}, lr_factor, eps)
-    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if not muon and not any("lr_scale" in g for g in groups):
         return adamw  # today's optimizer, exactly
     optimizers = [adamw]

@@ -9,6 +9,8 @@
     python -m scripts.bench configs/small.py --synthetic=True --json=bench.json  # the table's figures as JSON too
     python -m scripts.bench --prepare --nanogpt=PATH/TO/nanoGPT      # data preparation vs nanoGPT's (bench_prepare.py)
     python -m scripts.bench --vs_transformers --out_dir=RUN --new_tokens=200  # sampling vs transformers' generate
+    python -m scripts.bench configs/nanogpt_cpu.py --nanogpt=PATH/TO/nanoGPT --steps=200 --repeats=3 --compile=True \
+        --compile_scope=model                   # the training step beside nanoGPT's train.py (bench_nanogpt.py)
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
 tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and the peak memory of the
@@ -39,7 +41,7 @@ from gpt_residual import config, dataset, pretrained, runlog, runtime
 from gpt_residual.engine import ENGINES, generate
 from gpt_residual.errors import USER_ERRORS
 from model import GPT
-from scripts import bench_prepare, bench_sampling
+from scripts import bench_nanogpt, bench_prepare, bench_sampling
 
 
 @dataclass
@@ -58,6 +60,7 @@ class BenchOptions:
     batch: int = 0  # --sample: rows of the batched measurement (0: 64 on CUDA, 8 elsewhere; 1: none)
     batch_uncached: bool | None = None  # --sample: time the batch without the cache too (None: on CUDA only)
     vs_transformers: bool = False  # greedy sampling beside transformers' generate, same weights (bench_sampling.py)
+    nanogpt: str = ""  # a copy of nanoGPT: its train.py's step beside ours, --steps each, --repeats runs alternating
 
     def __post_init__(self):
         for key in ("steps", "repeats", "new_tokens"):
@@ -70,6 +73,8 @@ class BenchOptions:
         config.check_choice("engine", self.engine, ("auto", *ENGINES))
         if self.time_to_loss and self.sample:
             raise config.ConfigError("choose one of --time_to_loss and --sample")
+        if self.nanogpt and (self.time_to_loss or self.sample or self.compare):
+            raise config.ConfigError("--nanogpt times one config's step: leave out --time_to_loss, --sample, --compare")
         if self.json and not Path(self.json).resolve().parent.is_dir():
             raise config.ConfigError(f"json: the folder of {self.json} does not exist; create it or give another path")
         try:
@@ -183,6 +188,8 @@ def peak_memory(device_type: str, reset: bool) -> tuple[str, float]:
 def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
     """Time train.train_step itself: steady-state steps after the warm-up ones, read back once at the end."""
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    if rt.device_type == "cpu":
+        runtime.keep_freed_memory()  # as train.py does
     cfg = cfg.for_world(1)
     state, batches, compile_s = build(cfg, rt, opts.synthetic)
     step = lambda: train.train_step(state, batches, cfg.learning_rate, cfg, rt)[0]
@@ -339,6 +346,12 @@ def run(argv: list[str]):
         return print_table(*bench_sampling.run(cfgs[0], opts, out_dir))
     if opts.sample and out_dir and opts.compare:
         raise config.ConfigError("--sample with --out_dir measures one checkpoint; leave out --compare")
+    if opts.nanogpt:  # scripts/bench_nanogpt.py measures; its table is printed here
+        *table, problem = bench_nanogpt.run(rest, cfgs[0], opts.nanogpt, opts.steps, opts.warmup, opts.repeats)
+        print_table(*table)
+        if problem:
+            raise bench_nanogpt.LossesDiffer(problem)
+        return
     mode, title, results = measure(opts, runs, labels, cfgs, out_dir)
     infos = [res.pop("info", None) for res in results]
     for label, info in zip(labels, infos):
@@ -387,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except bench_nanogpt.LossesDiffer as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
