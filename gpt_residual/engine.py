@@ -3,7 +3,7 @@ the KV cache: a static-shape step that runs eager, through torch.compile, or rep
 
 Each generated token is one forward pass of one position per row. Run eagerly, that is hundreds of
 small kernel launches per token, and on a GPU the launches, not the arithmetic, set the speed. The
-KV cache (model.KVCache) is allocated once to block_size and written in place at a position tensor. A
+KV cache (gpt_residual/kv_cache.py) is allocated once to block_size and written in place at a position tensor. A
 compiled or graphed decode step reads the first `span` slots of it, the context's length rounded up to a
 multiple of Decoder.SPAN, so every step within a span has the same shapes and touches the same memory: it
 is captured once per span as a CUDA graph and replayed with one launch per token, with sampling on the
@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt_residual.kv_cache import KVCache
 from gpt_residual.pretrained import assemble
-from model import GPT, KVCache
+from model import GPT
 
 ENGINES = ("eager", "compile", "graph")  # how a cached decode step runs: see Decoder
 CHUNK = 16  # draw: tokens read back from the device at a time

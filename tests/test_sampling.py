@@ -16,7 +16,8 @@ import sample
 from data import token_files
 from gpt_residual import config, dataset, engine
 from gpt_residual.engine import generate, generate_stream, precast_copy
-from model import GPT, GPTConfig, KVCache
+from gpt_residual.kv_cache import KVCache
+from model import GPT, GPTConfig
 
 
 def CUDA(test):
