@@ -403,11 +403,11 @@ def loss_and_grads(model: GPT, idx, targets):
     return loss.detach(), {n: p.grad.clone() for n, p in params}
 
 
-def assert_same(a, b):
+def assert_same(a, b, grad_atol: float = 1e-7):
     torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-6)
     assert a[1].keys() == b[1].keys()
     for name in a[1]:
-        torch.testing.assert_close(b[1][name], a[1][name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(b[1][name], a[1][name], rtol=1e-5, atol=grad_atol, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -428,7 +428,9 @@ def test_compiled_equals_eager(kind, scope, monkeypatch):
         compiled.compile_regions()
     else:
         compiled = torch.compile(compiled)
-    assert_same(expected, loss_and_grads(compiled, idx, targets))
+    # compiled for a CPU, GPT-2's GELU is written x * sigmoid(2u) (model.gelu): the same function, rounded otherwise
+    # (gradients of order 1 differ by up to ~4e-6; a wrong stream differs by far more)
+    assert_same(expected, loss_and_grads(compiled, idx, targets), grad_atol=2e-5)
     torch._dynamo.reset()
 
 
