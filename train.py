@@ -242,8 +242,7 @@ def train(cfg: config.TrainConfig, argv: list[str] | None = None) -> dict:
     command line, quoted back in the resume hint of an interrupted run."""
     t_start = time.perf_counter()
     rt = runtime.init_runtime(cfg.device, cfg.dtype, cfg.parallel)
-    if rt.device_type == "cpu":
-        runtime.keep_freed_memory()  # freed activations reused, not page-faulted in again at every step
+    runtime.keep_freed_memory(rt.device_type)  # freed activations reused, not page-faulted in again at every step
     stop, ended_well = runtime.GracefulStop(rt), False
     try:
         with ExitStack() as held:  # out_dir's lock and the run log, let go however the run ends

@@ -143,13 +143,16 @@ def attempt_store(env=os.environ):
     return dist.PrefixStore(f"gpt_residual/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def keep_freed_memory() -> bool:
-    """Keep memory that training frees for its next allocations (glibc, Linux; False elsewhere). By default glibc
+def keep_freed_memory(device_type: str) -> bool:
+    """On a CPU, keep memory that training frees for its next allocations (glibc, Linux; False elsewhere, and for
+    a GPU, whose memory torch's caching allocator keeps already). By default glibc
     returns every freed block above its mmap threshold (128 KiB, adapting up to 32 MiB) to the system and maps
     fresh pages for the next one, which the kernel faults in and zeroes: an eval forward of a 6.8M-parameter BPE
     model (its 8 x 64 x 50304 logits are 103 MB) faulted ~75k pages, as much system time as compute
     (docs/benchmarks.md). With both thresholds at 1 GiB the freed blocks are reused; the resident set stays near
     its peak instead of shrinking between steps."""
+    if device_type != "cpu":
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc

@@ -9,8 +9,8 @@
     python -m scripts.bench configs/small.py --synthetic=True --json=bench.json  # the table's figures as JSON too
     python -m scripts.bench --prepare --nanogpt=PATH/TO/nanoGPT      # data preparation vs nanoGPT's (bench_prepare.py)
     python -m scripts.bench --vs_transformers --out_dir=RUN --new_tokens=200  # sampling vs transformers' generate
-    python -m scripts.bench configs/nanogpt_cpu.py --nanogpt=PATH/TO/nanoGPT --steps=200 --repeats=3 --compile=True \
-        --compile_scope=model                   # the training step beside nanoGPT's train.py (bench_nanogpt.py)
+    python -m scripts.bench configs/nanogpt_cpu.py --nanogpt=PATH/TO/nanoGPT --steps=200 --repeats=3
+                    # the training step beside nanoGPT's train.py (bench_nanogpt.py); add --compile=True for compiled
 
 Throughput runs the real model, optimizer, GradScaler, autocast and torch.compile of train.py in a
 tight loop of forward/backward/step and reports tokens/s, ms/step, MFU and the peak memory of the
@@ -188,8 +188,7 @@ def peak_memory(device_type: str, reset: bool) -> tuple[str, float]:
 def throughput(cfg: config.TrainConfig, opts: BenchOptions) -> dict:
     """Time train.train_step itself: steady-state steps after the warm-up ones, read back once at the end."""
     rt = runtime.init_runtime(cfg.device, cfg.dtype)
-    if rt.device_type == "cpu":
-        runtime.keep_freed_memory()  # as train.py does
+    runtime.keep_freed_memory(rt.device_type)  # as train.py does
     cfg = cfg.for_world(1)
     state, batches, compile_s = build(cfg, rt, opts.synthetic)
     step = lambda: train.train_step(state, batches, cfg.learning_rate, cfg, rt)[0]

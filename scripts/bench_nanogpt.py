@@ -16,7 +16,6 @@ noise: the check is that the mean training loss of the last quarter of the steps
 """
 
 import json
-import os
 import re
 import shutil
 import statistics
@@ -28,9 +27,9 @@ from pathlib import Path
 
 from gpt_residual import config, dataset, runlog, runtime
 from model import GPTConfig
+from scripts.bench_prepare import one_thread_env
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 LOSS_TOLERANCE = 0.05  # nats: |mean loss of the last quarter, ours - nanoGPT's|; batch noise there is ~0.01
 SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation_checkpointing")
 ITER = re.compile(r"^iter (\d+): loss ([0-9.]+)", re.MULTILINE)
@@ -118,17 +117,13 @@ def copy_nanogpt(nanogpt: Path, cfg: config.TrainConfig, into: Path) -> Path:
     shutil.copy(nanogpt / "data/shakespeare_char/prepare.py", data / "prepare.py")
     dataset.ensure_prepared(cfg.dataset, cfg.data_dir)
     shutil.copy(dataset.dataset_dir(cfg.dataset, cfg.data_dir) / "input.txt", data / "input.txt")
-    subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True, env=env())
+    subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True, env=one_thread_env())
     return code
-
-
-def env() -> dict:
-    return {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
 
 
 def run_side(cmd: list[str], cwd: Path, log: Path) -> tuple[dict, str]:
     """Run one side; (its MARKS record, its stdout). A failure stops the comparison with its log's path."""
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env())
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=one_thread_env())
     log.write_text(proc.stdout + proc.stderr)
     line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("MARKS ")), None)
     if proc.returncode or line is None:

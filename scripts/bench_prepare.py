@@ -29,6 +29,12 @@ SCRIPTS = {"char": "shakespeare_char", "gpt2": "shakespeare"}  # data/<folder>/p
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")}
 
 
+def one_thread_env() -> dict:
+    """This process's environment with one thread for every math library and unbuffered output: each side of a
+    comparison runs in it."""
+    return {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
+
+
 @dataclass
 class PrepareBenchOptions:
     prepare: bool = True  # the flag that brings bench.py here
@@ -78,7 +84,7 @@ open(sys.argv[1], "w").write(f"{time.perf_counter() - t} {usage.ru_maxrss} {os.w
 
 def run(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """(wall seconds, peak resident MiB) of one process, which must succeed."""
-    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
+    env = one_thread_env()
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as result:
         proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, result.name, *cmd], cwd=cwd, env=env,
                               capture_output=True, text=True)  # fmt: skip
