@@ -20,6 +20,7 @@ from gpt_residual import config, console, pretrained, runtime, tokens
 from gpt_residual.checkpoint import CheckpointError, describe, remove_stale_temps, step_files
 
 LOCK = ".lock"  # out_dir's lock file: held by the run writing there; says which run that is
+NOT_WRITTEN = "its details are not written yet"  # what a refusal says of a holder with no record
 
 
 def existing_run(out_dir: Path) -> Path | None:
@@ -99,8 +100,7 @@ def lock_out_dir(out_dir: Path) -> IO:
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = holder_text(f.read())
+        holder = read_holder(f)
         f.close()
         raise config.ConfigError(
             f"out_dir '{out_dir}' is in use by another run ({holder}); wait for it to end or stop it, "
@@ -124,13 +124,25 @@ def cannot_write(out_dir: Path, e: OSError) -> config.ConfigError:
     return config.ConfigError(f"cannot write to out_dir '{out_dir}' ({e.strerror}); choose another out_dir")
 
 
+def read_holder(f: IO, wait_s: float = 2.0) -> str:
+    """Who holds the lock, from its lock file. A run that has just taken the lock writes its record a moment later:
+    a record not written yet is read again for up to wait_s (a holder on a full disk never writes one)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        f.seek(0)
+        holder = holder_text(f.read())
+        if holder != NOT_WRITTEN or time.monotonic() > deadline:
+            return holder
+        time.sleep(0.05)
+
+
 def holder_text(record: str) -> str:
     """The lock file's record as "pid 123 on host h since <time>: <command>"."""
     try:
         r = json.loads(record)
         return f"pid {r['pid']} on {r['host']} since {r['started']}: {r['command']}"
     except (ValueError, KeyError, TypeError):  # the holder has not written it yet
-        return "its details are not written yet"
+        return NOT_WRITTEN
 
 
 def check_resume(cfg: config.TrainConfig, saved: dict, meta: dict | None = None):

@@ -3,11 +3,13 @@ in one line naming it), a run under torchrun refusing a locked out_dir with one 
 lock gone with it, and init_from=auto starting a run, then resuming it.
 """
 
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +64,24 @@ def test_two_runs_started_together_into_one_out_dir(char_data, tmp_path):
     record = json.loads((out / "config.json").read_text())
     assert [r["step"] for r in record["resumes"]] == [50]  # one resume went on from step 50, the other was refused
     assert saved_step(out) == 100
+
+
+def test_a_refusal_names_a_holder_that_has_just_taken_the_lock(tmp_path):
+    """The holder writes its record a moment after it takes the lock (as in a race, where CI once caught a refusal
+    saying only "its details are not written yet"): the refused run waits for the record and names the holder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = open(out / run_dir.LOCK, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lock taken, its record not written yet
+    record = {"pid": 4242, "host": "node7", "started": "2026-12-04 12:00:00", "command": "python train.py x"}
+    late = threading.Timer(0.3, lambda: os.write(holder.fileno(), json.dumps(record).encode()))
+    late.start()
+    try:
+        with pytest.raises(config.ConfigError, match=r"in use by another run \(pid 4242 on node7 since "):
+            run_dir.lock_out_dir(out)
+    finally:
+        late.join()
+        holder.close()
 
 
 @needs_proc
