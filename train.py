@@ -30,17 +30,7 @@ from gpt_residual.schedule import describe as describe_schedule
 from gpt_residual.schedule import lr_at, resume_note
 from model import GPT, GPTConfig
 
-
-def get_lr(step: int, cfg: config.TrainConfig) -> float:
-    """The learning rate of step: lr_schedule's warmup, then cosine, wsd or constant (gpt_residual/schedule.py)."""
-    return lr_at(step, cfg)
-
-
-def padded_vocab(meta: dict) -> int:
-    """A char vocabulary is used as is; a BPE one is padded to a multiple of 64 (50257 -> 50304),
-    which makes the head's matmul faster on GPUs. The extra logits are never targets."""
-    v = meta["vocab_size"]
-    return v if meta["tokenizer"] == "char" else (v + 63) // 64 * 64
+get_lr = lr_at  # the learning rate of step: lr_schedule's warmup, then cosine, wsd or constant (schedule.py)
 
 
 # ----------------------------------------------------------------------------- setup: out_dir, data, model
@@ -79,7 +69,7 @@ def resolve_model(cfg: config.TrainConfig, meta: dict, saved: dict | None) -> tu
         model = pretrained.from_checkpoint(saved, cfg.dropout)  # the weights; the optimizer's state comes later
         model_cfg = model.config
     elif cfg.init_from == "scratch":
-        model_cfg = replace(cfg.model_config(), vocab_size=padded_vocab(meta))
+        model_cfg = replace(cfg.model_config(), vocab_size=dataset.padded_vocab(meta))
     else:
         pretrained.check_compatible(cfg)
         pretrained.check_tokenizer(cfg.init_from, meta, cfg.dataset)  # GPT-2's BPE, or an export's char vocabulary

@@ -23,6 +23,7 @@ from gpt_residual.tokens import (  # noqa: F401  (the dataset's names, for the m
     hub_reachable,
     is_prepared,
     load_tokens,
+    padded_vocab,
     read_meta,
     token_dtype,
 )

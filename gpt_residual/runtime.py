@@ -149,8 +149,8 @@ def keep_freed_memory(device_type: str) -> bool:
     returns every freed block above its mmap threshold (128 KiB, adapting up to 32 MiB) to the system and maps
     fresh pages for the next one, which the kernel faults in and zeroes: an eval forward of a 6.8M-parameter BPE
     model (its 8 x 64 x 50304 logits are 103 MB) faulted ~75k pages, as much system time as compute
-    (docs/benchmarks.md). With both thresholds at 1 GiB the freed blocks are reused; the resident set stays near
-    its peak instead of shrinking between steps."""
+    (docs/benchmarks.md). With both thresholds at 1 GiB (the mmap one at 32 MiB where a glibc caps it there) the
+    freed blocks are reused; the resident set stays near its peak instead of shrinking between steps."""
     if device_type != "cpu":
         return False
     try:

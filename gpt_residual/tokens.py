@@ -35,6 +35,7 @@ class Tokenizer:
     """Encode and decode text as described by a dataset's meta.json."""
 
     def __init__(self, meta: dict):
+        self.meta = dict(meta)  # as meta.json (or the checkpoint) gives it
         self.kind = meta.get("tokenizer")
         self.vocab_size = int(meta["vocab_size"])
         if self.kind == "char":
@@ -248,6 +249,13 @@ def check_ids(folder: Path, meta: dict, chunk: int = 1 << 24):
                     f"vocab_size is {vocab}: the token files and meta.json do not belong together; prepare the "
                     "dataset again"
                 )
+
+
+def padded_vocab(meta: dict) -> int:
+    """The model's vocabulary for meta's: a char vocabulary as is; a BPE one padded to a multiple of 64
+    (50257 -> 50304), which makes the head's matmul faster on GPUs. The extra logits are never targets."""
+    v = meta["vocab_size"]
+    return v if meta["tokenizer"] == "char" else (v + 63) // 64 * 64
 
 
 def vocabulary(meta: dict) -> tuple:

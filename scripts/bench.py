@@ -37,10 +37,9 @@ from pathlib import Path
 import torch
 
 import train
-from gpt_residual import config, dataset, pretrained, runlog, runtime
-from gpt_residual.engine import ENGINES, generate
+from gpt_residual import config, dataset, runlog, runtime
+from gpt_residual.engine import ENGINES
 from gpt_residual.errors import USER_ERRORS
-from model import GPT
 from scripts import bench_nanogpt, bench_prepare, bench_sampling
 
 
@@ -144,7 +143,7 @@ def build(cfg: config.TrainConfig, rt: runtime.Runtime, synthetic: bool):
         model_cfg = cfg.model_config()
     else:
         data = train.load_data(cfg, rt)
-        sampler, model_cfg = data.train, replace(cfg.model_config(), vocab_size=train.padded_vocab(data.meta))
+        sampler, model_cfg = data.train, replace(cfg.model_config(), vocab_size=dataset.padded_vocab(data.meta))
     torch.manual_seed(cfg.seed)
     state = train.build_state(cfg, rt, model_cfg, None, None)
     compile_s = train.compile_model(state, cfg, rt, sampler)
@@ -257,72 +256,6 @@ def median_of(runs: list[dict]) -> dict:
     return {k: None if any(r[k] is None for r in runs) else statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def sampling(cfg: config.TrainConfig, opts: BenchOptions, out_dir: str | None) -> dict:
-    """Tokens/s of one sequence and of a batch, with the KV cache (engine as sample.py's) and without;
-    each measurement alternates with the others, so drifting machine load hits all of them."""
-    import sample
-
-    rt = runtime.init_runtime(cfg.device, cfg.dtype)
-    if out_dir:
-        model, _ = pretrained.load_model(out_dir, rt.device)
-        source = f"{out_dir}/ckpt.pt"
-    else:
-        folder = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
-        if not opts.synthetic and dataset.is_prepared(folder):
-            cfg.vocab_size = train.padded_vocab(dataset.read_meta(folder))
-        torch.manual_seed(cfg.seed)
-        model = GPT(cfg.model_config()).eval().to(rt.device)
-        source = "randomly initialised"
-    engine = sample.choose_engine(opts.engine, rt.device_type, opts.new_tokens)
-    rows = opts.batch or (64 if rt.device_type == "cuda" else 8)
-    plain_batch = opts.batch_uncached if opts.batch_uncached is not None else rt.device_type == "cuda"
-    runs = [(1, True), (1, False)] + [(rows, True)] * (rows > 1) + [(rows, False)] * (rows > 1 and plain_batch)
-
-    def tokens_per_s(batch: int, use_cache: bool, n: int) -> float:
-        torch.manual_seed(cfg.seed)
-        t0 = time.perf_counter()
-        prompt = torch.zeros((batch, 1), dtype=torch.long, device=rt.device)
-        out = generate(model, prompt, n, use_cache=use_cache, engine=engine)
-        out[0, -1].item()  # .item() waits for the device
-        return batch * n / (time.perf_counter() - t0)
-
-    speeds = {run: [] for run in runs}
-    with rt.autocast():
-        for batch, use_cache in runs:  # warm-up: allocator; compilation or capture of every span the runs read
-            tokens_per_s(batch, use_cache, opts.new_tokens if use_cache else 8)
-        for _ in range(opts.repeats):
-            for run in runs:
-                speeds[run].append(tokens_per_s(*run, opts.new_tokens))
-    setup = {key[0]: d.setup_seconds for key, d in model.decoders.items() if engine != "eager"}  # eager: none
-    info = (
-        f"{source}, {model.num_params() / 1e6:.2f}M params, block_size {model.config.block_size}, "
-        f"{opts.new_tokens} new tokens, engine={engine}, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
-        f"{torch.get_num_threads()} threads, median of {opts.repeats}"
-    )
-    return {"info": info, **sampling_rows(speeds, rows, setup)}
-
-
-def sampling_rows(speeds: dict, rows: int, setup: dict) -> dict:
-    """The --sample table: medians, and ratios of runs that ran back to back (None: not measured)."""
-    med = {run: statistics.median(v) for run, v in speeds.items()}
-    ratio = lambda a, b, k=1.0: statistics.median(k * x / y for x, y in zip(speeds[a], speeds[b])) if b in med else None
-    batched = rows > 1
-    return {
-        "tokens/s with KV cache": med[(1, True)],
-        "tokens/s without": med[(1, False)],
-        "speed-up": ratio((1, True), (1, False)),
-        f"batch of {rows}: tokens/s with KV cache": med.get((rows, True)) if batched else None,
-        f"batch of {rows}: tokens/s without": med.get((rows, False)) if batched else None,
-        f"batch of {rows}: speed-up": ratio((rows, True), (rows, False)) if batched else None,
-        f"batch of {rows}: time / one sequence's": ratio((1, True), (rows, True), rows) if batched else None,
-        "engine setup s, one sequence (once)": setup.get(1),
-        f"engine setup s, batch of {rows} (once)": setup.get(rows) if batched else None,
-    }
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -366,7 +299,7 @@ def measure(opts: BenchOptions, runs: list[list[str]], labels: list[str], cfgs: 
     """(mode, the table's title, one dict of figures per config)."""
     if opts.sample:
         title = "sampling speed (KV cache vs recomputing the whole context; one sequence, then a batch)"
-        return "sample", title, [sampling(cfg, opts, out_dir) for cfg in cfgs]
+        return "sample", title, [bench_sampling.cache_speeds(cfg, opts, out_dir) for cfg in cfgs]
     if opts.time_to_loss:
         per_config = [[] for _ in cfgs]
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,14 +1,16 @@
-"""Sampling side by side with transformers' generate: the same weights, greedy, in one process, one after the
-other, every measurement alternating; and the peak memory of sample.py against transformers loading the same
-model and generating, each in a fresh process. Run through bench.py:
+"""Sampling speed, run through bench.py, which prints the table:
 
+    python -m scripts.bench configs/small.py --sample --out_dir=out --repeats=3   # KV cache or not (cache_speeds)
     python -m scripts.bench configs/shakespeare_char.py --dataset=shakespeare --vs_transformers --new_tokens=200
     python -m scripts.bench --vs_transformers --out_dir=out-shakespeare --repeats=5     # a run's checkpoint
 
-The weights are the checkpoint's (--out_dir), else the config's model randomly initialised (the dataset's
-vocabulary when it is prepared, else GPT-2's). transformers runs the same weights as a GPT2LMHeadModel
-(hf_export.to_hf, the export's own conversion); both sides decode PROMPT random tokens per row for
---new_tokens tokens (transformers: min_new_tokens too, so no row stops early) and must give identical tokens.
+--sample times one sequence and a batch with the KV cache and without. --vs_transformers runs beside
+transformers' generate: the same weights, greedy, in one process, one after the other, every measurement
+alternating; and the peak memory of sample.py against transformers loading the same model and generating, each in
+a fresh process. The weights (weights()) are the checkpoint's (--out_dir), else the config's model randomly
+initialised (the dataset's vocabulary when it is prepared, else the config's). transformers runs the same weights
+as a GPT2LMHeadModel (hf_export.to_hf, the export's own conversion); both sides decode PROMPT random tokens per row
+for --new_tokens tokens (transformers: min_new_tokens too, so no row stops early) and must give identical tokens.
 """
 
 import dataclasses
@@ -24,7 +26,7 @@ import torch
 
 import sample
 from data import token_files
-from gpt_residual import checkpoint, config, dataset, hf_export, pretrained, runtime
+from gpt_residual import config, dataset, hf_export, pretrained, runtime
 from gpt_residual.engine import generate
 from model import GPT
 
@@ -54,14 +56,16 @@ with torch.inference_mode():
 
 
 def weights(cfg: config.TrainConfig, out_dir: str | None, synthetic: bool) -> tuple[GPT, dict, str]:
-    """(our model in eval mode, its tokenizer's meta, where the weights come from)."""
+    """(our model in eval mode on the CPU, its tokenizer's meta, where the weights come from): the checkpoint's,
+    else the config's model randomly initialised, with the dataset's vocabulary as train.py pads it when the
+    dataset is prepared (else the config's vocab_size, and GPT-2's BPE or a char vocabulary of that size)."""
     if out_dir:
-        state = checkpoint.load(Path(out_dir) / "ckpt.pt", mmap=True)
-        return pretrained.from_checkpoint(state).eval(), json.loads(state["tokenizer"]), f"{out_dir}/ckpt.pt"
+        model, tok = pretrained.load_model(out_dir, "cpu")
+        return model, tok.meta, f"{out_dir}/ckpt.pt"
     folder = dataset.dataset_dir(cfg.dataset, cfg.data_dir)
     if not synthetic and dataset.is_prepared(folder):
         meta = dataset.read_meta(folder)
-        cfg.vocab_size = -(-meta["vocab_size"] // 64) * 64  # padded, as train.py pads it
+        cfg.vocab_size = dataset.padded_vocab(meta)
     elif cfg.vocab_size >= token_files.gpt2_meta()["vocab_size"]:
         meta = token_files.gpt2_meta()
     else:  # a char vocabulary of that size, for sample.py to decode
@@ -69,6 +73,59 @@ def weights(cfg: config.TrainConfig, out_dir: str | None, synthetic: bool) -> tu
         meta = {"tokenizer": "char", "vocab_size": cfg.vocab_size, "itos": itos}
     torch.manual_seed(cfg.seed)
     return GPT(cfg.model_config()).eval(), meta, "randomly initialised"
+
+
+def cache_speeds(cfg: config.TrainConfig, opts, out_dir: str | None) -> dict:
+    """--sample: tokens/s of one sequence and of a batch, with the KV cache (engine as sample.py's) and without;
+    each measurement alternates with the others, so drifting machine load hits all of them."""
+    rt = runtime.init_runtime(cfg.device, cfg.dtype)
+    model, _, source = weights(cfg, out_dir, opts.synthetic)
+    model = model.to(rt.device)
+    engine = sample.choose_engine(opts.engine, rt.device_type, opts.new_tokens)
+    rows = opts.batch or (64 if rt.device_type == "cuda" else 8)
+    plain_batch = opts.batch_uncached if opts.batch_uncached is not None else rt.device_type == "cuda"
+    runs = [(1, True), (1, False)] + [(rows, True)] * (rows > 1) + [(rows, False)] * (rows > 1 and plain_batch)
+
+    def tokens_per_s(batch: int, use_cache: bool, n: int) -> float:
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        prompt = torch.zeros((batch, 1), dtype=torch.long, device=rt.device)
+        out = generate(model, prompt, n, use_cache=use_cache, engine=engine)
+        out[0, -1].item()  # .item() waits for the device
+        return batch * n / (time.perf_counter() - t0)
+
+    speeds = {run: [] for run in runs}
+    with rt.autocast():
+        for batch, use_cache in runs:  # warm-up: allocator; compilation or capture of every span the runs read
+            tokens_per_s(batch, use_cache, opts.new_tokens if use_cache else 8)
+        for _ in range(opts.repeats):
+            for run in runs:
+                speeds[run].append(tokens_per_s(*run, opts.new_tokens))
+    setup = {key[0]: d.setup_seconds for key, d in model.decoders.items() if engine != "eager"}  # eager: none
+    info = (
+        f"{source}, {model.num_params() / 1e6:.2f}M params, block_size {model.config.block_size}, "
+        f"{opts.new_tokens} new tokens, engine={engine}, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} threads, median of {opts.repeats}"
+    )
+    return {"info": info, **sampling_rows(speeds, rows, setup)}
+
+
+def sampling_rows(speeds: dict, rows: int, setup: dict) -> dict:
+    """The --sample table: medians, and ratios of runs that ran back to back (None: not measured)."""
+    med = {run: statistics.median(v) for run, v in speeds.items()}
+    ratio = lambda a, b, k=1.0: statistics.median(k * x / y for x, y in zip(speeds[a], speeds[b])) if b in med else None
+    batched = rows > 1
+    return {
+        "tokens/s with KV cache": med[(1, True)],
+        "tokens/s without": med[(1, False)],
+        "speed-up": ratio((1, True), (1, False)),
+        f"batch of {rows}: tokens/s with KV cache": med.get((rows, True)) if batched else None,
+        f"batch of {rows}: tokens/s without": med.get((rows, False)) if batched else None,
+        f"batch of {rows}: speed-up": ratio((rows, True), (rows, False)) if batched else None,
+        f"batch of {rows}: time / one sequence's": ratio((1, True), (rows, True), rows) if batched else None,
+        "engine setup s, one sequence (once)": setup.get(1),
+        f"engine setup s, batch of {rows} (once)": setup.get(rows) if batched else None,
+    }
 
 
 def speeds(model: GPT, hf, meta: dict, opts, rows: int) -> tuple[dict, bool]:
@@ -155,8 +212,10 @@ def run(cfg: config.TrainConfig, opts, out_dir: str | None) -> tuple[str, list[s
     figures["peak memory, MiB (fresh process: load + sample)"] = [memory["transformers"], memory["ours"]]
     figures["tokens identical"] = ["", "yes" if same else "NO"]
     c = model.config
-    print(f"{source}: {c.n_layer} x {c.n_embd}, vocabulary {meta['vocab_size']}, greedy, {PROMPT} + "
-          f"{opts.new_tokens} tokens, CPU float32, {torch.get_num_threads()} thread(s), median of {opts.repeats}")
+    print(
+        f"{source}: {c.n_layer} x {c.n_embd}, vocabulary {meta['vocab_size']}, greedy, {PROMPT} + "
+        f"{opts.new_tokens} tokens, CPU float32, {torch.get_num_threads()} thread(s), median of {opts.repeats}"
+    )
     if opts.json:
         Path(opts.json).write_text(json.dumps({"mode": "vs_transformers", "source": source, "figures": figures}) + "\n")
     title = "sampling: transformers' generate vs this project (ratio: ours / theirs)"
